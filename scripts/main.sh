@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Set up (idempotent) and run the main job: train EHI on SciFact with the defaults, then
+# evaluate it against exact search and Faiss-IVF at equal fraction of the corpus visited.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-../shared/datasets/scifact}
+OUT=${OUT:-runs/scifact}
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
+if [ ! -x .venv/bin/ehi ]; then
+  python3 -m venv .venv
+  .venv/bin/pip install --quiet torch==2.13.0
+  .venv/bin/pip install --quiet -e ".[test]"
+fi
+.venv/bin/ehi train --data "$DATA" --out "$OUT" "$@"
+.venv/bin/ehi evaluate "$OUT" --data "$DATA" --split test --json "$OUT.eval.json"

@@ -1,0 +1,109 @@
+"""Artifact directories: written atomically, with a manifest of format version and checksums.
+
+A reader never sees a half-written model: files go to a temporary sibling directory, are
+fsynced, and the directory is renamed into place. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from . import __version__
+
+FORMAT = "ehi-model"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(RuntimeError):
+    """A model directory that cannot be trusted: missing, corrupted, foreign or too new."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_artifact(target: str | Path, write_files: Callable[[Path], dict], meta: dict) -> Path:
+    """``write_files(tmp_dir)`` writes the payload; the manifest and the rename are done here."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        extra = write_files(tmp) or {}
+        files = {}
+        for f in sorted(tmp.iterdir()):
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+            files[f.name] = sha256_file(f)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "ehi_version": __version__,
+            "files": files,
+            **meta,
+            **extra,
+        }
+        with open(tmp / MANIFEST, "w") as fh:
+            json.dump(manifest, fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def read_manifest(path: str | Path, verify: bool = True) -> dict:
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not mpath.exists():
+        raise ArtifactError(f"{path}: not an ehi model directory (no {MANIFEST})")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{mpath}: unreadable manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{mpath}: not an ehi model manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{mpath}: format version {version} is newer than this ehi ({FORMAT_VERSION}); upgrade ehi"
+        )
+    if verify:
+        for name, digest in manifest.get("files", {}).items():
+            f = path / name
+            if not f.exists():
+                raise ArtifactError(f"{f}: missing file listed in the manifest")
+            if sha256_file(f) != digest:
+                raise ArtifactError(f"{f}: checksum mismatch (file corrupted or truncated)")
+    return manifest

@@ -1,0 +1,224 @@
+"""Command line: ``ehi train | index | search | evaluate``, mirroring the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _budget(text: str) -> float:
+    try:
+        v = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"budget must be in (0, 1] (or 0-100%), got {text!r}")
+    return v
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ehi", description="End-to-end Hierarchical Indexing for dense retrieval")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train encoder and tree jointly, build the index, save the model")
+    t.add_argument("--data", required=True, help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/) or BEIR name")
+    t.add_argument("--out", required=True, help="model directory to write")
+    t.add_argument("--split", default="train", help="qrels split to train on (default: train)")
+    t.add_argument("--config", help="JSON file with config overrides, same layout as a saved config.json")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--branching", "-B", type=int, help="children per node (B)")
+    t.add_argument("--height", "-H", type=int, help="tree height (H)")
+    t.add_argument("--init", choices=["kmeans", "random"])
+    t.add_argument("--load-balance", type=float, help="weight of the load-balance penalty (0 = off)")
+    t.add_argument("--scope", choices=["adapter", "top-k", "full"], help="trainable part of the encoder")
+    t.add_argument("--top-k-layers", type=int)
+    t.add_argument("--model", help="sentence-transformers model name or folder")
+    t.add_argument("--hard-negatives", type=int)
+    t.add_argument("--refresh-every", type=int)
+    t.add_argument("--d2l", type=int, help="leaves each document is stored in")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--evaluate", action="store_true", help="evaluate on the test split afterwards")
+
+    i = sub.add_parser("index", help="re-index a corpus with a trained model")
+    i.add_argument("model", help="model directory")
+    i.add_argument("--data", required=True, help="BEIR folder whose corpus.jsonl is indexed")
+    i.add_argument("--d2l", type=_positive)
+    i.add_argument("--out", help="write here instead of replacing the model directory")
+    i.add_argument("--device", default="cpu")
+
+    s = sub.add_parser("search", help="search a trained model")
+    s.add_argument("model")
+    s.add_argument("query", nargs="+", help="query text(s)")
+    s.add_argument("-k", type=_positive, default=10)
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--beam", type=_positive, help="leaves to visit")
+    g.add_argument("--budget", type=_budget, help="fraction of the corpus to visit, e.g. 0.1 or 10%%")
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument("--device", default="cpu")
+
+    e = sub.add_parser("evaluate", help="metrics against fraction visited, with exact search and Faiss-IVF")
+    e.add_argument("model")
+    e.add_argument("--data", required=True)
+    e.add_argument("--split", default="test")
+    e.add_argument("--budgets", type=_budget, nargs="+", help="fractions (default 1%% 2%% 5%% 10%% 20%% ... 100%%)")
+    e.add_argument("-k", type=_positive, default=100)
+    e.add_argument("--no-baselines", action="store_true")
+    e.add_argument("--json", help="write every row to this JSON file")
+    e.add_argument("--device", default="cpu")
+    return p
+
+
+def _config_from_args(args):
+    from .config import EHIConfig
+
+    cfg = EHIConfig()
+    if args.config:
+        try:
+            cfg = EHIConfig.from_dict(json.loads(Path(args.config).read_text()))
+        except (OSError, json.JSONDecodeError, ValueError, TypeError) as e:
+            raise ValueError(f"--config {args.config}: {e}") from None
+    mapping = {
+        "epochs": ("train", "epochs"),
+        "batch_size": ("train", "batch_size"),
+        "branching": ("tree", "branching"),
+        "height": ("tree", "height"),
+        "init": ("tree", "init"),
+        "load_balance": ("train", "load_balance"),
+        "scope": ("encoder", "scope"),
+        "top_k_layers": ("encoder", "top_k_layers"),
+        "model": ("encoder", "model_name"),
+        "hard_negatives": ("train", "hard_negatives"),
+        "refresh_every": ("train", "refresh_every"),
+        "d2l": ("index", "d2l"),
+        "seed": ("train", "seed"),
+        "device": ("train", "device"),
+    }
+    for arg, (section, name) in mapping.items():
+        v = getattr(args, arg)
+        if v is not None:
+            setattr(getattr(cfg, section), name, v)
+    return cfg.validate()
+
+
+def cmd_train(args) -> None:
+    from .data import load_beir
+    from .evaluation import BUDGET_RULE, evaluate_model, format_table
+    from .training import Trainer, leaf_report
+
+    cfg = _config_from_args(args)
+    ds = load_beir(args.data)
+    ds.relevant(args.split)  # fail on bad qrels before any work
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, ds, args.split)
+    model = trainer.fit(args.out, progress=not args.no_progress)
+    model.save(args.out)
+    total = time.perf_counter() - t0
+    print(f"saved {args.out}  ({len(trainer.train_set.query_ids)} queries, {len(trainer.train_set.pairs)} pairs)")
+    print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in trainer.timings.items()) + f"; total {total:.1f}s")
+    print(leaf_report(model, model.encoder.embed_all(trainer.q_feats)))
+    if args.evaluate:
+        rows = evaluate_model(model, ds, "test")
+        print(f"\nSciFact-style evaluation on split 'test'; budget rule: {BUDGET_RULE}\n")
+        print(format_table(rows))
+
+
+def cmd_index(args) -> None:
+    from .data import load_beir
+    from .model import EHIModel
+    from .training import leaf_report
+
+    model = EHIModel.load(args.model, device=args.device)
+    if args.d2l:
+        model.config.index.d2l = args.d2l
+        model.config.validate()
+    ds = load_beir(args.data)
+    feats = model.encoder.features(ds.corpus.documents(), "encoding corpus")
+    emb = model.encoder.embed_all(feats, desc="embedding corpus")
+    model.build_index(emb, ds.corpus.ids, ds.corpus.titles)
+    model.corpus_fingerprint = ds.corpus.fingerprint()
+    out = args.out or args.model
+    model.save(out)
+    print(f"indexed {len(ds.corpus)} documents into {out}")
+    print(leaf_report(model))
+
+
+def cmd_search(args) -> None:
+    from .model import EHIModel
+
+    model = EHIModel.load(args.model, device=args.device)
+    results = model.search(args.query, k=args.k, beam=args.beam, budget=args.budget)
+    if args.json:
+        out = [
+            {
+                "query": q,
+                "visited": r.visited,
+                "fraction_visited": r.fraction_visited,
+                "leaves": r.leaves,
+                "hits": [{"id": h.doc_id, "score": h.score, "title": h.title} for h in r.hits],
+            }
+            for q, r in zip(args.query, results)
+        ]
+        print(json.dumps(out, indent=2))
+        return
+    for q, r in zip(args.query, results):
+        print(f"query: {q}\nvisited {r.visited} documents ({100 * r.fraction_visited:.1f}%) in leaves {r.leaves}")
+        for rank, h in enumerate(r.hits, 1):
+            print(f"{rank:>3}. {h.score:.4f}  {h.doc_id}  {h.title[:90]}")
+
+
+def cmd_evaluate(args) -> None:
+    from .data import load_beir
+    from .evaluation import BUDGET_RULE, BUDGETS, evaluate_model, format_table
+    from .model import EHIModel
+
+    model = EHIModel.load(args.model, device=args.device)
+    ds = load_beir(args.data)
+    if ds.corpus.fingerprint() != model.corpus_fingerprint:
+        print(f"warning: {args.data} corpus differs from the indexed one; run 'ehi index' first", file=sys.stderr)
+    rows = evaluate_model(model, ds, args.split, tuple(args.budgets or BUDGETS), args.k, not args.no_baselines)
+    print(f"split {args.split!r}, {model.tree.num_leaves} leaves; budget rule: {BUDGET_RULE}\n")
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.to_dict() for r in rows], indent=2))
+
+
+COMMANDS = {"train": cmd_train, "index": cmd_index, "search": cmd_search, "evaluate": cmd_evaluate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .artifacts import ArtifactError
+    from .data import DataError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        COMMANDS[args.command](args)
+    except (DataError, ArtifactError, ValueError) as e:
+        print(f"ehi {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Typed configuration saved beside every model (``config.json``).
+
+Defaults are the ones measured on SciFact (see README): they must train within the
+CPU budget and beat Faiss-IVF at equal fraction of the corpus visited.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+SCOPES = ("adapter", "top-k", "full")
+INITS = ("kmeans", "random")
+
+
+@dataclass
+class EncoderConfig:
+    model_name: str = DEFAULT_MODEL
+    # adapter: frozen transformer, cached embeddings, trainable residual linear layer (identity init).
+    # top-k: frozen lower layers cached, the top ``top_k_layers`` transformer layers trained.
+    # full: the whole transformer trained (GPU territory).
+    scope: str = "adapter"
+    top_k_layers: int = 1
+    max_seq_length: int = 256
+    encode_batch_size: int = 64
+
+    def validate(self) -> None:
+        if self.scope not in SCOPES:
+            raise ValueError(f"encoder scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.top_k_layers < 1:
+            raise ValueError("top_k_layers must be >= 1")
+
+
+@dataclass
+class TreeConfig:
+    branching: int = 40
+    height: int = 1
+    init: str = "kmeans"
+    # softmax temperature of the k-means initialisation: W = centroids / temperature
+    temperature: float = 0.05
+    kmeans_iters: int = 25
+
+    @property
+    def num_leaves(self) -> int:
+        return self.branching**self.height
+
+    def validate(self) -> None:
+        if self.branching < 2:
+            raise ValueError(f"branching B must be >= 2, got {self.branching}")
+        if self.height < 1:
+            raise ValueError(f"height H must be >= 1, got {self.height}")
+        if self.init not in INITS:
+            raise ValueError(f"tree init must be one of {INITS}, got {self.init!r}")
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 64
+    lr_encoder: float = 2e-4
+    lr_indexer: float = 1e-3
+    weight_decay: float = 0.01
+    margin: float = 0.3  # gamma of all three triplet hinges
+    tau: float = 0.9  # intra-leaf loss applies to document pairs with cosine below tau
+    lambda_siamese: float = 1.0
+    lambda_indexing: float = 1.0
+    lambda_intra_leaf: float = 0.1
+    load_balance: float = 1.0  # weight of the batch load-balance penalty (0 disables it)
+    hard_negatives: int = 4  # hard negatives per (query, positive) pair, 0 = in-batch only
+    refresh_every: int = 5  # epochs between hard-negative refreshes (r)
+    mining_beam: int = 2  # leaves per query searched when mining hard negatives
+    mining_pool: int = 50  # candidates per query (ranked by cosine) to sample negatives from
+    seed: int = 0
+    device: str = "cpu"
+
+    def validate(self) -> None:
+        if self.epochs < 0:
+            raise ValueError("epochs must be >= 0")
+        if self.batch_size < 2:
+            raise ValueError("batch_size must be >= 2 (in-batch negatives)")
+        if self.refresh_every < 1:
+            raise ValueError("refresh_every must be >= 1")
+
+
+@dataclass
+class IndexConfig:
+    d2l: int = 1  # leaves each document is stored in
+
+    def validate(self) -> None:
+        if self.d2l < 1:
+            raise ValueError("d2l must be >= 1")
+
+
+@dataclass
+class EHIConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    tree: TreeConfig = field(default_factory=TreeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+
+    def validate(self) -> "EHIConfig":
+        self.encoder.validate()
+        self.tree.validate()
+        self.train.validate()
+        self.index.validate()
+        if self.index.d2l > self.tree.num_leaves:
+            raise ValueError("d2l cannot exceed the number of leaves")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EHIConfig":
+        def build(klass, values):
+            names = {f.name for f in dataclasses.fields(klass)}
+            unknown = set(values) - names
+            if unknown:
+                raise ValueError(f"unknown {klass.__name__} fields: {sorted(unknown)}")
+            return klass(**values)
+
+        return cls(
+            encoder=build(EncoderConfig, d.get("encoder", {})),
+            tree=build(TreeConfig, d.get("tree", {})),
+            train=build(TrainConfig, d.get("train", {})),
+            index=build(IndexConfig, d.get("index", {})),
+        )

@@ -1,0 +1,182 @@
+"""BEIR-format datasets: ``corpus.jsonl``, ``queries.jsonl``, ``qrels/{split}.tsv``.
+
+Errors name the file and the line, because users feed these files by hand.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and line."""
+
+
+@dataclass
+class Corpus:
+    ids: list[str]
+    titles: list[str]
+    texts: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def documents(self) -> list[str]:
+        """Title and text joined, the way BEIR models are evaluated."""
+        return [f"{t} {x}".strip() if t else x for t, x in zip(self.titles, self.texts)]
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for i, t, x in zip(self.ids, self.titles, self.texts):
+            h.update(f"{i}\x00{t}\x00{x}\x01".encode())
+        return h.hexdigest()
+
+
+@dataclass
+class Dataset:
+    root: Path
+    corpus: Corpus
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
+
+    def split(self, name: str) -> dict[str, dict[str, int]]:
+        """Relevance judgements of a split, loaded on first use."""
+        if name not in self.qrels:
+            self.qrels[name] = load_qrels(self.root / "qrels" / f"{name}.tsv")
+        return self.qrels[name]
+
+    def relevant(self, name: str) -> dict[str, list[str]]:
+        """query id -> relevant document ids (score > 0), for queries that exist."""
+        out: dict[str, list[str]] = {}
+        for qid, docs in self.split(name).items():
+            rel = [d for d, s in docs.items() if s > 0]
+            if rel and qid in self.queries:
+                out[qid] = rel
+        return out
+
+
+def _read_jsonl(path: Path, required: tuple[str, ...]):
+    try:
+        fh = open(path, "rb")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    seen: set[str] = set()
+    with fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason})") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object")
+            for key in required:
+                if key not in obj:
+                    raise DataError(f"{path}:{lineno}: missing field {key!r}")
+            _id = str(obj["_id"])
+            if _id in seen:
+                raise DataError(f"{path}:{lineno}: duplicate _id {_id!r}")
+            seen.add(_id)
+            yield lineno, _id, obj
+
+
+def load_corpus(path: str | Path) -> Corpus:
+    path = Path(path)
+    ids, titles, texts = [], [], []
+    empty = 0
+    for _, _id, obj in _read_jsonl(path, ("_id", "text")):
+        ids.append(_id)
+        titles.append(str(obj.get("title") or ""))
+        text = str(obj["text"] or "")
+        empty += not (text.strip() or titles[-1].strip())
+        texts.append(text)
+    if not ids:
+        raise DataError(f"{path}: corpus is empty")
+    if empty:
+        log.warning("%s: %d documents have empty text", path, empty)
+    return Corpus(ids, titles, texts)
+
+
+def load_queries(path: str | Path) -> dict[str, str]:
+    path = Path(path)
+    return {_id: str(obj["text"]) for _, _id, obj in _read_jsonl(path, ("_id", "text"))}
+
+
+def load_qrels(path: str | Path) -> dict[str, dict[str, int]]:
+    """query id -> {doc id: graded score}; scores <= 0 are kept but mean not relevant."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    qrels: dict[str, dict[str, int]] = {}
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason})") from None
+            if not line.strip():
+                continue
+            cols = line.split("\t")
+            if lineno == 1:
+                if [c.strip() for c in cols] != ["query-id", "corpus-id", "score"]:
+                    raise DataError(
+                        f"{path}:1: expected header 'query-id<TAB>corpus-id<TAB>score', got {line!r}"
+                    )
+                continue
+            if len(cols) != 3:
+                raise DataError(f"{path}:{lineno}: expected 3 tab-separated columns, got {len(cols)}")
+            qid, did, score = (c.strip() for c in cols)
+            try:
+                s = int(score)
+            except ValueError:
+                raise DataError(f"{path}:{lineno}: score {score!r} is not an integer") from None
+            qrels.setdefault(qid, {})[did] = s
+    return qrels
+
+
+def load_beir(name_or_path: str | Path, cache_dir: str | Path | None = None) -> Dataset:
+    """Load a BEIR folder by path; a bare BEIR name that is not a local folder is downloaded."""
+    root = Path(name_or_path)
+    if not root.is_dir():
+        root = download_beir(str(name_or_path), cache_dir)
+    corpus = load_corpus(root / "corpus.jsonl")
+    queries = load_queries(root / "queries.jsonl")
+    return Dataset(root=root, corpus=corpus, queries=queries)
+
+
+def download_beir(name: str, cache_dir: str | Path | None = None) -> Path:
+    """Fetch a BEIR dataset zip (needs network access) into the cache and unpack it."""
+    if "/" in name or os.sep in name:
+        raise DataError(f"{name}: dataset folder not found")
+    cache = Path(cache_dir or os.environ.get("EHI_DATA_DIR", Path.home() / ".cache" / "ehi" / "datasets"))
+    target = cache / name
+    if (target / "corpus.jsonl").exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    url = BEIR_URL.format(name=name)
+    zpath = cache / f"{name}.zip"
+    log.info("downloading %s", url)
+    try:
+        urllib.request.urlretrieve(url, zpath.with_suffix(".part"))
+    except OSError as e:
+        raise DataError(f"{name}: not a local folder and download from {url} failed ({e})") from None
+    os.replace(zpath.with_suffix(".part"), zpath)
+    with zipfile.ZipFile(zpath) as zf:
+        zf.extractall(cache)
+    return target

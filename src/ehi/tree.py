@@ -1,0 +1,189 @@
+"""The learned tree indexer: H levels of B-way classifiers, vectorised over batches.
+
+Level h sees ``[o(i^{h-1}); ...; o(i^1); e]`` (one-hots of the choices above, most recent
+first, then the embedding) through ``F(x; U) = x + ReLU(U^T x)`` and ``softmax(W^T .)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TreeConfig
+
+
+class Level(nn.Module):
+    def __init__(self, in_dim: int, branching: int, u_scale: float = 1e-3):
+        super().__init__()
+        # U starts small, not zero: ReLU'(0) = 0 would leave it untrained forever.
+        self.U = nn.Parameter(torch.randn(in_dim, in_dim) * (u_scale / in_dim**0.5))
+        self.W = nn.Parameter(torch.randn(in_dim, branching) / in_dim**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities over the B children."""
+        z = x + F.relu(x @ self.U)
+        return F.log_softmax(z @ self.W, dim=-1)
+
+
+@dataclass
+class Routing:
+    """Arg-max routing of a batch, as training follows it."""
+
+    path_embedding: torch.Tensor  # (N, B*H): each level's distribution times its prefix probability
+    path: torch.Tensor  # (N, H) arg-max child chosen at each level
+    level_probs: list[torch.Tensor]  # H tensors (N, B), unscaled
+
+    @property
+    def leaf(self) -> torch.Tensor:
+        B = self.level_probs[0].shape[1]
+        return path_to_leaf(self.path, B)
+
+
+def path_to_leaf(path: torch.Tensor, branching: int) -> torch.Tensor:
+    H = path.shape[-1]
+    weights = branching ** torch.arange(H - 1, -1, -1, device=path.device)
+    return (path * weights).sum(-1)
+
+
+def leaf_to_path(leaf: torch.Tensor, branching: int, height: int) -> torch.Tensor:
+    digits = []
+    for _ in range(height):
+        digits.append(leaf % branching)
+        leaf = leaf // branching
+    return torch.stack(digits[::-1], dim=-1)
+
+
+class Tree(nn.Module):
+    def __init__(self, dim: int, config: TreeConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.dim = dim
+        self.B, self.H = config.branching, config.height
+        self.levels = nn.ModuleList(Level(dim + h * self.B, self.B) for h in range(self.H))
+
+    @property
+    def num_leaves(self) -> int:
+        return self.B**self.H
+
+    def _level_input(self, e: torch.Tensor, path: torch.Tensor) -> torch.Tensor:
+        """``[o(i^{h-1}); ...; o(i^1); e]`` for prefixes ``path`` (..., h)."""
+        if path.shape[-1] == 0:
+            return e
+        oh = F.one_hot(path.flip(-1), self.B).to(e.dtype).flatten(-2)
+        return torch.cat([oh, e], dim=-1)
+
+    def route(self, e: torch.Tensor) -> Routing:
+        """Follow the arg-max path; the prefix probability keeps its gradient."""
+        n = e.shape[0]
+        prefix = torch.ones(n, 1, device=e.device, dtype=e.dtype)
+        path = torch.empty(n, 0, dtype=torch.long, device=e.device)
+        parts, probs = [], []
+        for level in self.levels:
+            p = level(self._level_input(e, path)).exp()
+            parts.append(prefix * p)
+            probs.append(p)
+            i = p.argmax(-1, keepdim=True)
+            prefix = prefix * p.gather(1, i)
+            path = torch.cat([path, i], dim=1)
+        return Routing(torch.cat(parts, dim=1), path, probs)
+
+    @torch.no_grad()
+    def beam_search(self, e: torch.Tensor, beam: int, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``beam`` leaves per row by path log-probability, keeping ``beam`` nodes per level.
+
+        Returns (leaves (N, k), log-probs (N, k)) with k = min(beam, B^H), best first.
+        """
+        if beam < 1:
+            raise ValueError("beam must be >= 1")
+        outs = [self._beam(e[s : s + chunk], beam) for s in range(0, e.shape[0], chunk)]
+        if not outs:
+            k = min(beam, self.num_leaves)
+            return torch.empty(0, k, dtype=torch.long), torch.empty(0, k)
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+    def _beam(self, e: torch.Tensor, beam: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n, d = e.shape
+        scores = torch.zeros(n, 1, device=e.device, dtype=e.dtype)
+        paths = torch.empty(n, 1, 0, dtype=torch.long, device=e.device)
+        for level in self.levels:
+            K = scores.shape[1]
+            x = self._level_input(e[:, None, :].expand(n, K, d), paths)
+            logp = level(x.reshape(n * K, -1)).reshape(n, K, self.B)
+            cand = (scores[:, :, None] + logp).reshape(n, K * self.B)
+            top = cand.topk(min(beam, K * self.B), dim=1)
+            parent = torch.div(top.indices, self.B, rounding_mode="floor")
+            child = top.indices % self.B
+            paths = torch.cat([paths.gather(1, parent[:, :, None].expand(-1, -1, paths.shape[2])), child[:, :, None]], dim=2)
+            scores = top.values
+        return path_to_leaf(paths, self.B), scores
+
+    @torch.no_grad()
+    def leaf_log_probs(self, e: torch.Tensor) -> torch.Tensor:
+        """Exact log-probability of every leaf (N, B^H) by enumeration; for tests and small trees."""
+        paths = leaf_to_path(torch.arange(self.num_leaves, device=e.device), self.B, self.H)
+        total = torch.zeros(e.shape[0], self.num_leaves, device=e.device, dtype=e.dtype)
+        for h, level in enumerate(self.levels):
+            prefix = paths[:, :h]
+            x = self._level_input(e[:, None, :].expand(-1, self.num_leaves, -1), prefix.expand(e.shape[0], -1, -1))
+            logp = level(x.reshape(-1, x.shape[-1])).reshape(e.shape[0], self.num_leaves, self.B)
+            total = total + logp.gather(2, paths[None, :, h : h + 1].expand(e.shape[0], -1, 1)).squeeze(2)
+        return total
+
+    # ---- initialisation ----------------------------------------------------------------
+    @torch.no_grad()
+    def init_kmeans(self, doc_emb: np.ndarray, seed: int = 0, verbose: bool = False) -> None:
+        """Step 0 is a soft IVF: level 0 holds spherical k-means centroids; deeper levels hold
+        residual k-means centroids, the prefix one-hots carrying the ``-<r_k, c_prefix>`` offsets
+        so that each level's argmax is the nearest residual centroid."""
+        import faiss
+
+        x = np.ascontiguousarray(doc_emb, dtype=np.float32)
+        n, d = x.shape
+        T = self.config.temperature
+        if n < self.B:
+            raise ValueError(f"k-means needs at least B={self.B} documents, got {n}")
+        codebooks: list[np.ndarray] = []
+        assign: list[np.ndarray] = []
+        resid = x.copy()
+        for h, level in enumerate(self.levels):
+            km = faiss.Kmeans(d, self.B, niter=self.config.kmeans_iters, seed=seed + h, spherical=(h == 0), verbose=verbose)
+            km.train(resid)
+            C = km.centroids.astype(np.float32)
+            _, a = km.index.search(resid, 1)
+            a = a[:, 0]
+            W = torch.zeros(d + h * self.B, self.B)
+            W[h * self.B :, :] = torch.from_numpy(C.T) / T
+            if h > 0:
+                half_sq = 0.5 * (C**2).sum(1)
+                # block j (0 = most recent choice) holds the prefix level (h-1-j)'s codebook
+                for j in range(h):
+                    prev = codebooks[h - 1 - j]
+                    off = -(prev @ C.T)  # (B_prev, B)
+                    if j == 0:
+                        off = off - half_sq[None, :]
+                    W[j * self.B : (j + 1) * self.B, :] = torch.from_numpy(off) / T
+            level.W.copy_(W.to(level.W.device))
+            codebooks.append(C)
+            assign.append(a)
+            resid = resid - C[a]
+
+    @torch.no_grad()
+    def init_random(self, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        for level in self.levels:
+            in_dim = level.W.shape[0]
+            level.W.copy_(torch.randn(level.W.shape, generator=g) / in_dim**0.5)
+
+
+def load_balance_penalty(level_probs: list[torch.Tensor]) -> torch.Tensor:
+    """B * sum_j mean_batch(p_j)^2 - 1 per level, summed: 0 when the batch spreads evenly."""
+    total = level_probs[0].new_zeros(())
+    for p in level_probs:
+        m = p.mean(0)
+        total = total + p.shape[1] * (m * m).sum() - 1.0
+    return total

@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+
+from ehi.index import LeafIndex
+
+
+def _data(n=300, d=16, L=10, d2l=1, seed=0):
+    rng = np.random.default_rng(seed)
+    emb = rng.standard_normal((n, d)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    leaves = np.stack([rng.permutation(L)[:d2l] for _ in range(n)])
+    return emb, leaves
+
+
+@pytest.mark.parametrize("d2l", [1, 2, 3])
+def test_leaf_search_equals_exact_ranking_over_the_same_candidates(d2l):
+    emb, leaves = _data(d2l=d2l)
+    index = LeafIndex(leaves, emb, 10)
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((25, 16)).astype(np.float32)
+    q_leaves = np.stack([rng.permutation(10)[:3] for _ in range(25)])
+    res = index.search(q, q_leaves, k=15)
+    for i in range(25):
+        cand = np.where(np.isin(leaves, q_leaves[i]).any(1))[0]
+        assert res.visited[i] == len(cand)
+        ref = cand[np.argsort(-(emb[cand] @ q[i]), kind="stable")][:15]
+        assert np.array_equal(res.indices[i], ref)
+        assert np.allclose(res.scores[i], emb[ref] @ q[i], atol=1e-5)
+    assert np.array_equal(index.visited_counts(q_leaves), res.visited)
+
+
+def test_visiting_every_leaf_is_exact_search():
+    emb, leaves = _data()
+    index = LeafIndex(leaves, emb, 10)
+    q = emb[:5] + 0.1
+    res = index.search(q, np.tile(np.arange(10), (5, 1)), k=20)
+    exact = np.argsort(-(q @ emb.T), axis=1, kind="stable")[:, :20]
+    assert np.array_equal(res.indices, exact)
+    assert (res.visited == 300).all()
+
+
+def test_leaf_storage_is_contiguous_and_stats():
+    emb, leaves = _data(n=50, L=5)
+    index = LeafIndex(leaves, emb, 5)
+    sizes = index.leaf_sizes()
+    assert sizes.sum() == 50
+    for l in range(5):
+        block = index.members[index.offsets[l] : index.offsets[l + 1]]
+        assert (leaves[block, 0] == l).all()
+        assert np.array_equal(index.leaf_embeddings[index.offsets[l] : index.offsets[l + 1]], emb[block])
+    st = index.leaf_stats()
+    assert st["min"] == sizes.min() and st["max"] == sizes.max() and st["ideal_per_leaf"] == 10
+    # documents stand in for queries: expected per visited leaf is sum(c_i^2) / N
+    assert st["expected_per_leaf"] == pytest.approx((sizes**2).sum() / 50)
+
+
+def test_empty_leaves_and_short_results():
+    emb, _ = _data(n=4, L=3)
+    index = LeafIndex(np.array([0, 0, 2, 2]), emb, 3)
+    res = index.search(emb[:1], np.array([[1, 0]]), k=5)
+    assert res.visited[0] == 2
+    assert (res.indices[0, 2:] == -1).all() and np.isneginf(res.scores[0, 2:]).all()

@@ -1,0 +1,109 @@
+import numpy as np
+import pytest
+import torch
+
+from ehi.artifacts import ArtifactError
+from ehi.config import EHIConfig
+from ehi.data import load_beir
+from ehi.model import EHIModel
+from ehi.training import Trainer, train
+
+
+def tiny_config(**train_overrides):
+    cfg = EHIConfig()
+    cfg.tree.branching = 6
+    cfg.train.epochs = 3
+    cfg.train.batch_size = 16
+    cfg.train.refresh_every = 2
+    for k, v in train_overrides.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_beir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model") / "tiny-ehi"
+    model = train(load_beir(tiny_beir), tiny_config(), out_dir=out, progress=False)
+    return model, out
+
+
+def test_training_reduces_the_loss(tiny_beir):
+    trainer = Trainer(tiny_config(epochs=8), load_beir(tiny_beir))
+    trainer.fit(progress=False)
+    losses = [h["loss"] for h in trainer.history]
+    assert losses[-1] < losses[0]
+    assert set(trainer.history[0]) >= {"siamese", "indexing", "intra_leaf", "balance", "loss"}
+
+
+def test_save_load_gives_identical_results(trained, tiny_beir):
+    model, out = trained
+    queries = ["telescope galaxy astronomy", "garlic sauce cooking", "a query about nothing in particular"]
+    before = model.search(queries, k=5, beam=2)
+    loaded = EHIModel.load(out)
+    after = loaded.search(queries, k=5, beam=2)
+    for a, b in zip(before, after):
+        assert [h.doc_id for h in a.hits] == [h.doc_id for h in b.hits]
+        assert np.allclose([h.score for h in a.hits], [h.score for h in b.hits], atol=1e-6)
+        assert a.leaves == b.leaves and a.visited == b.visited
+    assert loaded.config == model.config
+    assert loaded.beam_calibration == model.beam_calibration
+
+
+def test_search_finds_topical_documents(trained):
+    model, _ = trained
+    hits = model.search("telescope galaxy astronomy", k=5, beam=model.tree.num_leaves).hits
+    assert all(h.doc_id.startswith("astronomy") for h in hits)
+    # a full beam is exact search over the trained embeddings
+    assert hits[0].score == pytest.approx(max(h.score for h in hits))
+
+
+def test_budget_maps_to_the_largest_beam_within_it(trained):
+    model, _ = trained
+    fractions = dict((int(b), f) for b, f in model.beam_calibration)
+    assert fractions[model.tree.num_leaves] == pytest.approx(1.0)
+    for budget in (0.2, 0.5, 1.0):
+        beam = model.beam_for_budget(budget)
+        assert fractions[beam] <= budget + 1e-9
+        assert beam == model.tree.num_leaves or fractions[beam + 1] > budget
+
+
+def test_checkpoint_written_each_epoch(trained):
+    _, out = trained
+    from ehi.artifacts import read_manifest
+    from ehi.training import checkpoint_path
+
+    manifest = read_manifest(checkpoint_path(out))
+    assert manifest["kind"] == "checkpoint" and manifest["epoch"] == 3
+
+
+def test_corrupted_or_foreign_artifacts_fail_clearly(trained, tmp_path):
+    import shutil
+
+    _, out = trained
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    with open(bad / "tree.safetensors", "r+b") as fh:
+        fh.seek(100)
+        b = fh.read(1)
+        fh.seek(100)
+        fh.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        EHIModel.load(bad)
+    with pytest.raises(ArtifactError, match="not an ehi model directory"):
+        EHIModel.load(tmp_path)
+
+
+def test_top_k_scope_reproduces_the_sentence_transformer_at_init():
+    from ehi.config import EncoderConfig
+    from ehi.encoder import Encoder
+
+    texts = ["a short text", "a somewhat longer text about telescopes and galaxies", "x"]
+    enc = Encoder(EncoderConfig(scope="top-k", top_k_layers=2))
+    feats = enc.features(texts, use_cache=False)
+    got = enc.embed_all(feats)
+    ref = enc.st.encode(texts, normalize_embeddings=True)
+    assert np.allclose(got, ref, atol=1e-3)  # fp16 cache of the frozen layers
+    trainable = {k for k, p in enc.named_parameters() if p.requires_grad}
+    assert any(".layer.5." in k for k in trainable) and not any(".layer.3." in k for k in trainable)
+    full = Encoder(EncoderConfig(scope="full"))
+    assert np.allclose(full.embed_all(full.features(texts)), ref, atol=1e-5)

@@ -1,0 +1,130 @@
+import numpy as np
+import pytest
+import torch
+
+from ehi.config import TreeConfig
+from ehi.tree import Tree, leaf_to_path, load_balance_penalty, path_to_leaf
+
+
+def make_tree(B, H, d=8, seed=0):
+    torch.manual_seed(seed)
+    tree = Tree(d, TreeConfig(branching=B, height=H))
+    # a non-trivial U so that F(x) = x + ReLU(U^T x) matters
+    with torch.no_grad():
+        for level in tree.levels:
+            level.U.normal_(0, 0.5)
+    return tree
+
+
+@pytest.mark.parametrize("B,H", [(5, 1), (3, 2), (2, 3)])
+def test_path_embedding_shape_and_level_sums(B, H):
+    tree = make_tree(B, H)
+    e = torch.nn.functional.normalize(torch.randn(7, 8), dim=-1)
+    r = tree.route(e)
+    assert r.path_embedding.shape == (7, B * H)
+    assert r.path.shape == (7, H)
+    # level h's block sums to the probability of the arg-max prefix chosen above it
+    prefix = torch.ones(7)
+    for h in range(H):
+        block = r.path_embedding[:, h * B : (h + 1) * B]
+        assert torch.allclose(block.sum(1), prefix, atol=1e-6)
+        prefix = prefix * r.level_probs[h].gather(1, r.path[:, h : h + 1]).squeeze(1)
+    assert torch.all(r.leaf < B**H)
+
+
+def test_level_input_orders_most_recent_choice_first():
+    tree = make_tree(3, 3)
+    e = torch.zeros(1, 8)
+    x = tree._level_input(e, torch.tensor([[2, 0]]))
+    # [o(i^2); o(i^1); e] with i^1 = 2, i^2 = 0
+    assert x[0, :3].tolist() == [1, 0, 0]
+    assert x[0, 3:6].tolist() == [0, 0, 1]
+
+
+@pytest.mark.parametrize("B,H", [(6, 1), (3, 2), (2, 3)])
+def test_full_beam_equals_brute_force_enumeration(B, H):
+    tree = make_tree(B, H)
+    e = torch.nn.functional.normalize(torch.randn(11, 8), dim=-1)
+    brute = tree.leaf_log_probs(e)  # (N, L)
+    assert torch.allclose(brute.exp().sum(1), torch.ones(11), atol=1e-5)
+    leaves, logp = tree.beam_search(e, beam=B**H)
+    order = brute.argsort(dim=1, descending=True)
+    assert torch.equal(leaves, order)
+    assert torch.allclose(logp, brute.gather(1, leaves), atol=1e-5)
+
+
+@pytest.mark.parametrize("B,H", [(6, 1), (3, 2), (2, 3)])
+def test_partial_beam_scores_are_exact_leaf_probabilities(B, H):
+    tree = make_tree(B, H)
+    e = torch.randn(9, 8)
+    brute = tree.leaf_log_probs(e)
+    for beam in (1, 2, 3):
+        leaves, logp = tree.beam_search(e, beam)
+        assert leaves.shape == (9, min(beam, B**H))
+        assert torch.allclose(logp, brute.gather(1, leaves), atol=1e-5)
+        if H == 1:  # a single level: the beam is the exact top-beta
+            assert torch.equal(leaves, brute.topk(beam, dim=1).indices)
+    # beam 1 is the greedy arg-max path that training follows
+    assert torch.equal(tree.beam_search(e, 1)[0][:, 0], tree.route(e).leaf)
+
+
+def test_beam_search_is_batched_consistently():
+    tree = make_tree(3, 2)
+    e = torch.randn(20, 8)
+    full, _ = tree.beam_search(e, 4)
+    one_by_one = torch.cat([tree.beam_search(e[i : i + 1], 4)[0] for i in range(20)])
+    chunked, _ = tree.beam_search(e, 4, chunk=7)
+    assert torch.equal(full, one_by_one) and torch.equal(full, chunked)
+
+
+def test_leaf_path_roundtrip():
+    leaves = torch.arange(27)
+    assert torch.equal(path_to_leaf(leaf_to_path(leaves, 3, 3), 3), leaves)
+
+
+def _blobs(n_per, centers, seed=0):
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([c + 0.05 * rng.standard_normal((n_per, c.shape[0])) for c in centers])
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_kmeans_init_is_a_soft_ivf():
+    import faiss
+
+    rng = np.random.default_rng(1)
+    centers = rng.standard_normal((4, 16))
+    x = _blobs(50, centers)
+    tree = Tree(16, TreeConfig(branching=4, height=1, temperature=0.05))
+    tree.init_kmeans(x, seed=0)
+    leaf = tree.route(torch.from_numpy(x)).leaf.numpy()
+    # every blob lands in its own leaf, as k-means (faiss, same seed) assigns it
+    km = faiss.Kmeans(16, 4, niter=25, seed=0, spherical=True)
+    km.train(x)
+    _, a = km.index.search(x, 1)
+    assert len(set(leaf)) == 4
+    assert np.array_equal(leaf, a[:, 0])
+
+
+def test_hierarchical_kmeans_init_routes_to_nearest_residual_centroids():
+    rng = np.random.default_rng(2)
+    x = _blobs(30, rng.standard_normal((9, 12)))
+    tree = Tree(12, TreeConfig(branching=3, height=2))
+    tree.init_kmeans(x, seed=0)
+    r = tree.route(torch.from_numpy(x))
+    sizes = np.bincount(r.leaf.numpy(), minlength=9)
+    assert (sizes > 0).sum() >= 6  # the two levels split the data, not one leaf
+    # level-2 choice is the nearest residual centroid: recompute it by hand
+    W0 = tree.levels[0].W.detach().numpy() * tree.config.temperature  # (d, B) level-0 centroids
+    W1 = tree.levels[1].W.detach().numpy() * tree.config.temperature
+    C1 = W1[3:].T  # residual codebook (B, d)
+    i1 = r.path[:, 0].numpy()
+    resid = x - W0.T[i1]
+    nearest = ((resid[:, None, :] - C1[None]) ** 2).sum(-1).argmin(1)
+    assert np.array_equal(nearest, r.path[:, 1].numpy())
+
+
+def test_load_balance_penalty_zero_when_uniform():
+    uniform = torch.full((10, 4), 0.25)
+    skewed = torch.tensor([[1.0, 0, 0, 0]] * 10)
+    assert float(load_balance_penalty([uniform])) == pytest.approx(0.0, abs=1e-6)
+    assert float(load_balance_penalty([skewed])) == pytest.approx(3.0)
