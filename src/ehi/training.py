@@ -117,6 +117,9 @@ class Trainer:
         tc = self.config.train
         d_emb = self.encoder.embed_all(self.doc_feats, desc="refresh: corpus")
         q_emb = self.encoder.embed_all(self.q_feats)
+        if tc.negatives_from == "exact":
+            self.pool = mine_pool(q_emb, d_emb, self.train_set.positives, tc.mining_pool)
+            return
         model = EHIModel(self.config, self.encoder, self.tree)
         doc_leaves = model.route(d_emb, self.config.index.d2l)
         q_leaves = model.route(q_emb, tc.mining_beam)
