@@ -12,6 +12,9 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from .benchmark import ABLATIONS  # noqa: E402
+
+
 
 def _budget(text: str) -> float:
     try:
@@ -86,6 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-baselines", action="store_true")
     e.add_argument("--json", help="write every row to this JSON file")
     e.add_argument("--device", default="cpu")
+    b = sub.add_parser("benchmark", help="EHI vs DE + exact / Faiss-IVF / ScaNN, several seeds, report and plots")
+    b.add_argument("--data", required=True)
+    b.add_argument("--out", required=True, help="folder for results.json, report.md and the plots")
+    b.add_argument("--seeds", type=_positive, default=3)
+    b.add_argument("--split", default="test")
+    b.add_argument("--config", help="JSON file with config overrides for EHI (and so for the DE baseline)")
+    b.add_argument("--budgets", type=_budget, nargs="+")
+    b.add_argument("--ablation", action="append", default=[], choices=sorted(ABLATIONS), help="add an EHI ablation row (repeatable)")
+    b.add_argument("--no-progress", action="store_true")
     return p
 
 
@@ -115,7 +127,7 @@ def _config_from_args(args):
         "device": ("train", "device"),
     }
     for arg, (section, name) in mapping.items():
-        v = getattr(args, arg)
+        v = getattr(args, arg, None)
         if v is not None:
             setattr(getattr(cfg, section), name, v)
     return cfg.validate()
@@ -203,7 +215,23 @@ def cmd_evaluate(args) -> None:
         Path(args.json).write_text(json.dumps([r.to_dict() for r in rows], indent=2))
 
 
-COMMANDS = {"train": cmd_train, "index": cmd_index, "search": cmd_search, "evaluate": cmd_evaluate}
+def cmd_benchmark(args) -> None:
+    from .benchmark import run_benchmark
+    from .data import load_beir
+    from .evaluation import BUDGETS
+
+    cfg = _config_from_args(args)
+    ds = load_beir(args.data)
+    command = "ehi " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("ehi") else "ehi benchmark ..."
+    res = run_benchmark(
+        ds, args.out, cfg, args.seeds, args.split, tuple(args.budgets or BUDGETS), args.ablation,
+        command=command, progress=not args.no_progress,
+    )
+    print((Path(args.out) / "report.md").read_text())
+    print(f"wrote {args.out}/results.json, report.md, recall_vs_visited.png, leaf_sizes.png in {res['timings']['total']:.0f}s")
+
+
+COMMANDS = {"train": cmd_train, "index": cmd_index, "search": cmd_search, "evaluate": cmd_evaluate, "benchmark": cmd_benchmark}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,15 +27,19 @@ class Row:
     width: int  # beam (EHI) or nprobe (IVF); 0 for exact search
     fraction_visited: float
     metrics: dict[str, float] = field(default_factory=dict)
+    per_query: dict[str, float] = field(default_factory=dict)  # R@100 of each query (0..1)
 
-    def to_dict(self) -> dict:
-        return {
+    def to_dict(self, per_query: bool = False) -> dict:
+        out = {
             "method": self.method,
             "budget": self.budget,
             "width": self.width,
             "fraction_visited": self.fraction_visited,
             "metrics": self.metrics,
         }
+        if per_query:
+            out["per_query_R@100"] = self.per_query
+        return out
 
 
 def make_run(qids: list[str], indices: np.ndarray, scores: np.ndarray, doc_ids: list[str]) -> dict:
@@ -54,8 +58,17 @@ def measure(qrels: dict, run: dict) -> dict[str, float]:
 
 
 def per_query(qrels: dict, run: dict, measure_name: str = "R@100") -> dict[str, float]:
+    """One query's value per query id, for paired significance tests."""
     m = ir_measures.parse_measure(measure_name)
     return {r.query_id: float(r.value) for r in ir_measures.iter_calc([m], qrels, run)}
+
+
+def exact_row(method: str, q_emb, doc_emb, qids, doc_ids, qrels, k: int = 100) -> Row:
+    from .baselines import exact_search
+
+    idx, sc = exact_search(q_emb, doc_emb, k)
+    run = make_run(qids, idx, sc, doc_ids)
+    return Row(method, None, 0, 1.0, measure(qrels, run), per_query(qrels, run))
 
 
 def width_for_budget(fractions: dict[int, float], budget: float) -> int | None:
@@ -81,7 +94,7 @@ def budget_curve(
             fractions[w] = visited_fraction(w)
         return fractions[w]
 
-    rows, cache = [], {}
+    rows, cache = [], {}  # width -> (metrics, per-query R@100)
     for b in budgets:
         # fraction visited grows with width: binary search for the largest width within budget
         lo, hi = 1, max_width
@@ -96,8 +109,9 @@ def budget_curve(
         w = lo
         if w not in cache:
             idx, scores = search(w)
-            cache[w] = measure(qrels, make_run(qids, idx, scores, doc_ids))
-        rows.append(Row(method, b, w, fractions[w], cache[w]))
+            run = make_run(qids, idx, scores, doc_ids)
+            cache[w] = (measure(qrels, run), per_query(qrels, run))
+        rows.append(Row(method, b, w, fractions[w], *cache[w]))
     return rows
 
 
@@ -118,7 +132,7 @@ def evaluate_model(
 ) -> list[Row]:
     """EHI at every budget, exact search over the trained encoder, and (optionally) Faiss-IVF
     with as many lists as EHI has leaves, over the trained and the untrained encoder."""
-    from .baselines import IVFBaseline, exact_search
+    from .baselines import IVFBaseline
 
     rel = dataset.relevant(split)
     if not rel:
@@ -145,8 +159,7 @@ def evaluate_model(
         qrels,
         budgets,
     )
-    idx, sc = exact_search(q_emb, index.embeddings, k)
-    rows.append(Row("EHI encoder, exact", None, 0, 1.0, measure(qrels, make_run(qids, idx, sc, doc_ids))))
+    rows.append(exact_row("EHI encoder, exact", q_emb, index.embeddings, qids, doc_ids, qrels, k))
     if baselines:
         nlist = model.tree.num_leaves
         seed = model.config.train.seed
@@ -160,8 +173,7 @@ def evaluate_model(
         if base is not None:
             bq, bd = base
             bivf = IVFBaseline(bd, nlist, seed)
-            idx, sc = exact_search(bq, bd, k)
-            rows.append(Row("base encoder, exact", None, 0, 1.0, measure(qrels, make_run(qids, idx, sc, doc_ids))))
+            rows.append(exact_row("base encoder, exact", bq, bd, qids, doc_ids, qrels, k))
             rows += budget_curve(
                 "base encoder + Faiss-IVF", nlist, lambda w: bivf.visited_fraction(bq, w),
                 lambda w: bivf.search(bq, k, w)[:2], qids, doc_ids, qrels, budgets,

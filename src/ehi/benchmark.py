@@ -1,0 +1,393 @@
+"""``ehi benchmark``: EHI against the two-stage pipeline, same encoder, same budget, same run.
+
+Methods, each evaluated at every budget under one rule (``evaluation.BUDGET_RULE``):
+- EHI: the jointly trained encoder and tree;
+- DE + exact / Faiss-IVF / ScaNN: a dual encoder (same base model, trainable scope, epochs and
+  batch size as EHI) trained with the siamese loss only, hard negatives from exact search,
+  then indexed with off-the-shelf partitions of as many lists as EHI has leaves;
+- EHI encoder + exact / Faiss-IVF / ScaNN: EHI's trained encoder with the off-the-shelf
+  indexes on top (paper appendix E.8), which isolates what the learned tree adds;
+- ablations of EHI (``--ablation NAME``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import __version__
+from .config import EHIConfig
+from .data import Dataset
+from .evaluation import BUDGET_RULE, BUDGETS, Row, budget_curve, exact_row
+
+ABLATIONS: dict[str, dict] = {
+    "no-siamese": {"train.lambda_siamese": 0.0},
+    "no-indexing": {"train.lambda_indexing": 0.0},
+    "no-intra-leaf": {"train.lambda_intra_leaf": 0.0},
+    "no-hard-negatives": {"train.hard_negatives": 0},
+    "refresh-1": {"train.refresh_every": 1},
+    "refresh-10": {"train.refresh_every": 10},
+    "B40-H1": {"tree.branching": 40, "tree.height": 1},
+    "B6-H2": {"tree.branching": 6, "tree.height": 2},
+    "B4-H3": {"tree.branching": 4, "tree.height": 3},
+    "d2l-2": {"index.d2l": 2},
+    "d2l-3": {"index.d2l": 3},
+    "random-init": {"tree.init": "random"},
+    "no-balance": {"train.load_balance": 0.0},
+}
+BASELINES = ("DE + Faiss-IVF", "DE + ScaNN")
+REPORT_MEASURES = ("R@10", "R@20", "R@50", "R@100", "nDCG@10", "RR@10")
+
+
+def apply_overrides(config: EHIConfig, overrides: dict) -> EHIConfig:
+    cfg = copy.deepcopy(config)
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        if not hasattr(getattr(cfg, section), name):
+            raise ValueError(f"unknown config field {key!r}")
+        setattr(getattr(cfg, section), name, value)
+    return cfg.validate()
+
+
+def dual_encoder_config(config: EHIConfig) -> EHIConfig:
+    """The DE baseline: EHI's encoder settings, the siamese loss only, exact-search negatives."""
+    return apply_overrides(
+        config,
+        {
+            "train.lambda_indexing": 0.0,
+            "train.lambda_intra_leaf": 0.0,
+            "train.load_balance": 0.0,
+            "train.negatives_from": "exact",
+        },
+    )
+
+
+@dataclass
+class SeedRun:
+    seed: int
+    rows: list[Row] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    leaf_sizes: dict[str, list[int]] = field(default_factory=dict)
+
+
+def index_curves(prefix, q_emb, d_emb, nlist, seed, qids, doc_ids, qrels, budgets, k=100, scann=True):
+    """Exact search, Faiss-IVF and ScaNN over one set of embeddings."""
+    from .baselines import IVFBaseline, ScaNNBaseline
+
+    rows = [exact_row(f"{prefix} + exact", q_emb, d_emb, qids, doc_ids, qrels, k)]
+    ivf = IVFBaseline(d_emb, nlist, seed)
+    rows += budget_curve(
+        f"{prefix} + Faiss-IVF", nlist, lambda w: ivf.visited_fraction(q_emb, w),
+        lambda w: ivf.search(q_emb, k, w)[:2], qids, doc_ids, qrels, budgets,
+    )
+    sizes = {f"{prefix} + Faiss-IVF": ivf.list_sizes.tolist()}
+    if scann:
+        sc = ScaNNBaseline(d_emb, nlist, seed)
+        rows += budget_curve(
+            f"{prefix} + ScaNN", nlist, lambda w: sc.visited_fraction(q_emb, w),
+            lambda w: sc.search(q_emb, k, w)[:2], qids, doc_ids, qrels, budgets,
+        )
+    return rows, sizes
+
+
+def ehi_curve(name, model, q_emb, qids, qrels, budgets, k=100):
+    index = model.index
+
+    def search(w):
+        res, _ = model.search_embeddings(q_emb, k, w)
+        return res.indices, res.scores
+
+    return budget_curve(
+        name, model.tree.num_leaves,
+        lambda w: float(index.visited_counts(model.route(q_emb, w)).mean() / index.num_docs),
+        search, qids, model.doc_ids, qrels, budgets,
+    )
+
+
+def run_seed(dataset: Dataset, config: EHIConfig, seed: int, split: str, budgets, ablations, progress=True) -> SeedRun:
+    from .training import Trainer
+
+    out = SeedRun(seed)
+    rel = dataset.relevant(split)
+    qids = sorted(rel)
+    qrels = {q: dataset.split(split)[q] for q in qids}
+    texts = [dataset.queries[q] for q in qids]
+    doc_ids = dataset.corpus.ids
+
+    def train(cfg, label):
+        t = time.perf_counter()
+        trainer = Trainer(apply_overrides(cfg, {"train.seed": seed}), dataset)
+        model = trainer.fit(progress=False)
+        out.timings[f"train {label}"] = time.perf_counter() - t
+        q_emb = model.encoder.embed_all(model.encoder.features(texts, "encoding queries"))
+        return model, q_emb
+
+    steps = ["EHI", "DE"] + list(ablations)
+    bar = tqdm(steps, desc=f"seed {seed}", disable=not progress)
+    for step in bar:
+        bar.set_postfix_str(step)
+        t = time.perf_counter()
+        if step == "EHI":
+            model, q_emb = train(config, "EHI")
+            out.rows += ehi_curve("EHI", model, q_emb, qids, qrels, budgets)
+            rows, sizes = index_curves("EHI encoder", q_emb, model.index.embeddings, model.tree.num_leaves, seed, qids, doc_ids, qrels, budgets)
+            out.rows += rows
+            out.leaf_sizes["EHI"] = model.index.leaf_sizes().tolist()
+            out.leaf_sizes.update(sizes)
+            nlist = model.tree.num_leaves
+        elif step == "DE":
+            de, q_emb = train(dual_encoder_config(config), "DE")
+            d_emb = de.encoder.embed_all(de.encoder.features(dataset.corpus.documents(), "encoding corpus"))
+            rows, sizes = index_curves("DE", q_emb, d_emb, nlist, seed, qids, doc_ids, qrels, budgets)
+            out.rows += rows
+            out.leaf_sizes.update(sizes)
+        else:
+            m, q_emb = train(apply_overrides(config, ABLATIONS[step]), step)
+            out.rows += ehi_curve(f"EHI ({step})", m, q_emb, qids, qrels, budgets)
+        out.timings[f"evaluate {step}"] = time.perf_counter() - t - out.timings.get(f"train {step}", 0.0)
+    return out
+
+
+def aggregate(runs: list[SeedRun]) -> list[dict]:
+    """Mean and std over seeds of every (method, budget) cell."""
+    cells: dict[tuple, list[Row]] = {}
+    for run in runs:
+        for r in run.rows:
+            cells.setdefault((r.method, r.budget), []).append(r)
+    out = []
+    for (method, budget), rows in cells.items():
+        metrics = {
+            m: {"mean": float(np.mean([r.metrics[m] for r in rows])), "std": float(np.std([r.metrics[m] for r in rows]))}
+            for m in rows[0].metrics
+        }
+        out.append(
+            {
+                "method": method,
+                "budget": budget,
+                "seeds": len(rows),
+                "width": [r.width for r in rows],
+                "fraction_visited": {
+                    "mean": float(np.mean([r.fraction_visited for r in rows])),
+                    "std": float(np.std([r.fraction_visited for r in rows])),
+                },
+                "metrics": metrics,
+            }
+        )
+    return out
+
+
+def significance(runs: list[SeedRun], budgets, ehi: str = "EHI", baselines=BASELINES) -> list[dict]:
+    """Paired Wilcoxon signed-rank test of per-query Recall@100 (averaged over seeds), EHI vs
+    the baseline with the best mean Recall@100 at each budget."""
+    from scipy.stats import wilcoxon
+
+    def per_query(method, budget):
+        vals = [r.per_query for run in runs for r in run.rows if r.method == method and r.budget == budget]
+        if len(vals) < len(runs):
+            return None
+        qids = sorted(vals[0])
+        return np.array([[v[q] for q in qids] for v in vals]).mean(0)
+
+    out = []
+    for b in budgets:
+        e = per_query(ehi, b)
+        cands = [(m, per_query(m, b)) for m in baselines]
+        cands = [(m, v) for m, v in cands if v is not None]
+        if e is None or not cands:
+            continue
+        best, bv = max(cands, key=lambda mv: mv[1].mean())
+        diff = e - bv
+        if np.allclose(diff, 0):
+            p = 1.0
+        else:
+            p = float(wilcoxon(e, bv, zero_method="zsplit").pvalue)
+        out.append(
+            {
+                "budget": b,
+                "baseline": best,
+                "ehi_R@100": 100 * float(e.mean()),
+                "baseline_R@100": 100 * float(bv.mean()),
+                "difference": 100 * float(diff.mean()),
+                "p_value": p,
+                "test": "Wilcoxon signed-rank, paired over queries, per-query R@100 averaged over seeds",
+            }
+        )
+    return out
+
+
+def _fmt(cell: dict | None, measure: str = "R@100") -> str:
+    if cell is None:
+        return "—"
+    m = cell["metrics"][measure]
+    return f"{m['mean']:.1f} ± {m['std']:.1f}" if cell["seeds"] > 1 else f"{m['mean']:.1f}"
+
+
+def write_report(results: dict, out: Path) -> None:
+    """report.md (tables in the style of the paper's Table 6), and the two plots."""
+    agg = results["aggregate"]
+    budgets = results["budgets"]
+    methods = list(dict.fromkeys(c["method"] for c in agg))
+    by = {(c["method"], c["budget"]): c for c in agg}
+    lines = [
+        f"# ehi benchmark: {results['dataset']} ({results['split']} split)",
+        "",
+        f"Command: `{results['command']}`",
+        "",
+        f"{results['seeds']} seeds, mean ± std. Budget rule: {BUDGET_RULE}; "
+        "a cell is empty when even the narrowest search exceeds the budget.",
+        "",
+        "## Recall@100 against the fraction of the corpus visited",
+        "",
+        "| method | " + " | ".join(f"≤{100 * b:g}%" for b in budgets) + " |",
+        "|---|" + "---|" * len(budgets),
+    ]
+    for m in methods:
+        if by.get((m, None)):
+            continue
+        lines.append(f"| {m} | " + " | ".join(_fmt(by.get((m, b))) for b in budgets) + " |")
+    lines += ["", "Exact search (100 % visited):", "", "| method | " + " | ".join(REPORT_MEASURES) + " |", "|---|" + "---|" * len(REPORT_MEASURES)]
+    for m in methods:
+        if (m, None) in by:
+            lines.append(f"| {m} | " + " | ".join(_fmt(by[(m, None)], x) for x in REPORT_MEASURES) + " |")
+    for b in [b for b in (0.05, 0.1, 0.2) if b in budgets]:
+        lines += ["", f"## All measures at ≤{100 * b:g}% visited (mean fraction visited in brackets)", "",
+                  "| method | visited | " + " | ".join(REPORT_MEASURES) + " |", "|---|---|" + "---|" * len(REPORT_MEASURES)]
+        for m in methods:
+            c = by.get((m, b))
+            if c:
+                lines.append(f"| {m} | {100 * c['fraction_visited']['mean']:.1f}% | " + " | ".join(_fmt(c, x) for x in REPORT_MEASURES) + " |")
+    lines += ["", "## EHI against the best baseline (DE + Faiss-IVF or DE + ScaNN)", "",
+              "| budget | best baseline | EHI R@100 | baseline R@100 | difference | p-value |", "|---|---|---|---|---|---|"]
+    for s in results["significance"]:
+        lines.append(f"| ≤{100 * s['budget']:g}% | {s['baseline']} | {s['ehi_R@100']:.1f} | {s['baseline_R@100']:.1f} | {s['difference']:+.1f} | {s['p_value']:.2g} |")
+    lines += ["", f"Test: {results['significance'][0]['test'] if results['significance'] else 'n/a'}.", "",
+              "ScaNN configuration: " + json.dumps(results.get("scann_config", {})), "",
+              "Wall time (s, summed over seeds): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings"].items()), ""]
+    (out / "report.md").write_text("\n".join(lines))
+    plot_recall(agg, out / "recall_vs_visited.png", results["dataset"])
+    plot_leaf_sizes(results["leaf_sizes"], out / "leaf_sizes.png")
+
+
+def plot_recall(agg: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    methods = list(dict.fromkeys(c["method"] for c in agg if c["budget"] is not None))
+    for m in methods:
+        cells = sorted((c for c in agg if c["method"] == m and c["budget"] is not None), key=lambda c: c["budget"])
+        x = [100 * c["fraction_visited"]["mean"] for c in cells]
+        y = [c["metrics"]["R@100"]["mean"] for c in cells]
+        e = [c["metrics"]["R@100"]["std"] for c in cells]
+        style = "-" if m == "EHI" else ("--" if m.startswith("DE") else ":")
+        ax.errorbar(x, y, yerr=e, marker="o", ms=3, capsize=2, ls=style, lw=2.2 if m == "EHI" else 1.2, label=m)
+    exact = [c for c in agg if c["budget"] is None and c["method"] in ("DE + exact", "EHI encoder + exact")]
+    for c in sorted(exact, key=lambda c: c["metrics"]["R@100"]["mean"]):
+        y = c["metrics"]["R@100"]["mean"]
+        ax.axhline(y, color="grey", lw=0.8, ls="-.")
+        top = y == max(e["metrics"]["R@100"]["mean"] for e in exact)
+        ax.annotate(f"{c['method']} {y:.1f}", (0.01, y), xycoords=("axes fraction", "data"),
+                    va="bottom" if top else "top", fontsize=7, color="grey")
+    ax.set_xscale("log")
+    ax.set_xlabel("fraction of the corpus visited (%)")
+    ax.set_ylabel("Recall@100 (%)")
+    ax.set_title(f"{title}: Recall@100 against fraction visited")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}%"))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_leaf_sizes(sizes: dict[str, list[int]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    keys = [k for k in ("EHI", "DE + Faiss-IVF", "EHI encoder + Faiss-IVF") if k in sizes]
+    top = max(max(sizes[k]) for k in keys)
+    bins = np.linspace(0, top + 1, 30)
+    for k in keys:
+        ax.hist(sizes[k], bins=bins, alpha=0.5, label=f"{k} (max {max(sizes[k])}, empty {sum(s == 0 for s in sizes[k])})")
+    ax.set_xlabel("documents per leaf / inverted list")
+    ax.set_ylabel("number of leaves")
+    ax.set_title("Leaf sizes (seed 0)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def run_benchmark(
+    dataset: Dataset,
+    out: str | Path,
+    config: EHIConfig | None = None,
+    seeds: int = 3,
+    split: str = "test",
+    budgets=BUDGETS,
+    ablations=(),
+    command: str = "",
+    progress: bool = True,
+) -> dict:
+    config = (config or EHIConfig()).validate()
+    unknown = [a for a in ablations if a not in ABLATIONS]
+    if unknown:
+        raise ValueError(f"unknown ablation(s) {unknown}; choose from {sorted(ABLATIONS)}")
+    if not dataset.relevant(split):
+        raise ValueError(f"split {split!r} has no query with a relevant document")
+    out = Path(out)
+    t0 = time.perf_counter()
+    runs = [run_seed(dataset, config, seed, split, budgets, ablations, progress) for seed in range(seeds)]
+    timings: dict[str, float] = {}
+    for r in runs:
+        for k, v in r.timings.items():
+            timings[k] = timings.get(k, 0.0) + v
+    timings["total"] = time.perf_counter() - t0
+    import faiss
+    import scann
+    import sentence_transformers
+    import torch
+
+    results = {
+        "dataset": dataset.root.name,
+        "split": split,
+        "seeds": seeds,
+        "budgets": list(budgets),
+        "budget_rule": BUDGET_RULE,
+        "command": command,
+        "config": config.to_dict(),
+        "dual_encoder_config": dual_encoder_config(config).to_dict(),
+        "ablations": {a: ABLATIONS[a] for a in ablations},
+        "scann_config": {"num_leaves": config.tree.num_leaves, "min_partition_size": 1, "spherical": True, "scoring": "brute force float32, no reordering"},
+        "versions": {
+            "ehi": __version__,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "sentence_transformers": sentence_transformers.__version__,
+            "faiss": faiss.__version__,
+            "scann": getattr(scann, "__version__", "1.4"),
+        },
+        "timings": timings,
+        "aggregate": aggregate(runs),
+        "significance": significance(runs, budgets),
+        "leaf_sizes": runs[0].leaf_sizes,
+        "runs": [{"seed": r.seed, "timings": r.timings, "rows": [x.to_dict(per_query=True) for x in r.rows]} for r in runs],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(out / "results.json")
+    write_report(results, out)
+    return results
