@@ -60,3 +60,17 @@ def test_empty_leaves_and_short_results():
     res = index.search(emb[:1], np.array([[1, 0]]), k=5)
     assert res.visited[0] == 2
     assert (res.indices[0, 2:] == -1).all() and np.isneginf(res.scores[0, 2:]).all()
+
+
+@pytest.mark.parametrize("d2l", [1, 2])
+def test_batched_search_equals_one_query_at_a_time(d2l):
+    emb, leaves = _data(d2l=d2l)
+    index = LeafIndex(leaves, emb, 10)
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((40, 16)).astype(np.float32)
+    q_leaves = np.stack([rng.permutation(10)[:3] for _ in range(40)])
+    full = index.search(q, q_leaves, k=12, batch=256)
+    for batch in (1, 7):
+        part = index.search(q, q_leaves, k=12, batch=batch)
+        assert np.array_equal(full.indices, part.indices) and np.array_equal(full.visited, part.visited)
+        assert np.allclose(full.scores, part.scores, atol=1e-5)

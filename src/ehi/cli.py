@@ -42,7 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train encoder and tree jointly, build the index, save the model")
-    t.add_argument("--data", required=True, help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/) or BEIR name")
+    t.add_argument("--data", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/) or BEIR name")
+    t.add_argument("--doc-embeddings", help="bring your own encoder: (N, d) float .npy of the documents")
+    t.add_argument("--query-embeddings", help="(Q, d) float .npy of the queries")
+    t.add_argument("--pairs", help="qrels TSV over embedding rows (query row, document row, score)")
     t.add_argument("--out", required=True, help="model directory to write")
     t.add_argument("--split", default="train", help="qrels split to train on (default: train)")
     t.add_argument("--config", help="JSON file with config overrides, same layout as a saved config.json")
@@ -133,23 +136,49 @@ def _config_from_args(args):
     return cfg.validate()
 
 
+def _load_matrix(path: str, flag: str):
+    import numpy as np
+
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{flag} {path}: cannot read a .npy array ({e})") from None
+    if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"{flag} {path}: expected a 2-d float array, got {x.dtype} {x.shape}")
+    return x
+
+
 def cmd_train(args) -> None:
-    from .data import load_beir
+    from .data import embeddings_dataset, load_beir
     from .evaluation import BUDGET_RULE, evaluate_model, format_table
     from .training import Trainer, leaf_report
 
     cfg = _config_from_args(args)
-    ds = load_beir(args.data)
+    byo = [args.doc_embeddings, args.query_embeddings, args.pairs]
+    if any(byo):
+        if not all(byo) or args.data:
+            raise ValueError("--doc-embeddings, --query-embeddings and --pairs go together, without --data")
+        d_emb, q_emb = _load_matrix(args.doc_embeddings, "--doc-embeddings"), _load_matrix(args.query_embeddings, "--query-embeddings")
+        ds = embeddings_dataset(len(d_emb), len(q_emb), args.pairs, args.split)
+    elif not args.data:
+        raise ValueError("give --data, or --doc-embeddings with --query-embeddings and --pairs")
+    else:
+        d_emb = q_emb = None
+        ds = load_beir(args.data)
     ds.relevant(args.split)  # fail on bad qrels before any work
     t0 = time.perf_counter()
-    trainer = Trainer(cfg, ds, args.split)
+    trainer = Trainer(cfg, ds, args.split, doc_embeddings=d_emb, query_embeddings=q_emb)
     model = trainer.fit(args.out, progress=not args.no_progress)
     model.save(args.out)
     total = time.perf_counter() - t0
     print(f"saved {args.out}  ({len(trainer.train_set.query_ids)} queries, {len(trainer.train_set.pairs)} pairs)")
-    print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in trainer.timings.items()) + f"; total {total:.1f}s")
+    print(
+        "time (peak RSS): "
+        + ", ".join(f"{k} {v:.1f}s ({trainer.peak_rss[k]:.2f} GiB)" for k, v in trainer.timings.items())
+        + f"; total {total:.1f}s"
+    )
     print(leaf_report(model, model.encoder.embed_all(trainer.q_feats)))
-    if args.evaluate:
+    if args.evaluate and d_emb is None:
         rows = evaluate_model(model, ds, "test")
         print(f"\nSciFact-style evaluation on split 'test'; budget rule: {BUDGET_RULE}\n")
         print(format_table(rows))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+PRECOMPUTED = "precomputed"  # model_name of a model trained on the user's own embeddings
 SCOPES = ("adapter", "top-k", "full")
 INITS = ("kmeans", "random")
 
@@ -26,8 +27,11 @@ class EncoderConfig:
     top_k_layers: int = 1
     max_seq_length: int = 256
     encode_batch_size: int = 64
+    dim: int = 0  # embedding size; only read for precomputed embeddings
 
     def validate(self) -> None:
+        if self.model_name == PRECOMPUTED and (self.scope != "adapter" or self.dim < 1):
+            raise ValueError("precomputed embeddings need scope 'adapter' and dim >= 1")
         if self.scope not in SCOPES:
             raise ValueError(f"encoder scope must be one of {SCOPES}, got {self.scope!r}")
         if self.top_k_layers < 1:

@@ -180,3 +180,18 @@ def download_beir(name: str, cache_dir: str | Path | None = None) -> Path:
     with zipfile.ZipFile(zpath) as zf:
         zf.extractall(cache)
     return target
+
+
+def embeddings_dataset(n_docs: int, n_queries: int, pairs: str | Path, split: str = "train") -> Dataset:
+    """A dataset over precomputed embeddings: document and query ids are row numbers, and
+    ``pairs`` is a qrels TSV (``query-id corpus-id score`` header) over those rows."""
+    pairs = Path(pairs)
+    qrels = load_qrels(pairs)
+    for qid, docs in qrels.items():
+        for did in [qid, *docs]:
+            limit = n_queries if did == qid else n_docs
+            if not did.isdigit() or int(did) >= limit:
+                kind = "query" if did == qid else "document"
+                raise DataError(f"{pairs}: {kind} id {did!r} is not a row of the {kind} embeddings (0..{limit - 1})")
+    corpus = Corpus([str(i) for i in range(n_docs)], [""] * n_docs, [""] * n_docs)
+    return Dataset(root=pairs.parent, corpus=corpus, queries={str(i): "" for i in range(n_queries)}, qrels={split: qrels})

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import DEFAULT_MODEL, EncoderConfig
+from .config import DEFAULT_MODEL, PRECOMPUTED, EncoderConfig
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +122,17 @@ class Encoder(nn.Module):
         config.validate()
         self.config = config
         self.device_name = device
-        self.st = load_sentence_transformer(config.model_name, device, config.max_seq_length)
-        self.dim = self.st.get_embedding_dimension()
+        self.precomputed = config.model_name == PRECOMPUTED
+        self.st = None if self.precomputed else load_sentence_transformer(config.model_name, device, config.max_seq_length)
+        self.dim = config.dim if self.precomputed else self.st.get_embedding_dimension()
         self.adapter = nn.Linear(self.dim, self.dim)
         nn.init.zeros_(self.adapter.weight)
         nn.init.zeros_(self.adapter.bias)
-        self._fingerprint: str | None = None
+        self._fingerprint: str | None = PRECOMPUTED if self.precomputed else None
+        self.frozen_layers = 0
+        if self.precomputed:
+            self.to(device)
+            return
         bert = self.transformer
         n_layers = len(bert.encoder.layer)
         self.frozen_layers = n_layers - config.top_k_layers if config.scope == "top-k" else n_layers
@@ -160,6 +165,11 @@ class Encoder(nn.Module):
 
     # ---- frozen part -------------------------------------------------------------------
     def features(self, texts: list[str], desc: str = "encoding", use_cache: bool = True) -> Features:
+        if self.precomputed:
+            raise ValueError(
+                "this model was trained on precomputed embeddings: it cannot encode text; "
+                "pass query embeddings (EHIModel.search_embeddings)"
+            )
         scope = self.config.scope
         if scope == "full":
             return Features(texts=list(texts))
@@ -275,6 +285,11 @@ class Encoder(nn.Module):
             out[s : s + bs] = self.embed(feats, torch.arange(s, min(n, s + bs))).cpu().numpy()
         self.train(was)
         return out
+
+    def embed_vectors(self, x: np.ndarray) -> np.ndarray:
+        """Final embeddings of precomputed base embeddings (bring-your-own-encoder models)."""
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        return self.embed_all(Features(dense=F.normalize(t, dim=-1)))
 
     def encode(self, texts: list[str], use_cache: bool = False) -> np.ndarray:
         """Final embeddings of raw texts (queries at search time)."""

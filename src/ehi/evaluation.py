@@ -159,11 +159,12 @@ def evaluate_model(
         qrels,
         budgets,
     )
-    rows.append(exact_row("EHI encoder, exact", q_emb, index.embeddings, qids, doc_ids, qrels, k))
+    d_emb = index.embeddings
+    rows.append(exact_row("EHI encoder, exact", q_emb, d_emb, qids, doc_ids, qrels, k))
     if baselines:
         nlist = model.tree.num_leaves
         seed = model.config.train.seed
-        ivf = IVFBaseline(index.embeddings, nlist, seed)
+        ivf = IVFBaseline(d_emb, nlist, seed)
         rows += budget_curve(
             "EHI encoder + Faiss-IVF", nlist, lambda w: ivf.visited_fraction(q_emb, w),
             lambda w: ivf.search(q_emb, k, w)[:2], qids, doc_ids, qrels, budgets,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 
 @dataclass
@@ -19,6 +20,9 @@ class SearchResult:
 
 
 class LeafIndex:
+    """Documents grouped by leaf. Only the leaf-ordered copy of the embeddings is kept, so an
+    index costs the raw vectors (times d2l) and no more."""
+
     def __init__(self, doc_leaves: np.ndarray, embeddings: np.ndarray, num_leaves: int):
         doc_leaves = np.asarray(doc_leaves, dtype=np.int64)
         if doc_leaves.ndim == 1:
@@ -30,23 +34,29 @@ class LeafIndex:
             raise ValueError("leaf id out of range")
         self.num_leaves = num_leaves
         self.doc_leaves = doc_leaves
-        self.embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        self.num_docs = n
         flat = doc_leaves.ravel()
-        docs = np.repeat(np.arange(n), d2l)
         order = np.argsort(flat, kind="stable")
-        self.members = docs[order]  # leaf-contiguous document rows
+        self.members = order // d2l  # leaf-contiguous document rows
         self.offsets = np.zeros(num_leaves + 1, dtype=np.int64)
         np.cumsum(np.bincount(flat, minlength=num_leaves), out=self.offsets[1:])
         # embeddings in leaf order, so that scanning a leaf is one contiguous matrix product
-        self.leaf_embeddings = self.embeddings[self.members]
-
-    @property
-    def num_docs(self) -> int:
-        return self.embeddings.shape[0]
+        self.leaf_embeddings = np.ascontiguousarray(np.asarray(embeddings)[self.members], dtype=np.float32)
 
     @property
     def d2l(self) -> int:
         return self.doc_leaves.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.leaf_embeddings.shape[1]
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """Document-order embeddings (a copy, made on demand)."""
+        first = np.empty(self.num_docs, dtype=np.int64)
+        first[self.members[::-1]] = np.arange(len(self.members))[::-1]
+        return self.leaf_embeddings[first]
 
     def leaf_sizes(self) -> np.ndarray:
         return np.diff(self.offsets)
@@ -57,44 +67,80 @@ class LeafIndex:
         if self.d2l == 1:
             # a document lives in one leaf; beam leaves are distinct, so sizes add up
             return self.leaf_sizes()[leaves].sum(1)
-        return np.array([len(self._candidates(row)) for row in leaves], dtype=np.int64)
+        return self._gather(None, leaves)[2]
 
-    def _candidates(self, leaves) -> np.ndarray:
-        parts = [self.members[self.offsets[l] : self.offsets[l + 1]] for l in leaves]
-        cand = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
-        return np.unique(cand) if self.d2l > 1 else cand
+    def search(self, queries: np.ndarray, leaves: np.ndarray, k: int, batch: int = 256) -> SearchResult:
+        """Rank by cosine the documents of each query's ``leaves`` (Q, beta); top k.
 
-    def search(self, queries: np.ndarray, leaves: np.ndarray, k: int) -> SearchResult:
-        """Rank by cosine the documents of each query's ``leaves`` (Q, beta); top k."""
+        Queries are grouped by leaf: every leaf a batch visits is scanned once, with one
+        matrix product against all the batch's queries that visit it."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        nq = queries.shape[0]
+        leaves = np.asarray(leaves, dtype=np.int64).reshape(len(queries), -1)
+        nq = len(queries)
         idx = np.full((nq, k), -1, dtype=np.int64)
         scores = np.full((nq, k), -np.inf, dtype=np.float32)
         visited = np.zeros(nq, dtype=np.int64)
-        sizes = self.leaf_sizes()
-        for qi in range(nq):
-            row = np.asarray(leaves[qi])
-            row = row[sizes[row] > 0]
-            if self.d2l == 1:
-                blocks = [(self.offsets[l], self.offsets[l + 1]) for l in row]
-                cand = np.concatenate([self.members[a:b] for a, b in blocks]) if len(blocks) else np.empty(0, np.int64)
-                s = (
-                    np.concatenate([self.leaf_embeddings[a:b] @ queries[qi] for a, b in blocks])
-                    if len(blocks)
-                    else np.empty(0, np.float32)
-                )
-            else:
-                cand = self._candidates(row)
-                s = self.embeddings[cand] @ queries[qi]
-            visited[qi] = len(cand)
-            kk = min(k, len(cand))
+        for s in range(0, nq, batch):
+            e = min(nq, s + batch)
+            sc, pos, visited[s:e] = self._gather(queries[s:e], leaves[s:e])
+            kk = min(k, sc.shape[1])
             if kk == 0:
                 continue
-            top = np.argpartition(-s, kk - 1)[:kk] if kk < len(cand) else np.arange(len(cand))
-            top = top[np.argsort(-s[top], kind="stable")]
-            idx[qi, :kk] = cand[top]
-            scores[qi, :kk] = s[top]
+            if kk < sc.shape[1]:
+                top = np.argpartition(-sc, kk - 1, axis=1)[:, :kk]
+            else:
+                top = np.broadcast_to(np.arange(kk), (e - s, kk))
+            top_sc = np.take_along_axis(sc, top, axis=1)
+            order = np.argsort(-top_sc, axis=1, kind="stable")
+            top = np.take_along_axis(top, order, axis=1)
+            top_sc = np.take_along_axis(top_sc, order, axis=1)
+            top_pos = np.take_along_axis(pos, top, axis=1)
+            ok = np.isfinite(top_sc)
+            idx[s:e, :kk] = np.where(ok, self.members[np.maximum(top_pos, 0)], -1)
+            scores[s:e, :kk] = np.where(ok, top_sc, -np.inf)
         return SearchResult(idx, scores, visited)
+
+    def _gather(self, q: np.ndarray | None, leaves: np.ndarray):
+        """Per-query candidate buffers: scores (Q, W) (-inf padded; None if q is None),
+        leaf-order positions (Q, W) (-1 padded) and distinct documents visited (Q,)."""
+        nq = leaves.shape[0]
+        sizes = self.leaf_sizes()
+        lsz = sizes[leaves]
+        starts = np.cumsum(lsz, axis=1) - lsz
+        width = int(lsz.sum(1).max(initial=0))
+        pos = np.full((nq, width), -1, dtype=np.int64)
+        sc = None if q is None else np.full((nq, width), -np.inf, dtype=np.float32)
+        flat = leaves.ravel()
+        order = np.argsort(flat, kind="stable")
+        uniq, first = np.unique(flat[order], return_index=True)
+        bounds = np.append(first, len(flat))
+        qt = None if q is None else torch.from_numpy(q)
+        for u, a, b in zip(uniq, bounds[:-1], bounds[1:]):
+            lo, hi = self.offsets[u], self.offsets[u + 1]
+            n = hi - lo
+            if n == 0:
+                continue
+            occ = order[a:b]
+            qs, js = occ // leaves.shape[1], occ % leaves.shape[1]
+            cols = starts[qs, js][:, None] + np.arange(n)
+            pos[qs[:, None], cols] = np.arange(lo, hi)
+            if qt is not None:
+                block = torch.from_numpy(self.leaf_embeddings[lo:hi])
+                sc[qs[:, None], cols] = (qt[torch.from_numpy(qs)] @ block.T).numpy()
+        if self.d2l == 1:
+            return sc, pos, lsz.sum(1)
+        # a document stored in several visited leaves is scored once: mask its repeats
+        docs = np.where(pos >= 0, self.members[np.maximum(pos, 0)], -1)
+        srt = np.argsort(docs, axis=1, kind="stable")
+        sd = np.take_along_axis(docs, srt, axis=1)
+        dup_sorted = np.zeros_like(sd, dtype=bool)
+        dup_sorted[:, 1:] = (sd[:, 1:] == sd[:, :-1]) & (sd[:, 1:] >= 0)
+        dup = np.zeros_like(dup_sorted)
+        np.put_along_axis(dup, srt, dup_sorted, axis=1)
+        if sc is not None:
+            sc[dup] = -np.inf
+        pos[dup] = -1
+        return sc, pos, (pos >= 0).sum(1)
 
     def leaf_stats(self, query_leaves: np.ndarray | None = None) -> dict:
         """Balance of the documents over the leaves.

@@ -175,7 +175,8 @@ class EHIModel:
         )
         if (path / "doc_leaves.npy").exists():
             leaves = np.load(path / "doc_leaves.npy", allow_pickle=False)
-            emb = np.load(path / "doc_embeddings.npy", allow_pickle=False)
+            # memory-mapped: only the leaf-ordered copy the index makes stays in memory
+            emb = np.load(path / "doc_embeddings.npy", allow_pickle=False, mmap_mode="r")
             docs = json.loads((path / "documents.json").read_text())
             model.index = LeafIndex(leaves, emb, tree.num_leaves)
             model.doc_ids, model.doc_titles = docs["ids"], docs["titles"]

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
+import resource
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,7 +21,7 @@ from tqdm.auto import tqdm
 from .artifacts import write_artifact
 from .config import EHIConfig
 from .data import Dataset
-from .encoder import Encoder, Features
+from .encoder import PRECOMPUTED, Encoder, Features
 from .losses import ehi_losses
 from .mining import mine_pool, positives_matrix, sample_negatives
 from .model import EHIModel
@@ -27,10 +30,20 @@ from .tree import Tree, load_balance_penalty
 log = logging.getLogger(__name__)
 
 
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def _normalised(x: np.ndarray) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    return torch.nn.functional.normalize(t, dim=-1)
 
 
 @dataclass
@@ -77,7 +90,18 @@ def leaf_report(model: EHIModel, query_emb: np.ndarray | None = None) -> str:
 
 
 class Trainer:
-    def __init__(self, config: EHIConfig, dataset: Dataset, split: str = "train", query_ids: list[str] | None = None):
+    def __init__(
+        self,
+        config: EHIConfig,
+        dataset: Dataset,
+        split: str = "train",
+        query_ids: list[str] | None = None,
+        doc_embeddings: np.ndarray | None = None,
+        query_embeddings: np.ndarray | None = None,
+    ):
+        """``doc_embeddings`` (N, d) and ``query_embeddings`` (rows in ``dataset.queries``
+        order) replace the transformer: bring-your-own-encoder mode, adapter + tree trained."""
+        config = copy.deepcopy(config)
         self.config = config.validate()
         self.dataset = dataset
         tc = config.train
@@ -85,21 +109,37 @@ class Trainer:
         self.rng = np.random.default_rng(tc.seed)
         self.device = tc.device
         self.train_set = TrainingSet.from_dataset(dataset, split, query_ids)
+        if (doc_embeddings is None) != (query_embeddings is None):
+            raise ValueError("give both document and query embeddings, or neither")
+        if doc_embeddings is not None:
+            if doc_embeddings.shape[0] != len(dataset.corpus):
+                raise ValueError(f"{doc_embeddings.shape[0]} document embeddings for {len(dataset.corpus)} documents")
+            if query_embeddings.shape[0] != len(dataset.queries):
+                raise ValueError(f"{query_embeddings.shape[0]} query embeddings for {len(dataset.queries)} queries")
+            if query_embeddings.shape[1] != doc_embeddings.shape[1]:
+                raise ValueError("query and document embeddings differ in dimension")
+            config.encoder.model_name = PRECOMPUTED
+            config.encoder.scope = "adapter"
+            config.encoder.dim = int(doc_embeddings.shape[1])
         self.encoder = Encoder(config.encoder, device=self.device)
         self.timings: dict[str, float] = {}
-        t = time.perf_counter()
-        self.doc_feats: Features = self.encoder.features(dataset.corpus.documents(), "encoding corpus")
-        self.q_feats: Features = self.encoder.features(
-            [dataset.queries[q] for q in self.train_set.query_ids], "encoding queries"
-        )
-        self.timings["encode_frozen"] = time.perf_counter() - t
+        self.peak_rss: dict[str, float] = {}
+        with self.phase("encode"):
+            if doc_embeddings is not None:
+                self.doc_feats = Features(dense=_normalised(doc_embeddings))
+                row = {q: i for i, q in enumerate(dataset.queries)}
+                self.q_feats = Features(dense=_normalised(query_embeddings[[row[q] for q in self.train_set.query_ids]]))
+            else:
+                self.doc_feats = self.encoder.features(dataset.corpus.documents(), "encoding corpus")
+                self.q_feats = self.encoder.features(
+                    [dataset.queries[q] for q in self.train_set.query_ids], "encoding queries"
+                )
         self.tree = Tree(self.encoder.dim, config.tree).to(self.device)
-        t = time.perf_counter()
-        if config.tree.init == "kmeans":
-            self.tree.init_kmeans(self.encoder.embed_all(self.doc_feats, desc="embedding corpus"), seed=tc.seed)
-        else:
-            self.tree.init_random(seed=tc.seed)
-        self.timings["init_tree"] = time.perf_counter() - t
+        with self.phase("init_tree"):
+            if config.tree.init == "kmeans":
+                self.tree.init_kmeans(self.encoder.embed_all(self.doc_feats, desc="embedding corpus"), seed=tc.seed)
+            else:
+                self.tree.init_random(seed=tc.seed)
         enc_params = [p for p in self.encoder.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             [
@@ -110,6 +150,16 @@ class Trainer:
         )
         self.pool: np.ndarray | None = None
         self.history: list[dict] = []
+
+    @contextmanager
+    def phase(self, name: str):
+        """Accumulate wall time and record the peak RSS at the end of a phase."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t
+            self.peak_rss[name] = peak_rss_gib()
 
     # ---- hard negatives ----------------------------------------------------------------
     def refresh_negatives(self) -> None:
@@ -163,35 +213,12 @@ class Trainer:
     def fit(self, out_dir: str | Path | None = None, progress: bool = True, on_epoch: Callable | None = None) -> EHIModel:
         tc = self.config.train
         pairs = self.train_set.pairs
-        t_train = t_refresh = 0.0
         for epoch in range(tc.epochs):
             if tc.hard_negatives > 0 and epoch % tc.refresh_every == 0:
-                t = time.perf_counter()
-                self.refresh_negatives()
-                t_refresh += time.perf_counter() - t
-            t = time.perf_counter()
-            self.encoder.train()
-            self.tree.train()
-            order = self.rng.permutation(len(pairs))
-            sums: dict[str, float] = {}
-            n = 0
-            bar = tqdm(
-                range(0, len(order), tc.batch_size),
-                desc=f"epoch {epoch + 1}/{tc.epochs}",
-                disable=not progress,
-                leave=False,
-            )
-            for s in bar:
-                idx = order[s : s + tc.batch_size]
-                if len(idx) < 2:
-                    continue
-                terms = self.step(pairs[idx])
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                n += 1
-                bar.set_postfix({k: f"{v / n:.3f}" for k, v in sums.items()})
-            t_train += time.perf_counter() - t
-            record = {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in sums.items()}}
+                with self.phase("refresh_negatives"):
+                    self.refresh_negatives()
+            with self.phase("train_epochs"):
+                record = self._epoch(epoch, pairs, progress)
             self.history.append(record)
             if progress:
                 tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
@@ -199,19 +226,41 @@ class Trainer:
                 self.save_checkpoint(checkpoint_path(out_dir), epoch + 1)
             if on_epoch is not None:
                 on_epoch(self, record)
-        self.timings["train_epochs"] = t_train
-        self.timings["refresh_negatives"] = t_refresh
         return self.build_model()
 
+    def _epoch(self, epoch: int, pairs: np.ndarray, progress: bool) -> dict:
+        tc = self.config.train
+        self.encoder.train()
+        self.tree.train()
+        order = self.rng.permutation(len(pairs))
+        sums: dict[str, float] = {}
+        n = 0
+        bar = tqdm(
+            range(0, len(order), tc.batch_size),
+            desc=f"epoch {epoch + 1}/{tc.epochs}",
+            disable=not progress,
+            leave=False,
+        )
+        for s in bar:
+            idx = order[s : s + tc.batch_size]
+            if len(idx) < 2:
+                continue
+            terms = self.step(pairs[idx])
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+            bar.set_postfix({k: f"{v / n:.3f}" for k, v in sums.items()})
+        return {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in sums.items()}}
+
     def build_model(self) -> EHIModel:
-        t = time.perf_counter()
-        self.encoder.eval()
-        self.tree.eval()
-        model = EHIModel(self.config, self.encoder, self.tree, corpus_fingerprint=self.dataset.corpus.fingerprint())
-        d_emb = self.encoder.embed_all(self.doc_feats, desc="indexing corpus")
-        model.build_index(d_emb, self.dataset.corpus.ids, self.dataset.corpus.titles)
-        model.calibrate(self.encoder.embed_all(self.q_feats))
-        self.timings["index"] = time.perf_counter() - t
+        with self.phase("index"):
+            self.encoder.eval()
+            self.tree.eval()
+            model = EHIModel(self.config, self.encoder, self.tree, corpus_fingerprint=self.dataset.corpus.fingerprint())
+            d_emb = self.encoder.embed_all(self.doc_feats, desc="indexing corpus")
+            model.build_index(d_emb, self.dataset.corpus.ids, self.dataset.corpus.titles)
+            del d_emb
+            model.calibrate(self.encoder.embed_all(self.q_feats))
         return model
 
     def save_checkpoint(self, path: Path, epoch: int) -> None:

@@ -1,0 +1,91 @@
+import json
+
+import numpy as np
+import pytest
+
+from ehi.baselines import IVFBaseline, ScaNNBaseline, exact_search
+from ehi.benchmark import SeedRun, aggregate, significance, write_report
+from ehi.evaluation import Row, budget_curve
+
+
+def _emb(n, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_budget_rule_on_a_toy_index_with_known_list_sizes():
+    # four lists of 10, 20, 30, 40 documents, probed in that order: cumulative 10/30/60/100 %
+    cumulative = {1: 0.1, 2: 0.3, 3: 0.6, 4: 1.0}
+    searched = []
+
+    def search(w):
+        searched.append(w)
+        return np.array([[0]]), np.array([[1.0]])
+
+    rows = budget_curve("toy", 4, cumulative.__getitem__, search, ["q"], ["d"], {"q": {"d": 1}}, budgets=(0.05, 0.1, 0.29, 0.3, 0.5, 1.0))
+    chosen = {r.budget: (r.width, r.fraction_visited) for r in rows}
+    assert 0.05 not in chosen  # even one list exceeds 5 %: no row rather than an over-budget one
+    assert chosen[0.1] == (1, 0.1) and chosen[0.29] == (1, 0.1) and chosen[0.3] == (2, 0.3)
+    assert chosen[0.5] == (2, 0.3) and chosen[1.0] == (4, 1.0)
+    assert sorted(set(searched)) == [1, 2, 4]  # each width searched once
+
+
+def test_ivf_with_every_list_probed_is_exact_search():
+    d, q = _emb(2000), _emb(40, seed=1)
+    ivf = IVFBaseline(d, 32)
+    idx, scores, visited = ivf.search(q, 10, nprobe=32)
+    ref, ref_scores = exact_search(q, d, 10)
+    assert np.array_equal(idx, ref) and np.allclose(scores, ref_scores, atol=1e-5)
+    assert (visited == 2000).all() and ivf.visited_fraction(q, 32) == 1.0
+    # fewer probes visit exactly the probed lists' documents
+    lists = ivf.probes(q, 3)
+    assert np.array_equal(ivf.search(q, 10, 3)[2], ivf.list_sizes[lists].sum(1))
+
+
+def test_scann_full_search_is_exact_and_counts_visits():
+    d, q = _emb(2000), _emb(20, seed=2)
+    sc = ScaNNBaseline(d, 20)
+    idx, _, visited = sc.search(q, 10, 20)
+    assert np.array_equal(idx, exact_search(q, d, 10)[0])
+    assert (visited == 2000).all()
+    assert 0 < sc.visited_fraction(q, 2) < 0.5
+
+
+def _synthetic_runs(seeds=2):
+    rng = np.random.default_rng(0)
+    qids = [f"q{i}" for i in range(30)]
+    runs = []
+    for s in range(seeds):
+        run = SeedRun(s, timings={"train EHI": 1.0})
+        for method, base in (("EHI", 0.8), ("DE + Faiss-IVF", 0.5), ("DE + ScaNN", 0.6)):
+            for b in (0.05, 0.1):
+                pq = {q: float(rng.random() < base + b) for q in qids}
+                run.rows.append(Row(method, b, 2, b * 0.9, {m: 100 * np.mean(list(pq.values())) for m in ("R@10", "R@20", "R@50", "R@100", "nDCG@10", "RR@10")}, pq))
+        run.rows.append(Row("DE + exact", None, 0, 1.0, {m: 95.0 for m in ("R@10", "R@20", "R@50", "R@100", "nDCG@10", "RR@10")}, {q: 1.0 for q in qids}))
+        run.leaf_sizes = {"EHI": [3, 4, 5], "DE + Faiss-IVF": [1, 5, 6]}
+        runs.append(run)
+    return runs
+
+
+def test_report_writer_on_a_tiny_synthetic_run(tmp_path):
+    runs = _synthetic_runs()
+    agg = aggregate(runs)
+    ehi10 = next(c for c in agg if c["method"] == "EHI" and c["budget"] == 0.1)
+    vals = [r.metrics["R@100"] for run in runs for r in run.rows if r.method == "EHI" and r.budget == 0.1]
+    assert ehi10["metrics"]["R@100"]["mean"] == pytest.approx(np.mean(vals))
+    assert ehi10["metrics"]["R@100"]["std"] == pytest.approx(np.std(vals))
+    sig = significance(runs, (0.05, 0.1))
+    assert [s["baseline"] for s in sig] == ["DE + ScaNN", "DE + ScaNN"]
+    assert all(0 <= s["p_value"] <= 1 for s in sig)
+    results = {
+        "dataset": "toy", "split": "test", "seeds": 2, "budgets": [0.05, 0.1], "command": "ehi benchmark --toy",
+        "aggregate": agg, "significance": sig, "timings": {"total": 2.0}, "leaf_sizes": runs[0].leaf_sizes,
+    }
+    write_report(results, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "| EHI |" in report and "≤10%" in report and "DE + ScaNN" in report and "ehi benchmark --toy" in report
+    for png in ("recall_vs_visited.png", "leaf_sizes.png"):
+        data = (tmp_path / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    json.dumps(results)  # everything in the results is JSON-serialisable
