@@ -24,7 +24,7 @@ import torch
 from ehi.baselines import IVFBaseline
 from ehi.config import EHIConfig
 from ehi.data import load_beir
-from ehi.evaluation import width_for_budget
+from ehi.evaluation import WidthSearch
 from ehi.model import EHIModel
 from ehi.training import train
 
@@ -55,12 +55,12 @@ def main() -> None:
     L = model.tree.num_leaves
     ivf = IVFBaseline(d, L, seed=0)
 
-    ehi_frac = {w: float(model.index.visited_counts(model.route(q, w)).mean() / len(d)) for w in range(1, L + 1)}
-    ivf_frac = {w: ivf.visited_fraction(q, w) for w in range(1, L + 1)}
+    ehi_w = WidthSearch(lambda w: float(model.index.visited_counts(model.route(q, w)).mean() / len(d)), L)
+    ivf_w = WidthSearch(lambda w: ivf.visited_fraction(q, w), L)
     results = {"queries": len(q), "documents": len(d), "leaves": L, "budgets": {}}
     for budget in (0.10, 0.02):
-        bw, iw = width_for_budget(ehi_frac, budget), width_for_budget(ivf_frac, budget)
-        row = {"ehi_beam": bw, "ivf_nprobe": iw, "ehi_visited": ehi_frac[bw], "ivf_visited": ivf_frac[iw]}
+        bw, iw = ehi_w.largest_within(budget), ivf_w.largest_within(budget)
+        row = {"ehi_beam": bw, "ivf_nprobe": iw, "ehi_visited": ehi_w.fraction(bw), "ivf_visited": ivf_w.fraction(iw)}
         for threads in (1, 2):
             torch.set_num_threads(threads)
             faiss.omp_set_num_threads(threads)

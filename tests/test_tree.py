@@ -114,11 +114,11 @@ def test_hierarchical_kmeans_init_routes_to_nearest_residual_centroids():
     sizes = np.bincount(r.leaf.numpy(), minlength=9)
     assert (sizes > 0).sum() >= 6  # the two levels split the data, not one leaf
     # level-2 choice is the nearest residual centroid: recompute it by hand
-    W0 = tree.levels[0].W.detach().numpy() * tree.config.temperature  # (d, B) level-0 centroids
     W1 = tree.levels[1].W.detach().numpy() * tree.config.temperature
     C1 = W1[3:].T  # residual codebook (B, d)
     i1 = r.path[:, 0].numpy()
-    resid = x - W0.T[i1]
+    means = np.stack([x[i1 == c].mean(0) for c in range(3)])  # level-0 cluster means
+    resid = x - means[i1]
     nearest = ((resid[:, None, :] - C1[None]) ** 2).sum(-1).argmin(1)
     assert np.array_equal(nearest, r.path[:, 1].numpy())
 

@@ -71,9 +71,30 @@ def exact_row(method: str, q_emb, doc_emb, qids, doc_ids, qrels, k: int = 100) -
     return Row(method, None, 0, 1.0, measure(qrels, run), per_query(qrels, run))
 
 
-def width_for_budget(fractions: dict[int, float], budget: float) -> int | None:
-    ok = [w for w, f in fractions.items() if f <= budget + 1e-12]
-    return max(ok) if ok else None
+class WidthSearch:
+    """The budget rule over a width -> mean fraction visited function (non-decreasing),
+    evaluated lazily: a binary search, each width measured at most once."""
+
+    def __init__(self, visited_fraction: Callable[[int], float], max_width: int):
+        self.fn, self.max_width = visited_fraction, max_width
+        self.fractions: dict[int, float] = {}
+
+    def fraction(self, w: int) -> float:
+        if w not in self.fractions:
+            self.fractions[w] = self.fn(w)
+        return self.fractions[w]
+
+    def largest_within(self, budget: float) -> int | None:
+        if self.fraction(1) > budget + 1e-12:
+            return None
+        lo, hi = 1, self.max_width
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.fraction(mid) <= budget + 1e-12:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
 
 def budget_curve(
@@ -87,31 +108,17 @@ def budget_curve(
     budgets=BUDGETS,
 ) -> list[Row]:
     """Evaluate a method at each budget under the shared rule (widths searched lazily)."""
-    fractions: dict[int, float] = {}
-
-    def frac(w: int) -> float:
-        if w not in fractions:
-            fractions[w] = visited_fraction(w)
-        return fractions[w]
-
+    widths = WidthSearch(visited_fraction, max_width)
     rows, cache = [], {}  # width -> (metrics, per-query R@100)
     for b in budgets:
-        # fraction visited grows with width: binary search for the largest width within budget
-        lo, hi = 1, max_width
-        if frac(1) > b + 1e-12:
+        w = widths.largest_within(b)
+        if w is None:
             continue
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if frac(mid) <= b + 1e-12:
-                lo = mid
-            else:
-                hi = mid - 1
-        w = lo
         if w not in cache:
             idx, scores = search(w)
             run = make_run(qids, idx, scores, doc_ids)
             cache[w] = (measure(qrels, run), per_query(qrels, run))
-        rows.append(Row(method, b, w, fractions[w], *cache[w]))
+        rows.append(Row(method, b, w, widths.fraction(w), *cache[w]))
     return rows
 
 

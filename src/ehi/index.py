@@ -23,12 +23,12 @@ class LeafIndex:
     """Documents grouped by leaf. Only the leaf-ordered copy of the embeddings is kept, so an
     index costs the raw vectors (times d2l) and no more."""
 
-    def __init__(self, doc_leaves: np.ndarray, embeddings: np.ndarray, num_leaves: int):
+    def __init__(self, doc_leaves: np.ndarray, embeddings: np.ndarray | None, num_leaves: int, dim: int | None = None):
         doc_leaves = np.asarray(doc_leaves, dtype=np.int64)
         if doc_leaves.ndim == 1:
             doc_leaves = doc_leaves[:, None]
         n, d2l = doc_leaves.shape
-        if embeddings.shape[0] != n:
+        if embeddings is not None and embeddings.shape[0] != n:
             raise ValueError("one embedding per document is required")
         if doc_leaves.min(initial=0) < 0 or doc_leaves.max(initial=0) >= num_leaves:
             raise ValueError("leaf id out of range")
@@ -40,8 +40,28 @@ class LeafIndex:
         self.members = order // d2l  # leaf-contiguous document rows
         self.offsets = np.zeros(num_leaves + 1, dtype=np.int64)
         np.cumsum(np.bincount(flat, minlength=num_leaves), out=self.offsets[1:])
-        # embeddings in leaf order, so that scanning a leaf is one contiguous matrix product
-        self.leaf_embeddings = np.ascontiguousarray(np.asarray(embeddings)[self.members], dtype=np.float32)
+        # where each (document, copy) sits in leaf order
+        self._slot = np.empty(len(flat), dtype=np.int64)
+        self._slot[order] = np.arange(len(flat))
+        if embeddings is not None:
+            # embeddings in leaf order, so that scanning a leaf is one contiguous matrix product
+            self.leaf_embeddings = np.ascontiguousarray(np.asarray(embeddings)[self.members], dtype=np.float32)
+        else:
+            self.leaf_embeddings = np.zeros((len(flat), dim), dtype=np.float32)
+
+    @classmethod
+    def from_chunks(cls, doc_leaves: np.ndarray, num_leaves: int, dim: int, chunks) -> "LeafIndex":
+        """Build from ``(start_row, embeddings)`` chunks without ever holding the corpus twice."""
+        index = cls(doc_leaves, None, num_leaves, dim)
+        for start, x in chunks:
+            index.write_rows(start, x)
+        return index
+
+    def write_rows(self, start: int, x: np.ndarray) -> None:
+        d2l = self.d2l
+        slots = self._slot[start * d2l : (start + len(x)) * d2l].reshape(len(x), d2l)
+        for j in range(d2l):
+            self.leaf_embeddings[slots[:, j]] = x
 
     @property
     def d2l(self) -> int:
@@ -67,13 +87,14 @@ class LeafIndex:
         if self.d2l == 1:
             # a document lives in one leaf; beam leaves are distinct, so sizes add up
             return self.leaf_sizes()[leaves].sum(1)
-        return self._gather(None, leaves)[2]
+        return (self._gather(None, leaves)[1] >= 0).sum(1)
 
-    def search(self, queries: np.ndarray, leaves: np.ndarray, k: int, batch: int = 256) -> SearchResult:
+    def search(self, queries: np.ndarray, leaves: np.ndarray, k: int, batch: int = 4096) -> SearchResult:
         """Rank by cosine the documents of each query's ``leaves`` (Q, beta); top k.
 
         Queries are grouped by leaf: every leaf a batch visits is scanned once, with one
-        matrix product against all the batch's queries that visit it."""
+        matrix product against all the batch's queries that visit it; each leaf hands on only
+        its own top k, so the per-query buffers stay small."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         leaves = np.asarray(leaves, dtype=np.int64).reshape(len(queries), -1)
         nq = len(queries)
@@ -82,7 +103,8 @@ class LeafIndex:
         visited = np.zeros(nq, dtype=np.int64)
         for s in range(0, nq, batch):
             e = min(nq, s + batch)
-            sc, pos, visited[s:e] = self._gather(queries[s:e], leaves[s:e])
+            sc, pos = self._gather(queries[s:e], leaves[s:e], cap=k)
+            visited[s:e] = self.visited_counts(leaves[s:e])
             kk = min(k, sc.shape[1])
             if kk == 0:
                 continue
@@ -100,14 +122,16 @@ class LeafIndex:
             scores[s:e, :kk] = np.where(ok, top_sc, -np.inf)
         return SearchResult(idx, scores, visited)
 
-    def _gather(self, q: np.ndarray | None, leaves: np.ndarray):
-        """Per-query candidate buffers: scores (Q, W) (-inf padded; None if q is None),
-        leaf-order positions (Q, W) (-1 padded) and distinct documents visited (Q,)."""
-        nq = leaves.shape[0]
-        sizes = self.leaf_sizes()
-        lsz = sizes[leaves]
-        starts = np.cumsum(lsz, axis=1) - lsz
-        width = int(lsz.sum(1).max(initial=0))
+    def _gather(self, q: np.ndarray | None, leaves: np.ndarray, cap: int | None = None):
+        """Per-query candidate buffers over the rows' leaves: scores (Q, W) (-inf padded; None
+        without ``q``) and leaf-order positions (Q, W) (-1 padded). With ``cap``, each leaf
+        contributes only its ``cap`` best-scoring documents. Repeats of a document stored in
+        several of the leaves are masked."""
+        nq, beta = leaves.shape
+        lsz = self.leaf_sizes()[leaves]
+        keep = lsz if cap is None else np.minimum(lsz, cap)
+        starts = np.cumsum(keep, axis=1) - keep
+        width = int(keep.sum(1).max(initial=0))
         pos = np.full((nq, width), -1, dtype=np.int64)
         sc = None if q is None else np.full((nq, width), -np.inf, dtype=np.float32)
         flat = leaves.ravel()
@@ -115,32 +139,40 @@ class LeafIndex:
         uniq, first = np.unique(flat[order], return_index=True)
         bounds = np.append(first, len(flat))
         qt = None if q is None else torch.from_numpy(q)
+        et = torch.from_numpy(self.leaf_embeddings)
         for u, a, b in zip(uniq, bounds[:-1], bounds[1:]):
-            lo, hi = self.offsets[u], self.offsets[u + 1]
+            lo, hi = int(self.offsets[u]), int(self.offsets[u + 1])
             n = hi - lo
             if n == 0:
                 continue
             occ = order[a:b]
-            qs, js = occ // leaves.shape[1], occ % leaves.shape[1]
-            cols = starts[qs, js][:, None] + np.arange(n)
-            pos[qs[:, None], cols] = np.arange(lo, hi)
-            if qt is not None:
-                block = torch.from_numpy(self.leaf_embeddings[lo:hi])
-                sc[qs[:, None], cols] = (qt[torch.from_numpy(qs)] @ block.T).numpy()
-        if self.d2l == 1:
-            return sc, pos, lsz.sum(1)
-        # a document stored in several visited leaves is scored once: mask its repeats
-        docs = np.where(pos >= 0, self.members[np.maximum(pos, 0)], -1)
-        srt = np.argsort(docs, axis=1, kind="stable")
-        sd = np.take_along_axis(docs, srt, axis=1)
-        dup_sorted = np.zeros_like(sd, dtype=bool)
-        dup_sorted[:, 1:] = (sd[:, 1:] == sd[:, :-1]) & (sd[:, 1:] >= 0)
-        dup = np.zeros_like(dup_sorted)
-        np.put_along_axis(dup, srt, dup_sorted, axis=1)
-        if sc is not None:
-            sc[dup] = -np.inf
-        pos[dup] = -1
-        return sc, pos, (pos >= 0).sum(1)
+            qs = occ // beta
+            kk = n if cap is None else min(n, cap)
+            cols = starts[qs, occ % beta][:, None] + np.arange(kk)
+            if qt is None:
+                pos[qs[:, None], cols] = np.arange(lo, hi)
+                continue
+            S = (qt[torch.from_numpy(qs)] @ et[lo:hi].T).numpy()
+            if kk < n:
+                part = np.argpartition(-S, kk - 1, axis=1)[:, :kk]
+                sc[qs[:, None], cols] = np.take_along_axis(S, part, axis=1)
+                pos[qs[:, None], cols] = lo + part
+            else:
+                sc[qs[:, None], cols] = S
+                pos[qs[:, None], cols] = np.arange(lo, hi)
+        if self.d2l > 1:
+            # a document stored in several visited leaves is scored once: mask its repeats
+            docs = np.where(pos >= 0, self.members[np.maximum(pos, 0)], -1)
+            srt = np.argsort(docs, axis=1, kind="stable")
+            sd = np.take_along_axis(docs, srt, axis=1)
+            dup_sorted = np.zeros_like(sd, dtype=bool)
+            dup_sorted[:, 1:] = (sd[:, 1:] == sd[:, :-1]) & (sd[:, 1:] >= 0)
+            dup = np.zeros_like(dup_sorted)
+            np.put_along_axis(dup, srt, dup_sorted, axis=1)
+            if sc is not None:
+                sc[dup] = -np.inf
+            pos[dup] = -1
+        return sc, pos
 
     def leaf_stats(self, query_leaves: np.ndarray | None = None) -> dict:
         """Balance of the documents over the leaves.

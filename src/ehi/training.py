@@ -210,7 +210,11 @@ class Trainer:
         out["loss"] = float(loss.detach())
         return out
 
-    def fit(self, out_dir: str | Path | None = None, progress: bool = True, on_epoch: Callable | None = None) -> EHIModel:
+    def fit(
+        self, out_dir: str | Path | None = None, progress: bool = True, on_epoch: Callable | None = None, build_index: bool = True
+    ) -> EHIModel:
+        """Train; then index the training corpus, unless ``build_index`` is False (the caller
+        indexes another corpus, e.g. streaming)."""
         tc = self.config.train
         pairs = self.train_set.pairs
         for epoch in range(tc.epochs):
@@ -226,6 +230,10 @@ class Trainer:
                 self.save_checkpoint(checkpoint_path(out_dir), epoch + 1)
             if on_epoch is not None:
                 on_epoch(self, record)
+        if not build_index:
+            self.encoder.eval()
+            self.tree.eval()
+            return EHIModel(self.config, self.encoder, self.tree)
         return self.build_model()
 
     def _epoch(self, epoch: int, pairs: np.ndarray, progress: bool) -> dict:

@@ -100,20 +100,41 @@ class Tree(nn.Module):
         """
         if beam < 1:
             raise ValueError("beam must be >= 1")
+        # bound the (rows x beam x input) intermediates
+        chunk = max(1, min(chunk, (1 << 22) // (min(beam, self.num_leaves) * (self.dim + self.H * self.B))))
         outs = [self._beam(e[s : s + chunk], beam) for s in range(0, e.shape[0], chunk)]
         if not outs:
             k = min(beam, self.num_leaves)
             return torch.empty(0, k, dtype=torch.long), torch.empty(0, k)
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
+    def _level_logp(self, h: int, e: torch.Tensor, paths: torch.Tensor) -> torch.Tensor:
+        """Level h's log-probabilities for every prefix in ``paths`` (n, K, h) -> (n, K, B).
+
+        Same as ``level(_level_input(...))``, without materialising the one-hot inputs or
+        multiplying them by U: a one-hot selects a row of U, and e's part is shared by the K
+        prefixes of a row."""
+        level, B = self.levels[h], self.B
+        n, K = paths.shape[:2]
+        pre = (e @ level.U[h * B :])[:, None, :]  # (n, 1, in)
+        if h == 0:
+            z = e[:, None, :] + F.relu(pre)
+            return F.log_softmax(z @ level.W, dim=-1)
+        rows = paths.flip(-1) + torch.arange(h, device=e.device) * B  # one-hot row of each block
+        pre = pre + level.U[rows].sum(2)  # (n, K, in)
+        x_oh = F.one_hot(paths.flip(-1), B).to(e.dtype).flatten(-2)  # (n, K, h*B)
+        z_oh = x_oh + F.relu(pre[..., : h * B])
+        z_e = e[:, None, :] + F.relu(pre[..., h * B :])
+        logits = z_oh @ level.W[: h * B] + z_e @ level.W[h * B :]
+        return F.log_softmax(logits, dim=-1)
+
     def _beam(self, e: torch.Tensor, beam: int) -> tuple[torch.Tensor, torch.Tensor]:
         n, d = e.shape
         scores = torch.zeros(n, 1, device=e.device, dtype=e.dtype)
         paths = torch.empty(n, 1, 0, dtype=torch.long, device=e.device)
-        for level in self.levels:
+        for h in range(self.H):
             K = scores.shape[1]
-            x = self._level_input(e[:, None, :].expand(n, K, d), paths)
-            logp = level(x.reshape(n * K, -1)).reshape(n, K, self.B)
+            logp = self._level_logp(h, e, paths)
             cand = (scores[:, :, None] + logp).reshape(n, K * self.B)
             top = cand.topk(min(beam, K * self.B), dim=1)
             parent = torch.div(top.indices, self.B, rounding_mode="floor")
@@ -138,8 +159,9 @@ class Tree(nn.Module):
     @torch.no_grad()
     def init_kmeans(self, doc_emb: np.ndarray, seed: int = 0, verbose: bool = False) -> None:
         """Step 0 is a soft IVF: level 0 holds spherical k-means centroids; deeper levels hold
-        residual k-means centroids, the prefix one-hots carrying the ``-<r_k, c_prefix>`` offsets
-        so that each level's argmax is the nearest residual centroid."""
+        residual k-means centroids (residuals from the chosen clusters' means), the prefix
+        one-hots carrying the ``-<r_k, m_prefix>`` offsets so that each level's argmax is the
+        nearest residual centroid."""
         import faiss
 
         x = np.ascontiguousarray(doc_emb, dtype=np.float32)
@@ -168,9 +190,16 @@ class Tree(nn.Module):
                         off = off - half_sq[None, :]
                     W[j * self.B : (j + 1) * self.B, :] = torch.from_numpy(off) / T
             level.W.copy_(W.to(level.W.device))
-            codebooks.append(C)
+            # residuals are taken from the clusters' means, not from the unit-norm spherical
+            # centroids: otherwise every residual keeps a -c component and the next level
+            # merely re-learns the level above (seen as most leaves left empty)
+            counts = np.bincount(a, minlength=self.B)
+            means = np.zeros_like(C)
+            np.add.at(means, a, resid)
+            means = np.where(counts[:, None] > 0, means / np.maximum(counts, 1)[:, None], C)
+            codebooks.append(means.astype(np.float32))
             assign.append(a)
-            resid = resid - C[a]
+            resid = resid - means[a]
 
     @torch.no_grad()
     def init_random(self, seed: int = 0) -> None:

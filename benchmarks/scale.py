@@ -1,0 +1,236 @@
+"""1M-vector scale benchmark: EHI (H=2, B=32 -> 1,024 leaves) against Faiss IVFFlat(1024).
+
+A synthetic clustered corpus of N x 384 float32 vectors, generated chunk by chunk from a seed
+(never stored), with queries drawn near their positive document. Both methods train on a
+sample (EHI: adapter + tree on 20k training pairs plus a 100k-document sample, bring-your-
+own-embedding mode; IVF: k-means on the same sample) and then index the full corpus
+streaming. Reported: train + build time, peak memory of the build (peak RSS during the build
+minus RSS before it, against the raw float32 corpus), batched single-thread QPS (interleaved
+repetitions, median) and Recall@100 at 1 % and 5 % of the corpus visited.
+
+    python benchmarks/scale.py --out reports/scale.json            # N = 1,000,000
+    python benchmarks/scale.py --docs 100000 --out reports/scale-100k.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+from ehi.config import EHIConfig
+from ehi.data import Corpus, Dataset
+from ehi.evaluation import WidthSearch
+from ehi.index import LeafIndex
+from ehi.model import EHIModel
+from ehi.training import Trainer
+
+DIM = 384
+CHUNK = 10_000
+
+
+def _status(field: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**20  # KiB -> GiB
+    return float("nan")
+
+
+def release_memory() -> None:
+    """Hand memory freed by training back to the OS before the index is built."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def reset_peak() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) so that a phase's own peak can be read."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+class Corpus1M:
+    """Clustered unit vectors: doc = normalise(centre + noise), generated per chunk from a seed."""
+
+    def __init__(self, n: int, clusters: int = 4096, noise: float = 1.0, seed: int = 0):
+        self.n, self.seed, self.noise = n, seed, noise
+        rng = np.random.default_rng([seed, 10**6])
+        c = rng.standard_normal((clusters, DIM)).astype(np.float32)
+        self.centres = c / np.linalg.norm(c, axis=1, keepdims=True)
+
+    def chunk(self, i: int) -> np.ndarray:
+        start, end = i * CHUNK, min(self.n, (i + 1) * CHUNK)
+        rng = np.random.default_rng([self.seed, i])
+        cid = rng.integers(len(self.centres), size=end - start)
+        x = self.centres[cid] + self.noise * rng.standard_normal((end - start, DIM), dtype=np.float32) / DIM**0.5
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        return x
+
+    def chunks(self):
+        for i in range((self.n + CHUNK - 1) // CHUNK):
+            yield i * CHUNK, self.chunk(i)
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        out = np.empty((len(idx), DIM), dtype=np.float32)
+        for i in np.unique(idx // CHUNK):
+            sel = np.where(idx // CHUNK == i)[0]
+            out[sel] = self.chunk(int(i))[idx[sel] - i * CHUNK]
+        return out
+
+
+def near(x: np.ndarray, rng, spread: float) -> np.ndarray:
+    q = x + spread * rng.standard_normal(x.shape, dtype=np.float32) / DIM**0.5
+    return q / np.linalg.norm(q, axis=1, keepdims=True)
+
+
+def recall_at_100(found: np.ndarray, positives: np.ndarray) -> float:
+    return 100.0 * float(np.mean([p in row for p, row in zip(positives, found)]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--docs", type=int, default=1_000_000)
+    ap.add_argument("--branching", type=int, default=32)
+    ap.add_argument("--height", type=int, default=2)
+    ap.add_argument("--train-pairs", type=int, default=20_000)
+    ap.add_argument("--sample", type=int, default=100_000, help="documents both methods train on")
+    ap.add_argument("--test-queries", type=int, default=2_000)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--query-spread", type=float, default=1.2)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="reports/scale.json")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    faiss.omp_set_num_threads(2)
+
+    rng = np.random.default_rng(args.seed)
+    corpus = Corpus1M(args.docs, seed=args.seed)
+    raw_gib = args.docs * DIM * 4 / 2**30
+    L = args.branching**args.height
+    out: dict = {"docs": args.docs, "dim": DIM, "raw_gib": raw_gib, "leaves": L, "args": vars(args)}
+
+    # ---- shared training material: a document sample and train pairs ----------------------
+    t = time.perf_counter()
+    train_pos = rng.choice(args.docs, size=args.train_pairs, replace=False)
+    sample = np.union1d(train_pos, rng.choice(args.docs, size=args.sample, replace=False))
+    sample_x = corpus.rows(sample)
+    row_of = {int(d): i for i, d in enumerate(sample)}
+    train_q = near(corpus.rows(train_pos), rng, args.query_spread)
+    test_pos = rng.choice(args.docs, size=args.test_queries, replace=False)
+    test_q = near(corpus.rows(test_pos), rng, args.query_spread)
+    out["generate_seconds"] = time.perf_counter() - t
+
+    # ---- EHI: train on the sample, index the full corpus streaming --------------------------
+    rss0 = _status("VmRSS")
+    reset_peak()
+    t = time.perf_counter()
+    cfg = EHIConfig()
+    cfg.tree.branching, cfg.tree.height = args.branching, args.height
+    cfg.train.epochs = args.epochs
+    cfg.train.batch_size = 256
+    cfg.train.seed = args.seed
+    ds = Dataset(
+        root=Path("."),
+        corpus=Corpus([str(i) for i in range(len(sample))], [""] * len(sample), [""] * len(sample)),
+        queries={str(i): "" for i in range(len(train_pos))},
+        qrels={"train": {str(i): {str(row_of[int(d)]): 1} for i, d in enumerate(train_pos)}},
+    )
+    trainer = Trainer(cfg, ds, doc_embeddings=sample_x, query_embeddings=train_q)
+    model = trainer.fit(progress=False, build_index=False)
+    ehi_train = time.perf_counter() - t
+    del trainer, ds
+    release_memory()
+    t = time.perf_counter()
+    leaves = np.concatenate([model.route(model.encoder.embed_vectors(x), 1)[:, 0] for _, x in corpus.chunks()])
+    model.index = LeafIndex.from_chunks(
+        leaves, L, DIM, ((s, model.encoder.embed_vectors(x)) for s, x in corpus.chunks())
+    )
+    ehi_build = time.perf_counter() - t
+    ehi_peak = _status("VmHWM") - rss0
+    st = model.index.leaf_stats()
+    out["ehi"] = {"train_seconds": ehi_train, "build_seconds": ehi_build, "peak_gib": ehi_peak, "leaf_stats": st}
+    print(f"EHI: train {ehi_train:.0f}s, build {ehi_build:.0f}s, peak +{ehi_peak:.2f} GiB, leaves {st['min']}..{st['max']} ({st['empty']} empty)", flush=True)
+
+    # ---- Faiss IVFFlat(L): k-means on the same sample, add the corpus streaming ----------------
+    rss1 = _status("VmRSS")
+    reset_peak()
+    t = time.perf_counter()
+    quantizer = faiss.IndexFlatIP(DIM)
+    ivf = faiss.IndexIVFFlat(quantizer, DIM, L, faiss.METRIC_INNER_PRODUCT)
+    ivf.cp.seed = args.seed
+    ivf.train(sample_x)
+    ivf_train = time.perf_counter() - t
+    t = time.perf_counter()
+    for _, x in corpus.chunks():
+        ivf.add(x)
+    ivf_build = time.perf_counter() - t
+    ivf_peak = _status("VmHWM") - rss1
+    sizes = np.array([ivf.invlists.list_size(i) for i in range(L)])
+    out["ivf"] = {"train_seconds": ivf_train, "build_seconds": ivf_build, "peak_gib": ivf_peak, "list_max": int(sizes.max()), "list_empty": int((sizes == 0).sum())}
+    print(f"IVF: train {ivf_train:.0f}s, build {ivf_build:.0f}s, peak +{ivf_peak:.2f} GiB", flush=True)
+    del sample_x
+
+    # ---- budgets, recall and single-thread QPS, interleaved ------------------------------------
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    q_ehi = model.encoder.embed_vectors(test_q)
+    ehi_w = WidthSearch(lambda w: float(model.index.visited_counts(model.route(q_ehi, w)).mean() / args.docs), L)
+    ivf_w = WidthSearch(lambda w: float(sizes[quantizer.search(test_q, w)[1]].sum(1).mean() / args.docs), L)
+    out["budgets"] = {}
+    for budget in (0.01, 0.05):
+        bw, iw = ehi_w.largest_within(budget), ivf_w.largest_within(budget)
+        ivf.nprobe = iw
+        res, _ = model.search_embeddings(q_ehi, 100, bw)
+        _, ivf_idx = ivf.search(test_q, 100)
+        te, ti = [], []
+        for _ in range(args.reps):
+            t = time.perf_counter()
+            model.search_embeddings(q_ehi, 100, bw)
+            te.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            ivf.search(test_q, 100)
+            ti.append(time.perf_counter() - t)
+        row = {
+            "ehi_beam": bw, "ivf_nprobe": iw,
+            "ehi_visited": ehi_w.fraction(bw), "ivf_visited": ivf_w.fraction(iw),
+            "ehi_recall@100": recall_at_100(res.indices, test_pos),
+            "ivf_recall@100": recall_at_100(ivf_idx, test_pos),
+            "ehi_qps": len(test_q) / statistics.median(te), "ivf_qps": len(test_q) / statistics.median(ti),
+        }
+        row["qps_ratio_ehi_over_ivf"] = row["ehi_qps"] / row["ivf_qps"]
+        out["budgets"][f"{budget:g}"] = row
+
+    print(f"\n{args.docs:,} x {DIM} float32 ({raw_gib:.2f} GiB raw), {L} leaves / lists, {len(test_q)} queries, 1 thread")
+    print(f"{'method':<8} {'train s':>8} {'build s':>8} {'peak GiB':>9} {'x raw':>6}")
+    for m in ("ehi", "ivf"):
+        r = out[m]
+        print(f"{m.upper():<8} {r['train_seconds']:>8.0f} {r['build_seconds']:>8.0f} {r['peak_gib']:>9.2f} {r['peak_gib'] / raw_gib:>6.2f}")
+    print(f"\n{'budget':>7} {'EHI vis':>8} {'IVF vis':>8} {'EHI R@100':>10} {'IVF R@100':>10} {'EHI QPS':>8} {'IVF QPS':>8} {'ratio':>6}")
+    for b, r in out["budgets"].items():
+        print(
+            f"{100 * float(b):>6.0f}% {100 * r['ehi_visited']:>7.2f}% {100 * r['ivf_visited']:>7.2f}% "
+            f"{r['ehi_recall@100']:>10.1f} {r['ivf_recall@100']:>10.1f} {r['ehi_qps']:>8.0f} {r['ivf_qps']:>8.0f} {r['qps_ratio_ehi_over_ivf']:>6.2f}"
+        )
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
