@@ -35,7 +35,7 @@ def test_train_search_evaluate(cli_model, tiny_beir, capsys, tmp_path):
 
 def test_index_rebuilds_with_more_leaves_per_document(cli_model, tiny_beir, tmp_path, capsys):
     out = tmp_path / "m2"
-    assert main(["index", str(cli_model), "--data", str(tiny_beir), "--d2l", "2", "--out", str(out)]) == 0
+    assert main(["index", "build", str(cli_model), "--data", str(tiny_beir), "--d2l", "2", "--out", str(out)]) == 0
     from ehi.model import EHIModel
 
     m = EHIModel.load(out)

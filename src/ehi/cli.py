@@ -65,13 +65,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--evaluate", action="store_true", help="evaluate on the test split afterwards")
+    t.add_argument("--resume", action="store_true", help="continue from the last complete epoch (OUT.checkpoint)")
+    t.add_argument("--strict", action="store_true", help="qrels naming unknown queries or documents are errors, not warnings")
 
-    i = sub.add_parser("index", help="re-index a corpus with a trained model")
-    i.add_argument("model", help="model directory")
-    i.add_argument("--data", required=True, help="BEIR folder whose corpus.jsonl is indexed")
-    i.add_argument("--d2l", type=_positive)
-    i.add_argument("--out", help="write here instead of replacing the model directory")
-    i.add_argument("--device", default="cpu")
+    i = sub.add_parser("index", help="build, add to or remove from a trained model's index")
+    isub = i.add_subparsers(dest="index_command", required=True)
+    ib = isub.add_parser("build", help="index a corpus with a trained model")
+    ib.add_argument("model", help="model directory")
+    ib.add_argument("--data", required=True, help="BEIR folder whose corpus.jsonl is indexed")
+    ib.add_argument("--d2l", type=_positive)
+    ib.add_argument("--out", help="write here instead of replacing the model directory")
+    ib.add_argument("--device", default="cpu")
+    ia = isub.add_parser("add", help="route new documents into their leaves (no retraining)")
+    ia.add_argument("model")
+    ia.add_argument("corpus", help="corpus.jsonl of the new documents")
+    ia.add_argument("--out", help="write here instead of replacing the model directory")
+    ia.add_argument("--device", default="cpu")
+    ir = isub.add_parser("remove", help="drop documents by id")
+    ir.add_argument("model")
+    ir.add_argument("ids", help="text file, one document id per line")
+    ir.add_argument("--out", help="write here instead of replacing the model directory")
+    ir.add_argument("--strict", action="store_true", help="ids that are not indexed are an error")
 
     s = sub.add_parser("search", help="search a trained model")
     s.add_argument("model")
@@ -91,7 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-k", type=_positive, default=100)
     e.add_argument("--no-baselines", action="store_true")
     e.add_argument("--json", help="write every row to this JSON file")
+    e.add_argument("--strict", action="store_true", help="qrels naming unknown queries or documents are errors")
     e.add_argument("--device", default="cpu")
+    v = sub.add_parser("serve", help="HTTP search service with a web page")
+    v.add_argument("model")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--log-level", default="info")
+
     b = sub.add_parser("benchmark", help="EHI vs DE + exact / Faiss-IVF / ScaNN, several seeds, report and plots")
     b.add_argument("--data", required=True)
     b.add_argument("--out", required=True, help="folder for results.json, report.md and the plots")
@@ -151,7 +172,7 @@ def _load_matrix(path: str, flag: str):
 def cmd_train(args) -> None:
     from .data import embeddings_dataset, load_beir
     from .evaluation import BUDGET_RULE, evaluate_model, format_table
-    from .training import Trainer, leaf_report
+    from .training import Trainer, checkpoint_path, leaf_report
 
     cfg = _config_from_args(args)
     byo = [args.doc_embeddings, args.query_embeddings, args.pairs]
@@ -165,9 +186,14 @@ def cmd_train(args) -> None:
     else:
         d_emb = q_emb = None
         ds = load_beir(args.data)
-    ds.relevant(args.split)  # fail on bad qrels before any work
+    ds.check_qrels(args.split, strict=args.strict)  # fail on bad qrels before any work
     t0 = time.perf_counter()
     trainer = Trainer(cfg, ds, args.split, doc_embeddings=d_emb, query_embeddings=q_emb)
+    if args.resume:
+        ckpt = checkpoint_path(args.out)
+        if not (ckpt / "manifest.json").exists():
+            raise ValueError(f"--resume: no checkpoint at {ckpt}")
+        print(f"resuming after epoch {trainer.resume(ckpt)} of {cfg.train.epochs}")
     model = trainer.fit(args.out, progress=not args.no_progress)
     model.save(args.out)
     total = time.perf_counter() - t0
@@ -185,29 +211,56 @@ def cmd_train(args) -> None:
 
 
 def cmd_index(args) -> None:
-    from .data import load_beir
+    from .data import load_beir, load_corpus
     from .model import EHIModel
     from .training import leaf_report
 
-    model = EHIModel.load(args.model, device=args.device)
-    if args.d2l:
-        model.config.index.d2l = args.d2l
-        model.config.validate()
-    ds = load_beir(args.data)
-    feats = model.encoder.features(ds.corpus.documents(), "encoding corpus")
-    emb = model.encoder.embed_all(feats, desc="embedding corpus")
-    model.build_index(emb, ds.corpus.ids, ds.corpus.titles)
-    model.corpus_fingerprint = ds.corpus.fingerprint()
+    if args.index_command == "remove":
+        path = Path(args.ids)
+        try:
+            ids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: cannot read ({e})") from None
+        if not ids:
+            raise ValueError(f"{path}: no ids")
+    model = EHIModel.load(args.model, device=getattr(args, "device", "cpu"))
+    before = leaf_report(model) if model.index is not None else None
+    if args.index_command == "build":
+        if args.d2l:
+            model.config.index.d2l = args.d2l
+            model.config.validate()
+        ds = load_beir(args.data)
+        emb = model.encoder.embed_all(model.encoder.features(ds.corpus.documents(), "encoding corpus"), desc="embedding corpus")
+        model.build_index(emb, ds.corpus.ids, ds.corpus.titles)
+        model.corpus_fingerprint = ds.corpus.fingerprint()
+        what = f"indexed {len(ds.corpus)} documents"
+    elif args.index_command == "add":
+        new = load_corpus(args.corpus)
+        emb = model.encoder.embed_all(model.encoder.features(new.documents(), "encoding new documents"), desc="embedding")
+        model.add_documents(new.ids, new.titles, emb)
+        what = f"added {len(new)} documents"
+    else:
+        known = set(model.doc_ids)
+        unknown = [i for i in ids if i not in known]
+        if unknown and args.strict:
+            raise ValueError(f"{args.ids}: {len(unknown)} ids are not indexed (first: {unknown[0]!r})")
+        if unknown:
+            print(f"warning: {len(unknown)} ids are not indexed (ignored)", file=sys.stderr)
+        what = f"removed {model.remove_documents(ids)} documents"
     out = args.out or args.model
     model.save(out)
-    print(f"indexed {len(ds.corpus)} documents into {out}")
-    print(leaf_report(model))
+    print(f"{what}; {model.index.num_docs} documents in {out}")
+    if before and args.index_command != "build":
+        print(f"before: {before}")
+    print(f"{'after: ' if before and args.index_command != 'build' else ''}{leaf_report(model)}")
 
 
 def cmd_search(args) -> None:
     from .model import EHIModel
 
     model = EHIModel.load(args.model, device=args.device)
+    if args.beam and args.beam > model.tree.num_leaves:
+        raise ValueError(f"--beam {args.beam} exceeds the tree's {model.tree.num_leaves} leaves")
     results = model.search(args.query, k=args.k, beam=args.beam, budget=args.budget)
     if args.json:
         out = [
@@ -235,6 +288,7 @@ def cmd_evaluate(args) -> None:
 
     model = EHIModel.load(args.model, device=args.device)
     ds = load_beir(args.data)
+    ds.check_qrels(args.split, strict=args.strict)
     if ds.corpus.fingerprint() != model.corpus_fingerprint:
         print(f"warning: {args.data} corpus differs from the indexed one; run 'ehi index' first", file=sys.stderr)
     rows = evaluate_model(model, ds, args.split, tuple(args.budgets or BUDGETS), args.k, not args.no_baselines)
@@ -260,7 +314,13 @@ def cmd_benchmark(args) -> None:
     print(f"wrote {args.out}/results.json, report.md, recall_vs_visited.png, leaf_sizes.png in {res['timings']['total']:.0f}s")
 
 
-COMMANDS = {"train": cmd_train, "index": cmd_index, "search": cmd_search, "evaluate": cmd_evaluate, "benchmark": cmd_benchmark}
+def cmd_serve(args) -> None:
+    from .server import serve
+
+    serve(args.model, args.host, args.port, args.log_level)
+
+
+COMMANDS = {"serve": cmd_serve, "train": cmd_train, "index": cmd_index, "search": cmd_search, "evaluate": cmd_evaluate, "benchmark": cmd_benchmark}
 
 
 def main(argv: list[str] | None = None) -> int:

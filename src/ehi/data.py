@@ -56,6 +56,25 @@ class Dataset:
             self.qrels[name] = load_qrels(self.root / "qrels" / f"{name}.tsv")
         return self.qrels[name]
 
+    def check_qrels(self, name: str, strict: bool = False) -> dict[str, list[str]]:
+        """Relevant pairs of a split, after checking that they name known queries and
+        documents (a warning with counts, or an error with ``strict``) and that some exist."""
+        qrels = self.split(name)
+        path = self.root / "qrels" / f"{name}.tsv"
+        docs = set(self.corpus.ids)
+        bad_q = sum(q not in self.queries for q in qrels)
+        bad_d = sum(d not in docs for rows in qrels.values() for d in rows)
+        if bad_q or bad_d:
+            msg = f"{path}: {bad_q} unknown query ids and {bad_d} unknown document ids"
+            if strict:
+                raise DataError(msg)
+            log.warning("%s (ignored)", msg)
+        rel = {q: [d for d in ds if d in docs] for q, ds in self.relevant(name).items()}
+        rel = {q: ds for q, ds in rel.items() if ds}
+        if not rel:
+            raise DataError(f"{path}: no relevant (score > 0) pair of a known query and document")
+        return rel
+
     def relevant(self, name: str) -> dict[str, list[str]]:
         """query id -> relevant document ids (score > 0), for queries that exist."""
         out: dict[str, list[str]] = {}

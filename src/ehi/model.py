@@ -32,6 +32,16 @@ class Hits:
     leaves: list[int]
 
 
+def _chain_fingerprint(previous: str, op: str, ids) -> str:
+    """The indexed corpus's fingerprint after an update: the old one chained with the change."""
+    import hashlib
+
+    h = hashlib.sha256(f"{previous}\x00{op}".encode())
+    for i in ids:
+        h.update(b"\x00" + str(i).encode())
+    return h.hexdigest()
+
+
 class EHIModel:
     def __init__(
         self,
@@ -69,6 +79,37 @@ class EHIModel:
         self.doc_ids = list(doc_ids)
         self.doc_titles = list(doc_titles) if doc_titles is not None else [""] * len(doc_ids)
         return self.index
+
+    def add_documents(self, ids: list[str], titles: list[str], emb: np.ndarray) -> None:
+        """Route new documents (final embeddings) into their leaves; no retraining."""
+        if self.index is None:
+            raise ValueError("the model has no index to add to")
+        known = set(self.doc_ids)
+        clash = [i for i in ids if i in known]
+        if clash:
+            raise ValueError(f"{len(clash)} document ids are already indexed (first: {clash[0]!r})")
+        leaves = self.route(emb, self.config.index.d2l)
+        self.index = LeafIndex(
+            np.concatenate([self.index.doc_leaves, leaves]), np.concatenate([self.index.embeddings, emb]), self.tree.num_leaves
+        )
+        self.doc_ids = self.doc_ids + list(ids)
+        self.doc_titles = self.doc_titles + list(titles)
+        self.corpus_fingerprint = _chain_fingerprint(self.corpus_fingerprint, "add", ids)
+
+    def remove_documents(self, ids: list[str]) -> int:
+        """Drop documents by id; returns how many were indexed."""
+        if self.index is None:
+            raise ValueError("the model has no index to remove from")
+        drop = set(ids)
+        keep = np.array([d not in drop for d in self.doc_ids], dtype=bool)
+        removed = int((~keep).sum())
+        if removed == len(keep):
+            raise ValueError("removing every document would leave an empty index")
+        self.index = LeafIndex(self.index.doc_leaves[keep], self.index.embeddings[keep], self.tree.num_leaves)
+        self.doc_ids = [d for d, k in zip(self.doc_ids, keep) if k]
+        self.doc_titles = [t for t, k in zip(self.doc_titles, keep) if k]
+        self.corpus_fingerprint = _chain_fingerprint(self.corpus_fingerprint, "remove", sorted(drop))
+        return removed
 
     def calibrate(self, query_emb: np.ndarray) -> list[list[float]]:
         """Mean fraction visited at each beam width of a grid (every width up to 64, then

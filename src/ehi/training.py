@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import random
 import resource
@@ -15,10 +16,10 @@ from typing import Callable
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .artifacts import write_artifact
+from .artifacts import ArtifactError, read_manifest, write_artifact
 from .config import EHIConfig
 from .data import Dataset
 from .encoder import PRECOMPUTED, Encoder, Features
@@ -150,6 +151,7 @@ class Trainer:
         )
         self.pool: np.ndarray | None = None
         self.history: list[dict] = []
+        self.start_epoch = 0
 
     @contextmanager
     def phase(self, name: str):
@@ -217,7 +219,7 @@ class Trainer:
         indexes another corpus, e.g. streaming)."""
         tc = self.config.train
         pairs = self.train_set.pairs
-        for epoch in range(tc.epochs):
+        for epoch in range(self.start_epoch, tc.epochs):
             if tc.hard_negatives > 0 and epoch % tc.refresh_every == 0:
                 with self.phase("refresh_negatives"):
                     self.refresh_negatives()
@@ -272,11 +274,13 @@ class Trainer:
         return model
 
     def save_checkpoint(self, path: Path, epoch: int) -> None:
-        """Weights and optimiser state of the last complete epoch, as safetensors."""
+        """Everything needed to continue bit-identically after ``epoch`` complete epochs:
+        weights, optimiser state, RNG states and the mined negatives (safetensors, npy, JSON)."""
 
         def write(tmp: Path):
             weights = {f"encoder.{k}": v.contiguous().cpu() for k, v in self.encoder.trainable_state().items()}
             weights.update({f"tree.{k}": v.detach().contiguous().cpu() for k, v in self.tree.state_dict().items()})
+            weights["rng.torch"] = torch.get_rng_state()
             save_file(weights, str(tmp / "weights.safetensors"))
             opt = self.optimizer.state_dict()
             tensors = {
@@ -285,10 +289,57 @@ class Trainer:
                 for name, v in st.items()
             }
             save_file(tensors, str(tmp / "optimizer.safetensors"))
+            if self.pool is not None:
+                np.save(tmp / "negatives.npy", self.pool)
             (tmp / "config.json").write_text(self.config.to_json())
-            return {"kind": "checkpoint", "epoch": epoch, "history": self.history}
+            return {
+                "kind": "checkpoint",
+                "epoch": epoch,
+                "history": self.history,
+                "rng": {"numpy": _jsonable(self.rng.bit_generator.state), "python": _jsonable(random.getstate())},
+            }
 
         write_artifact(path, write, {})
+
+    def resume(self, path: str | Path) -> int:
+        """Restore a checkpoint written by ``save_checkpoint``; returns the epochs it completed."""
+        path = Path(path)
+        manifest = read_manifest(path)
+        if manifest.get("kind") != "checkpoint":
+            raise ArtifactError(f"{path}: not a training checkpoint")
+        saved = EHIConfig.from_dict(json.loads((path / "config.json").read_text()))
+        if saved.to_dict() != self.config.to_dict():
+            raise ValueError(f"{path}: the checkpoint was written with a different configuration; train anew or match it")
+        weights = load_file(str(path / "weights.safetensors"))
+        params = dict(self.encoder.named_parameters())
+        with torch.no_grad():
+            for k, v in weights.items():
+                if k.startswith("encoder."):
+                    params[k[len("encoder.") :]].copy_(v)
+        self.tree.load_state_dict({k[len("tree.") :]: v for k, v in weights.items() if k.startswith("tree.")})
+        torch.set_rng_state(weights["rng.torch"])
+        opt_tensors = load_file(str(path / "optimizer.safetensors"))
+        state = self.optimizer.state_dict()
+        restored: dict[int, dict] = {}
+        for key, v in opt_tensors.items():
+            pid, name = key.split(".", 1)
+            restored.setdefault(int(pid), {})[name] = v
+        state["state"] = restored
+        self.optimizer.load_state_dict(state)
+        self.pool = np.load(path / "negatives.npy", allow_pickle=False) if (path / "negatives.npy").exists() else None
+        self.rng.bit_generator.state = manifest["rng"]["numpy"]
+        random.setstate(_tuplify(manifest["rng"]["python"]))
+        self.history = list(manifest.get("history", []))
+        self.start_epoch = int(manifest["epoch"])
+        return self.start_epoch
+
+
+def _jsonable(x):
+    return [_jsonable(v) for v in x] if isinstance(x, (list, tuple)) else ({k: _jsonable(v) for k, v in x.items()} if isinstance(x, dict) else x)
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
 
 
 def train(
@@ -298,9 +349,15 @@ def train(
     split: str = "train",
     query_ids: list[str] | None = None,
     progress: bool = True,
+    resume: bool = False,
 ) -> EHIModel:
-    """Train EHI on a dataset's ``split`` qrels; save the model to ``out_dir`` if given."""
+    """Train EHI on a dataset's ``split`` qrels; save the model to ``out_dir`` if given.
+    With ``resume``, continue from the checkpoint beside ``out_dir``."""
     trainer = Trainer(config or EHIConfig(), dataset, split, query_ids)
+    if resume:
+        if out_dir is None:
+            raise ValueError("resume needs out_dir")
+        trainer.resume(checkpoint_path(out_dir))
     model = trainer.fit(out_dir, progress=progress)
     model.training_timings = trainer.timings
     model.training_history = trainer.history

@@ -1,0 +1,218 @@
+"""HTTP search service: ``ehi serve DIR`` (FastAPI + uvicorn) and its web page.
+
+The model loads once. Concurrent requests are gathered into micro-batches (up to
+``max_batch`` queries or ``max_wait_ms``), encoded together and searched together, one
+batch at a time on a single worker thread, so throughput grows with load instead of
+threads fighting over the CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import HTMLResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .model import EHIModel
+
+MAX_QUERY_CHARS = 2000
+MAX_QUERIES = 64
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    query: Union[str, list[str]]
+    k: int = Field(10, ge=1, le=1000)
+    budget: float | None = Field(None, gt=0, le=1, description="fraction of the corpus to visit")
+    beam: int | None = Field(None, ge=1, description="leaves to visit")
+
+    @field_validator("query")
+    @classmethod
+    def _queries(cls, v):
+        items = [v] if isinstance(v, str) else v
+        if not items:
+            raise ValueError("query list is empty")
+        if len(items) > MAX_QUERIES:
+            raise ValueError(f"at most {MAX_QUERIES} queries per request")
+        for q in items:
+            if not q.strip():
+                raise ValueError("query is empty")
+            if len(q) > MAX_QUERY_CHARS:
+                raise ValueError(f"query longer than {MAX_QUERY_CHARS} characters")
+        return v
+
+    @model_validator(mode="after")
+    def _one_width(self):
+        if self.budget is not None and self.beam is not None:
+            raise ValueError("give budget or beam, not both")
+        return self
+
+
+@dataclass
+class _Pending:
+    texts: list[str]
+    k: int
+    beam: int
+    future: asyncio.Future = field(repr=False)
+
+
+class Batcher:
+    """Collects concurrent requests and runs them as one encode + one search per beam width."""
+
+    def __init__(self, model: EHIModel, max_batch: int = 64, max_wait_ms: float = 2.0):
+        self.model = model
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000
+        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ehi-search")
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task:
+            self.task.cancel()
+        self.pool.shutdown(wait=False)
+
+    async def submit(self, texts: list[str], k: int, beam: int):
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put(_Pending(texts, k, beam, fut))
+        return await fut
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            n = len(batch[0].texts)
+            deadline = loop.time() + self.max_wait
+            while n < self.max_batch:
+                timeout = deadline - loop.time()
+                if timeout <= 0:
+                    break
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), timeout)
+                except asyncio.TimeoutError:
+                    break
+                batch.append(item)
+                n += len(item.texts)
+            try:
+                results = await loop.run_in_executor(self.pool, self._search, batch)
+                for item, res in zip(batch, results):
+                    if not item.future.done():
+                        item.future.set_result(res)
+            except Exception as e:  # surface to every waiting request
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(e)
+
+    def _search(self, batch: list[_Pending]):
+        model = self.model
+        texts = [t for item in batch for t in item.texts]
+        emb = model.encoder.encode(texts)
+        out: list[list[dict] | None] = [None] * len(batch)
+        starts = np.cumsum([0] + [len(item.texts) for item in batch])
+        for beam in sorted({item.beam for item in batch}):
+            members = [i for i, item in enumerate(batch) if item.beam == beam]
+            rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in members])
+            k = max(batch[i].k for i in members)
+            res, leaves = model.search_embeddings(emb[rows], k, beam)
+            r = 0
+            for i in members:
+                item, hits = batch[i], []
+                for _ in item.texts:
+                    hits.append(
+                        {
+                            "hits": [
+                                {"id": model.doc_ids[j], "title": model.doc_titles[j], "score": float(s)}
+                                for j, s in zip(res.indices[r, : item.k], res.scores[r, : item.k])
+                                if j >= 0
+                            ],
+                            "leaves": leaves[r].tolist(),
+                            "visited": int(res.visited[r]),
+                            "fraction_visited": float(res.visited[r] / model.index.num_docs),
+                        }
+                    )
+                    r += 1
+                out[i] = hits
+        return out
+
+
+def create_app(model_dir: str | Path, max_batch: int = 64, max_wait_ms: float = 2.0) -> FastAPI:
+    model = EHIModel.load(model_dir)
+    if model.index is None:
+        raise ValueError(f"{model_dir}: the model has no index; run 'ehi index build' first")
+    batcher = Batcher(model, max_batch, max_wait_ms)
+    sizes = model.index.leaf_sizes()
+    counts, edges = np.histogram(sizes, bins=min(30, max(1, int(sizes.max()) + 1)))
+    stats = {
+        "documents": int(model.index.num_docs),
+        "leaves": int(model.tree.num_leaves),
+        "branching": model.config.tree.branching,
+        "height": model.config.tree.height,
+        "d2l": model.index.d2l,
+        "leaf_sizes": sizes.tolist(),
+        "leaf_size_histogram": {"counts": counts.tolist(), "edges": edges.tolist()},
+        "leaf_stats": model.index.leaf_stats(),
+        "beam_calibration": model.beam_calibration,
+        "config": model.config.to_dict(),
+    }
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="ehi", description="End-to-end Hierarchical Indexing: search service", lifespan=lifespan)
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return resources.files("ehi").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "documents": stats["documents"], "leaves": stats["leaves"]}
+
+    @app.get("/stats")
+    def get_stats() -> dict:
+        return stats
+
+    @app.post("/search")
+    async def search(req: SearchRequest) -> dict:
+        t = time.perf_counter()
+        texts = [req.query] if isinstance(req.query, str) else list(req.query)
+        if req.beam is not None:
+            if req.beam > model.tree.num_leaves:
+                raise HTTPException(422, f"beam {req.beam} exceeds the tree's {model.tree.num_leaves} leaves")
+            beam = req.beam
+        elif req.budget is not None:
+            beam = model.beam_for_budget(req.budget)
+        else:
+            beam = model.beam_for_budget(0.1) if model.beam_calibration else 1
+        results = await batcher.submit(texts, req.k, beam)
+        for q, r in zip(texts, results):
+            r["query"] = q
+        return {
+            "results": results if isinstance(req.query, list) else results[:1],
+            "beam": beam,
+            "latency_ms": 1000 * (time.perf_counter() - t),
+        }
+
+    return app
+
+
+def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(model_dir), host=host, port=port, log_level=log_level)

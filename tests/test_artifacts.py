@@ -1,0 +1,102 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from ehi import artifacts
+from ehi.artifacts import ArtifactError
+from ehi.config import EHIConfig
+from ehi.data import load_beir
+from ehi.model import EHIModel
+from ehi.training import train
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_beir, tmp_path_factory):
+    cfg = EHIConfig()
+    cfg.tree.branching, cfg.train.epochs = 4, 2
+    out = tmp_path_factory.mktemp("art") / "model"
+    model = train(load_beir(tiny_beir), cfg, out_dir=out, progress=False)
+    return model, out
+
+
+def copy(out, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(out, dst)
+    return dst
+
+
+FILES = ["config.json", "encoder.safetensors", "tree.safetensors", "doc_leaves.npy", "doc_embeddings.npy", "documents.json"]
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_one_corrupted_byte_in_any_file_is_caught(saved, tmp_path, name):
+    dst = copy(saved[1], tmp_path)
+    data = bytearray((dst / name).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (dst / name).write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=f"{name}: checksum mismatch"):
+        EHIModel.load(dst)
+
+
+@pytest.mark.parametrize("name", FILES + ["manifest.json"])
+def test_truncated_files_are_caught(saved, tmp_path, name):
+    dst = copy(saved[1], tmp_path)
+    data = (dst / name).read_bytes()
+    (dst / name).write_bytes(data[: len(data) // 3])
+    with pytest.raises(ArtifactError):
+        EHIModel.load(dst)
+
+
+def test_newer_format_and_foreign_manifests_are_refused(saved, tmp_path):
+    dst = copy(saved[1], tmp_path)
+    m = json.loads((dst / "manifest.json").read_text())
+    (dst / "manifest.json").write_text(json.dumps({**m, "format_version": artifacts.FORMAT_VERSION + 1}))
+    with pytest.raises(ArtifactError, match="newer than this ehi"):
+        EHIModel.load(dst)
+    (dst / "manifest.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ArtifactError, match="not an ehi model manifest"):
+        EHIModel.load(dst)
+
+
+def test_nothing_is_unpickled(saved, tmp_path):
+    dst = copy(saved[1], tmp_path)
+    np.save(dst / "doc_leaves.npy", np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    m = json.loads((dst / "manifest.json").read_text())
+    m["files"]["doc_leaves.npy"] = artifacts.sha256_file(dst / "doc_leaves.npy")
+    (dst / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="allow_pickle"):
+        EHIModel.load(dst)
+
+
+def test_a_crash_during_save_leaves_the_old_model_loadable(saved, tmp_path, monkeypatch):
+    model, out = saved
+    dst = copy(out, tmp_path)
+    before = EHIModel.load(dst).search("guitar chord", k=3, beam=4)
+    real_save = np.save
+    calls = {"n": 0}
+
+    def crash_on_second_array(path, arr, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full (simulated)")
+        return real_save(path, arr, *a, **k)
+
+    monkeypatch.setattr(np, "save", crash_on_second_array)
+    with pytest.raises(OSError, match="simulated"):
+        model.save(dst)
+    monkeypatch.undo()
+    after = EHIModel.load(dst).search("guitar chord", k=3, beam=4)
+    assert [h.doc_id for h in before.hits] == [h.doc_id for h in after.hits]
+    assert not [p for p in dst.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_same_seed_same_model(tiny_beir):
+    cfg = EHIConfig()
+    cfg.tree.branching, cfg.train.epochs = 4, 3
+    a = train(load_beir(tiny_beir), cfg, progress=False)
+    b = train(load_beir(tiny_beir), cfg, progress=False)
+    for (k, v), (_, w) in zip(a.tree.state_dict().items(), b.tree.state_dict().items()):
+        assert np.array_equal(v.numpy(), w.numpy()), k
+    assert np.array_equal(a.index.doc_leaves, b.index.doc_leaves)

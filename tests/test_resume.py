@@ -1,0 +1,65 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from ehi.model import EHIModel
+from ehi.training import checkpoint_path
+
+ARGS = ["-B", "4", "--epochs", "30", "--batch-size", "2", "--refresh-every", "3", "--seed", "7", "--no-progress"]
+
+
+def train_cmd(data, out, *extra):
+    return [sys.executable, "-m", "ehi.cli", "train", "--data", str(data), "--out", str(out), *ARGS, *extra]
+
+
+def checkpoint_epoch(out):
+    try:
+        return json.loads((checkpoint_path(out) / "manifest.json").read_text())["epoch"]
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_beir, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    ref = tmp_path / "ref"
+    subprocess.run(train_cmd(tiny_beir, ref), check=True, env=env, capture_output=True)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(tiny_beir, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while checkpoint_epoch(out) < 4 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    killed_at = checkpoint_epoch(out)
+    assert 4 <= killed_at < 30 and not out.exists()
+
+    done = subprocess.run(train_cmd(tiny_beir, out, "--resume"), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"resuming after epoch {killed_at} of 30" in done.stdout
+
+    a, b = EHIModel.load(ref), EHIModel.load(out)
+    # bit-identical on CPU: same weights, same leaves, same results
+    for (k, v), (_, w) in zip(a.tree.state_dict().items(), b.tree.state_dict().items()):
+        assert np.array_equal(v.numpy(), w.numpy()), k
+    assert np.array_equal(a.encoder.adapter.weight.detach().numpy(), b.encoder.adapter.weight.detach().numpy())
+    assert np.array_equal(a.index.doc_leaves, b.index.doc_leaves)
+    ra, rb = a.search(["guitar chord music", "oven flour"], k=5, beam=2), b.search(["guitar chord music", "oven flour"], k=5, beam=2)
+    assert [[h.doc_id for h in r.hits] for r in ra] == [[h.doc_id for h in r.hits] for r in rb]
+
+
+def test_resume_refuses_a_different_config(tiny_beir, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "m"
+    subprocess.run(train_cmd(tiny_beir, out), check=True, env=env, capture_output=True)
+    cmd = train_cmd(tiny_beir, out, "--resume")
+    cmd[cmd.index("7")] = "8"  # another seed
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and "different configuration" in done.stderr

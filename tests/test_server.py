@@ -1,0 +1,129 @@
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from ehi.cli import main
+from ehi.server import create_app
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_beir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("srv") / "m"
+    assert main(["train", "--data", str(tiny_beir), "--out", str(out), "-B", "6", "--epochs", "2", "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def client(model_dir):
+    with TestClient(create_app(model_dir)) as c:
+        yield c
+
+
+def test_health_stats_and_page(client):
+    assert client.get("/health").json() == {"status": "ok", "documents": 60, "leaves": 6}
+    st = client.get("/stats").json()
+    assert sum(st["leaf_sizes"]) == 60 and sum(st["leaf_size_histogram"]["counts"]) == 6
+    assert st["config"]["tree"]["branching"] == 6
+    page = client.get("/")
+    assert page.status_code == 200 and "<form" in page.text and "/search" in page.text
+
+
+def test_search_single_and_batched(client):
+    r = client.post("/search", json={"query": "guitar chord melody music", "k": 3, "beam": 6})
+    assert r.status_code == 200
+    js = r.json()
+    res = js["results"][0]
+    assert len(res["hits"]) == 3 and res["hits"][0]["id"].startswith("music")
+    assert res["fraction_visited"] == pytest.approx(1.0) and sorted(res["leaves"]) == list(range(6))
+    assert js["latency_ms"] > 0
+    r = client.post("/search", json={"query": ["oven flour bake", "stock market bond"], "k": 2, "budget": 0.5})
+    res = r.json()["results"]
+    assert [x["query"] for x in res] == ["oven flour bake", "stock market bond"]
+    assert all(x["fraction_visited"] <= 0.5 + 1e-9 for x in res)
+
+
+@pytest.mark.parametrize(
+    "body,fragment",
+    [
+        ({"query": ""}, "query is empty"),
+        ({"query": "   "}, "query is empty"),
+        ({"query": "x" * 2001}, "longer than 2000"),
+        ({"query": []}, "query list is empty"),
+        ({"query": "a", "k": 0}, "greater than or equal to 1"),
+        ({"query": "a", "k": 1001}, "less than or equal to 1000"),
+        ({"query": "a", "budget": 0}, "greater than 0"),
+        ({"query": "a", "budget": 1.5}, "less than or equal to 1"),
+        ({"query": "a", "beam": 7}, "exceeds the tree's 6 leaves"),
+        ({"query": "a", "beam": 2, "budget": 0.5}, "not both"),
+        ({"query": "a", "colour": "red"}, "Extra inputs are not permitted"),
+        ({}, "Field required"),
+    ],
+)
+def test_validation_errors_are_4xx_with_a_message(client, body, fragment):
+    r = client.post("/search", json=body)
+    assert 400 <= r.status_code < 500
+    assert fragment in r.text
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="Debian chromium and chromium-driver are not installed")
+def test_page_in_headless_chromium(model_dir):
+    import uvicorn
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(model_dir), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1200,900"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    try:
+        driver.get(f"http://127.0.0.1:{port}/")
+        wait = WebDriverWait(driver, 20)
+        wait.until(lambda d: "documents in 6 leaves" in d.find_element(By.ID, "meta").text)
+        box = driver.find_element(By.ID, "q")
+        box.send_keys("guitar chord melody music")
+        driver.find_element(By.ID, "go").click()
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "li.hit")))
+        hits = driver.find_elements(By.CSS_SELECTOR, "li.hit")
+        assert hits and "music" in hits[0].text
+        assert "% of the corpus" in driver.find_element(By.ID, "visited").text
+        assert driver.find_elements(By.CSS_SELECTOR, "#leafbar div.on")
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = ARTIFACTS / "search_page.png"
+        driver.save_screenshot(str(shot))
+        assert shot.stat().st_size > 10_000
+    finally:
+        driver.quit()
+        server.should_exit = True
+        thread.join(timeout=10)

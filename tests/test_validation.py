@@ -1,0 +1,113 @@
+"""Every bad input stops with one line naming the file and line (or the flag), exit code 2,
+no traceback, and nothing written."""
+
+import json
+import shutil
+
+import pytest
+
+from ehi.cli import main
+from conftest import write_beir
+
+
+@pytest.fixture
+def beir(tmp_path):
+    return write_beir(tmp_path / "data", n_per_topic=5)
+
+
+def run_train(beir, tmp_path, capsys, *extra):
+    out = tmp_path / "out"
+    rc = main(["train", "--data", str(beir), "--out", str(out), "-B", "3", "--epochs", "1", "--no-progress", *extra])
+    err = capsys.readouterr().err
+    return rc, err, out
+
+
+def corrupt_corpus(beir, lines):
+    (beir / "corpus.jsonl").write_bytes(lines)
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b'{"_id": "a", "text": "x"}\n{"_id": "b", "text": \n', "corpus.jsonl:2: invalid JSON"),
+        (b'{"_id": "a", "text": "x"}\n{"text": "y"}\n', "corpus.jsonl:2: missing field '_id'"),
+        (b'{"_id": "a", "title": "t"}\n', "corpus.jsonl:1: missing field 'text'"),
+        (b'{"_id": "a", "text": "x"}\n{"_id": "a", "text": "y"}\n', "corpus.jsonl:2: duplicate _id 'a'"),
+        (b'{"_id": "a", "text": "caf\xe9"}\n', "corpus.jsonl:1: not valid UTF-8"),
+        (b"\n\n", "corpus.jsonl: corpus is empty"),
+    ],
+)
+def test_corpus_errors(beir, tmp_path, capsys, content, message):
+    corrupt_corpus(beir, content)
+    rc, err, out = run_train(beir, tmp_path, capsys)
+    assert rc == 2 and message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "out.checkpoint").exists()
+
+
+def test_empty_text_is_allowed_with_a_warning(beir, tmp_path, capsys, caplog):
+    with open(beir / "corpus.jsonl", "a") as fh:
+        fh.write(json.dumps({"_id": "blank", "title": "", "text": ""}) + "\n")
+    rc, err, out = run_train(beir, tmp_path, capsys)
+    assert rc == 0 and "1 documents have empty text" in err + caplog.text and out.exists()
+
+
+@pytest.mark.parametrize(
+    "qrels,message",
+    [
+        ("query-id\tcorpus-id\n", "train.tsv:1: expected header"),
+        ("query-id\tcorpus-id\tscore\nq-music-1\tmusic-1\n", "train.tsv:2: expected 3 tab-separated columns"),
+        ("query-id\tcorpus-id\tscore\nq-music-1\tmusic-1\tyes\n", "train.tsv:2: score 'yes' is not an integer"),
+        ("query-id\tcorpus-id\tscore\nq-music-1\tmusic-1\t0\n", "train.tsv: no relevant (score > 0) pair"),
+    ],
+)
+def test_qrels_errors(beir, tmp_path, capsys, qrels, message):
+    (beir / "qrels" / "train.tsv").write_text(qrels)
+    rc, err, out = run_train(beir, tmp_path, capsys)
+    assert rc == 2 and message in err and not out.exists()
+
+
+def test_unknown_ids_in_qrels_warn_or_fail_under_strict(beir, tmp_path, capsys, caplog):
+    with open(beir / "qrels" / "train.tsv", "a") as fh:
+        fh.write("ghost-query\tmusic-1\t1\nq-music-1\tghost-doc\t1\n")
+    rc, err, out = run_train(beir, tmp_path, capsys, "--strict")
+    assert rc == 2 and "1 unknown query ids and 1 unknown document ids" in err and not out.exists()
+    rc, err, out = run_train(beir, tmp_path, capsys)
+    assert rc == 0 and "1 unknown query ids and 1 unknown document ids" in err + caplog.text
+
+
+def test_missing_files(tmp_path, capsys):
+    rc, err, out = run_train(tmp_path / "nowhere", tmp_path, capsys)
+    assert rc == 2 and "not found" in err and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["-B", "1"], "branching B must be >= 2"),
+        (["-H", "0"], "height H must be >= 1"),
+        (["--d2l", "0"], "d2l must be >= 1"),
+        (["--epochs", "-1"], "epochs must be >= 0"),
+    ],
+)
+def test_bad_tree_flags(beir, tmp_path, capsys, flags, message):
+    out = tmp_path / "out"
+    rc = main(["train", "--data", str(beir), "--out", str(out), "--no-progress", *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and not out.exists()
+
+
+def test_search_and_evaluate_flag_errors(beir, tmp_path, capsys):
+    model = tmp_path / "m"
+    assert main(["train", "--data", str(beir), "--out", str(model), "-B", "3", "--epochs", "1", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["search", str(model), "music", "--beam", "4"]) == 2
+    assert "--beam 4 exceeds the tree's 3 leaves" in capsys.readouterr().err
+    for bad in ("0", "1.5", "150%", "abc"):
+        with pytest.raises(SystemExit) as e:
+            main(["search", str(model), "music", "--budget", bad])
+        assert e.value.code == 2
+        assert "--budget" in capsys.readouterr().err
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq-music-0\tmusic-0\t0\n")
+    assert main(["evaluate", str(model), "--data", str(beir)]) == 2
+    assert "test.tsv: no relevant (score > 0) pair" in capsys.readouterr().err
