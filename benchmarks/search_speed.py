@@ -20,6 +20,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from ehi.baselines import IVFBaseline
 from ehi.config import EHIConfig
@@ -64,6 +65,7 @@ def main() -> None:
         for threads in (1, 2):
             torch.set_num_threads(threads)
             faiss.omp_set_num_threads(threads)
+            limits = threadpool_limits(limits=threads)  # numpy's BLAS (EHI scans leaves with it)
             ivf.index.nprobe = iw
 
             def ehi_batch():
@@ -90,6 +92,7 @@ def main() -> None:
                 ts["ivf"] += timed(ivf_single, 1)
             qps = {m: len(q) / statistics.median(v) for m, v in tb.items()}
             lat = {m: 1000 * statistics.median(v) / args.single for m, v in ts.items()}
+            limits.restore_original_limits()
             row[f"threads={threads}"] = {
                 "batched_qps": qps,
                 "batched_qps_ratio_ehi_over_ivf": qps["ehi"] / qps["ivf"],

@@ -74,3 +74,12 @@ def test_batched_search_equals_one_query_at_a_time(d2l):
         part = index.search(q, q_leaves, k=12, batch=batch)
         assert np.array_equal(full.indices, part.indices) and np.array_equal(full.visited, part.visited)
         assert np.allclose(full.scores, part.scores, atol=1e-5)
+
+
+def test_an_empty_last_leaf_in_the_beam_is_harmless():
+    emb, _ = _data(n=6, L=4)
+    index = LeafIndex(np.array([0, 0, 1, 1, 2, 2]), emb, 4)  # leaf 3 is empty
+    res = index.search(emb[:2], np.array([[3, 0], [3, 2]]), k=4)
+    assert res.visited.tolist() == [2, 2]
+    assert set(res.indices[0, :2]) == {0, 1} and set(res.indices[1, :2]) == {4, 5}
+    assert (res.indices[:, 2:] == -1).all()

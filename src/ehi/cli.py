@@ -172,6 +172,7 @@ def _load_matrix(path: str, flag: str):
 def cmd_train(args) -> None:
     from .data import embeddings_dataset, load_beir
     from .evaluation import BUDGET_RULE, evaluate_model, format_table
+    from .distributed import is_main
     from .training import Trainer, checkpoint_path, leaf_report
 
     cfg = _config_from_args(args)
@@ -194,7 +195,9 @@ def cmd_train(args) -> None:
         if not (ckpt / "manifest.json").exists():
             raise ValueError(f"--resume: no checkpoint at {ckpt}")
         print(f"resuming after epoch {trainer.resume(ckpt)} of {cfg.train.epochs}")
-    model = trainer.fit(args.out, progress=not args.no_progress)
+    model = trainer.fit(args.out, progress=not args.no_progress and is_main())
+    if not is_main():
+        return  # rank 0 writes the artifacts and reports
     model.save(args.out)
     total = time.perf_counter() - t0
     print(f"saved {args.out}  ({len(trainer.train_set.query_ids)} queries, {len(trainer.train_set.pairs)} pairs)")

@@ -113,6 +113,25 @@ class Features:
             return self.offsets.shape[0] - 1
         return len(self.texts or [])
 
+    def rows(self) -> list:
+        """One item per text (an embedding, a token-state matrix or the text)."""
+        if self.dense is not None:
+            return list(self.dense.numpy())
+        if self.states is not None:
+            o = self.offsets.tolist()
+            return [self.states[o[i] : o[i + 1]].numpy() for i in range(len(o) - 1)]
+        return list(self.texts)
+
+    @classmethod
+    def from_rows(cls, rows: list, like: "Features") -> "Features":
+        if like.dense is not None:
+            return cls(dense=torch.from_numpy(np.stack(rows).astype(np.float32)))
+        if like.states is not None:
+            lengths = np.array([r.shape[0] for r in rows])
+            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+            return cls(states=torch.from_numpy(np.concatenate(rows)), offsets=torch.from_numpy(offsets))
+        return cls(texts=list(rows))
+
 
 class Encoder(nn.Module):
     """Sentence-transformer + residual linear adapter (identity at init), cosine geometry."""
@@ -165,6 +184,21 @@ class Encoder(nn.Module):
 
     # ---- frozen part -------------------------------------------------------------------
     def features(self, texts: list[str], desc: str = "encoding", use_cache: bool = True) -> Features:
+        """What the frozen part computes for ``texts``, from the on-disk cache when present."""
+        path = self.cache_path(texts)
+        if path is None:
+            return Features(texts=list(texts))
+        if use_cache:
+            cached = self.load_cached(path)
+            if cached is not None:
+                return cached
+        feats = self.compute_features(texts, desc)
+        if use_cache:
+            self.save_cached(path, feats)
+        return feats
+
+    def cache_path(self, texts: list[str]) -> Path | None:
+        """Cache file keyed by the model's and the texts' fingerprints (None: nothing to cache)."""
         if self.precomputed:
             raise ValueError(
                 "this model was trained on precomputed embeddings: it cannot encode text; "
@@ -172,26 +206,35 @@ class Encoder(nn.Module):
             )
         scope = self.config.scope
         if scope == "full":
-            return Features(texts=list(texts))
-        key = f"{self.fingerprint}-{scope}{self.frozen_layers if scope == 'top-k' else ''}-L{self.config.max_seq_length}-{texts_fingerprint(texts)}-{len(texts)}"
-        path = cache_dir() / f"{key}.npz"
-        if use_cache and path.exists():
-            try:
-                with np.load(path, allow_pickle=False) as z:
-                    if scope == "adapter":
-                        return Features(dense=torch.from_numpy(z["dense"]))
-                    return Features(states=torch.from_numpy(z["states"]), offsets=torch.from_numpy(z["offsets"]))
-            except (OSError, ValueError, KeyError) as e:
-                log.warning("ignoring unreadable feature cache %s (%s)", path, e)
-        if scope == "adapter":
-            feats = Features(dense=self._encode_frozen_dense(texts, desc))
-            arrays = {"dense": feats.dense.numpy()}
+            return None
+        layers = self.frozen_layers if scope == "top-k" else ""
+        key = f"{self.fingerprint}-{scope}{layers}-L{self.config.max_seq_length}-{texts_fingerprint(texts)}-{len(texts)}"
+        return cache_dir() / f"{key}.npz"
+
+    def load_cached(self, path: Path) -> Features | None:
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if self.config.scope == "adapter":
+                    return Features(dense=torch.from_numpy(z["dense"]))
+                return Features(states=torch.from_numpy(z["states"]), offsets=torch.from_numpy(z["offsets"]))
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("ignoring unreadable feature cache %s (%s)", path, e)
+            return None
+
+    def save_cached(self, path: Path, feats: Features) -> None:
+        if feats.dense is not None:
+            _save_npz_atomic(path, dense=feats.dense.numpy())
         else:
-            feats = self._encode_frozen_states(texts, desc)
-            arrays = {"states": feats.states.numpy(), "offsets": feats.offsets.numpy()}
-        if use_cache:
-            _save_npz_atomic(path, **arrays)
-        return feats
+            _save_npz_atomic(path, states=feats.states.numpy(), offsets=feats.offsets.numpy())
+
+    def compute_features(self, texts: list[str], desc: str = "encoding") -> Features:
+        if self.config.scope == "full":
+            return Features(texts=list(texts))
+        if self.config.scope == "adapter":
+            return Features(dense=self._encode_frozen_dense(texts, desc))
+        return self._encode_frozen_states(texts, desc)
 
     @torch.no_grad()
     def _encode_frozen_dense(self, texts: list[str], desc: str) -> torch.Tensor:
@@ -274,15 +317,16 @@ class Encoder(nn.Module):
         return F.normalize(e + self.adapter(e), dim=-1)
 
     @torch.no_grad()
-    def embed_all(self, feats: Features, batch_size: int = 1024, desc: str | None = None) -> np.ndarray:
-        """Embeddings of every row, float32 numpy, in evaluation mode."""
+    def embed_all(self, feats: Features, batch_size: int = 1024, desc: str | None = None, rows=None) -> np.ndarray:
+        """Embeddings of every row (or of ``rows``), float32 numpy, in evaluation mode."""
         was = self.training
         self.eval()
-        n = len(feats)
+        rows = torch.arange(len(feats)) if rows is None else torch.as_tensor(rows, dtype=torch.long)
+        n = len(rows)
         bs = batch_size if feats.dense is not None else self.config.encode_batch_size
         out = np.empty((n, self.dim), dtype=np.float32)
         for s in tqdm(range(0, n, bs), desc=desc or "embedding", disable=desc is None or n <= bs):
-            out[s : s + bs] = self.embed(feats, torch.arange(s, min(n, s + bs))).cpu().numpy()
+            out[s : s + bs] = self.embed(feats, rows[s : s + bs]).cpu().numpy()
         self.train(was)
         return out
 

@@ -108,17 +108,14 @@ class LeafIndex:
             kk = min(k, sc.shape[1])
             if kk == 0:
                 continue
-            if kk < sc.shape[1]:
-                top = np.argpartition(-sc, kk - 1, axis=1)[:, :kk]
-            else:
-                top = np.broadcast_to(np.arange(kk), (e - s, kk))
-            top_sc = np.take_along_axis(sc, top, axis=1)
-            order = np.argsort(-top_sc, axis=1, kind="stable")
-            top = np.take_along_axis(top, order, axis=1)
-            top_sc = np.take_along_axis(top_sc, order, axis=1)
-            top_pos = np.take_along_axis(pos, top, axis=1)
+            vals, top = torch.topk(torch.from_numpy(sc), kk, dim=1, sorted=True)
+            top_sc, top = vals.numpy(), top.numpy()
             ok = np.isfinite(top_sc)
-            idx[s:e, :kk] = np.where(ok, self.members[np.maximum(top_pos, 0)], -1)
+            if pos is not None:
+                top_pos = np.take_along_axis(pos, top, axis=1)
+            else:
+                top_pos = self._positions(leaves[s:e], np.where(ok, top, 0))
+            idx[s:e, :kk] = np.where(ok, self.members[np.clip(top_pos, 0, len(self.members) - 1)], -1)
             scores[s:e, :kk] = np.where(ok, top_sc, -np.inf)
         return SearchResult(idx, scores, visited)
 
@@ -132,14 +129,16 @@ class LeafIndex:
         keep = lsz if cap is None else np.minimum(lsz, cap)
         starts = np.cumsum(keep, axis=1) - keep
         width = int(keep.sum(1).max(initial=0))
-        pos = np.full((nq, width), -1, dtype=np.int64)
         sc = None if q is None else np.full((nq, width), -np.inf, dtype=np.float32)
+        capped = q is not None and cap is not None and bool((lsz > cap).any())
+        # positions are written only where a leaf was cut to its top ``cap``; elsewhere they
+        # follow from the column (see _positions)
+        pos = np.full((nq, width), -1, dtype=np.int64) if q is None or capped or self.d2l > 1 else None
         flat = leaves.ravel()
         order = np.argsort(flat, kind="stable")
         uniq, first = np.unique(flat[order], return_index=True)
         bounds = np.append(first, len(flat))
-        qt = None if q is None else torch.from_numpy(q)
-        et = torch.from_numpy(self.leaf_embeddings)
+        E = self.leaf_embeddings
         for u, a, b in zip(uniq, bounds[:-1], bounds[1:]):
             lo, hi = int(self.offsets[u]), int(self.offsets[u + 1])
             n = hi - lo
@@ -149,17 +148,20 @@ class LeafIndex:
             qs = occ // beta
             kk = n if cap is None else min(n, cap)
             cols = starts[qs, occ % beta][:, None] + np.arange(kk)
-            if qt is None:
+            if q is None:
                 pos[qs[:, None], cols] = np.arange(lo, hi)
                 continue
-            S = (qt[torch.from_numpy(qs)] @ et[lo:hi].T).numpy()
+            S = np.dot(q[qs], E[lo:hi].T)  # one GEMM per leaf for all the queries visiting it
             if kk < n:
                 part = np.argpartition(-S, kk - 1, axis=1)[:, :kk]
                 sc[qs[:, None], cols] = np.take_along_axis(S, part, axis=1)
                 pos[qs[:, None], cols] = lo + part
             else:
                 sc[qs[:, None], cols] = S
-                pos[qs[:, None], cols] = np.arange(lo, hi)
+                if pos is not None:
+                    pos[qs[:, None], cols] = np.arange(lo, hi)
+        if pos is None:
+            return sc, None
         if self.d2l > 1:
             # a document stored in several visited leaves is scored once: mask its repeats
             docs = np.where(pos >= 0, self.members[np.maximum(pos, 0)], -1)
@@ -173,6 +175,14 @@ class LeafIndex:
                 sc[dup] = -np.inf
             pos[dup] = -1
         return sc, pos
+
+    def _positions(self, leaves: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Leaf-order positions of buffer columns ``cols`` (Q, k) when no leaf was capped."""
+        lsz = self.leaf_sizes()[leaves]
+        starts = np.cumsum(lsz, axis=1) - lsz
+        slot = (cols[:, :, None] >= starts[:, None, :]).sum(-1) - 1
+        leaf = np.take_along_axis(leaves, slot, axis=1)
+        return self.offsets[leaf] + cols - np.take_along_axis(starts, slot, axis=1)
 
     def leaf_stats(self, query_leaves: np.ndarray | None = None) -> dict:
         """Balance of the documents over the leaves.

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from .artifacts import ArtifactError, read_manifest, write_artifact
 from .config import EHIConfig
 from .data import Dataset
+from .distributed import all_gather_ids, all_gather_with_grad, barrier, gather_rows, is_main, map_rows, rank_world, shard_rows
 from .encoder import PRECOMPUTED, Encoder, Features
 from .losses import ehi_losses
 from .mining import mine_pool, positives_matrix, sample_negatives
@@ -75,6 +76,22 @@ class TrainingSet:
         return cls(qids, pairs, positives_matrix(pos))
 
 
+class _Joint(torch.nn.Module):
+    """Encoder and tree as one module, so that DistributedDataParallel syncs both."""
+
+    def __init__(self, encoder: Encoder, tree: Tree):
+        super().__init__()
+        self.encoder, self.tree = encoder, tree
+        self.q_feats: Features | None = None
+        self.d_feats: Features | None = None
+
+    def forward(self, q_rows: torch.Tensor, d_rows: torch.Tensor):
+        e_q = self.encoder.embed(self.q_feats, q_rows)
+        e_d = self.encoder.embed(self.d_feats, d_rows)
+        r = self.tree.route(torch.cat([e_q, e_d]))
+        return (e_q, e_d, r.path_embedding, *r.level_probs)
+
+
 def checkpoint_path(out_dir: str | Path) -> Path:
     """Checkpoints live beside the model directory, which a final save replaces whole."""
     out_dir = Path(out_dir)
@@ -104,6 +121,7 @@ class Trainer:
         order) replace the transformer: bring-your-own-encoder mode, adapter + tree trained."""
         config = copy.deepcopy(config)
         self.config = config.validate()
+        self.rank, self.world = rank_world()
         self.dataset = dataset
         tc = config.train
         seed_everything(tc.seed)
@@ -131,16 +149,21 @@ class Trainer:
                 row = {q: i for i, q in enumerate(dataset.queries)}
                 self.q_feats = Features(dense=_normalised(query_embeddings[[row[q] for q in self.train_set.query_ids]]))
             else:
-                self.doc_feats = self.encoder.features(dataset.corpus.documents(), "encoding corpus")
-                self.q_feats = self.encoder.features(
-                    [dataset.queries[q] for q in self.train_set.query_ids], "encoding queries"
-                )
+                self.doc_feats = self._features(dataset.corpus.documents(), "encoding corpus")
+                self.q_feats = self._features([dataset.queries[q] for q in self.train_set.query_ids], "encoding queries")
         self.tree = Tree(self.encoder.dim, config.tree).to(self.device)
+        self.joint = _Joint(self.encoder, self.tree)
+        self.joint.q_feats, self.joint.d_feats = self.q_feats, self.doc_feats
         with self.phase("init_tree"):
             if config.tree.init == "kmeans":
                 self.tree.init_kmeans(self.encoder.embed_all(self.doc_feats, desc="embedding corpus"), seed=tc.seed)
             else:
                 self.tree.init_random(seed=tc.seed)
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # every rank starts from rank 0's tree (k-means may differ by a ulp across ranks)
+            self.joint = DistributedDataParallel(self.joint, forward_sync_buffers=False)
         enc_params = [p for p in self.encoder.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             [
@@ -164,46 +187,72 @@ class Trainer:
             self.peak_rss[name] = peak_rss_gib()
 
     # ---- hard negatives ----------------------------------------------------------------
+    def _features(self, texts: list[str], desc: str) -> Features:
+        """Frozen features, computed once: from the cache, or split over the ranks and gathered
+        (the main rank writes the cache)."""
+        if self.world == 1:
+            return self.encoder.features(texts, desc)
+        path = self.encoder.cache_path(texts)
+        cached = self.encoder.load_cached(path) if path is not None else None
+        if path is None or cached is not None:
+            return cached if cached is not None else self.encoder.features(texts, desc)
+        local = self.encoder.compute_features([texts[i] for i in shard_rows(len(texts))], desc).rows()
+        like = Features(dense=torch.empty(0)) if self.config.encoder.scope == "adapter" else Features(states=torch.empty(0))
+        feats = Features.from_rows(gather_rows(local, len(texts)), like)
+        if is_main():
+            self.encoder.save_cached(path, feats)
+        barrier()
+        return feats
+
     def refresh_negatives(self) -> None:
-        """Re-embed with the current encoder and mine from the leaves each query reaches."""
+        """Re-embed with the current encoder and mine from the leaves each query reaches
+        (rows split over the ranks and gathered)."""
         tc = self.config.train
-        d_emb = self.encoder.embed_all(self.doc_feats, desc="refresh: corpus")
-        q_emb = self.encoder.embed_all(self.q_feats)
+        d_emb = map_rows(lambda rows: self.encoder.embed_all(self.doc_feats, rows=rows, desc="refresh: corpus"), len(self.doc_feats))
+        q_emb = map_rows(lambda rows: self.encoder.embed_all(self.q_feats, rows=rows), len(self.q_feats))
+        pos = self.train_set.positives
         if tc.negatives_from == "exact":
-            self.pool = mine_pool(q_emb, d_emb, self.train_set.positives, tc.mining_pool)
+            self.pool = map_rows(lambda r: mine_pool(q_emb[r], d_emb, pos[r], tc.mining_pool), len(q_emb))
             return
         model = EHIModel(self.config, self.encoder, self.tree)
         doc_leaves = model.route(d_emb, self.config.index.d2l)
         q_leaves = model.route(q_emb, tc.mining_beam)
         self.tree.train()
-        self.pool = mine_pool(q_emb, d_emb, self.train_set.positives, tc.mining_pool, q_leaves, doc_leaves)
+        self.pool = map_rows(
+            lambda r: mine_pool(q_emb[r], d_emb, pos[r], tc.mining_pool, q_leaves[r], doc_leaves), len(q_emb)
+        )
 
     # ---- one step ----------------------------------------------------------------------
     def step(self, batch: np.ndarray) -> dict[str, float]:
+        """One optimiser step on a global batch. With several ranks each takes every
+        world-th pair, and the documents of all ranks serve as everyone's negatives."""
         tc = self.config.train
-        qi, pi = batch[:, 0], batch[:, 1]
         if tc.hard_negatives > 0 and self.pool is not None:
-            hn = sample_negatives(self.pool[qi], tc.hard_negatives, self.rng).ravel()
-            hn = hn[hn >= 0]
+            # drawn for the whole batch on every rank, so the RNG streams stay in step
+            hard = sample_negatives(self.pool[batch[:, 0]], tc.hard_negatives, self.rng)
         else:
-            hn = np.empty(0, dtype=np.int64)
+            hard = np.full((len(batch), 0), -1, dtype=np.int64)
+        local = np.arange(self.rank, len(batch), self.world)
+        qi, pi = batch[local, 0], batch[local, 1]
+        hn = hard[local].ravel()
+        hn = hn[hn >= 0]
         b = len(qi)
-        e_q = self.encoder.embed(self.q_feats, qi)
-        e_d = self.encoder.embed(self.doc_feats, np.concatenate([pi, hn]))
-        routing = self.tree.route(torch.cat([e_q, e_d]))
-        t = routing.path_embedding
-        e_p, t_q, t_p = e_d[:b], t[:b], t[b : 2 * b]
-        neg_ids = torch.from_numpy(np.concatenate([pi, hn]))
+        d_rows = np.concatenate([pi, hn])
+        e_q, e_d, t, *level_probs = self.joint(torch.from_numpy(qi), torch.from_numpy(d_rows))
+        t_q, t_d = t[:b], t[b:]
+        e_n, _ = all_gather_with_grad(e_d)
+        t_n, _ = all_gather_with_grad(t_d)
+        neg_ids = torch.from_numpy(all_gather_ids(d_rows))
         pos = torch.from_numpy(self.train_set.positives[qi])
         dev = e_q.device
         neg_mask = ~(neg_ids[None, :, None] == pos[:, None, :]).any(-1)
         same_doc = neg_ids[None, :] == torch.from_numpy(pi)[:, None]
         terms = ehi_losses(
-            e_q, e_p, e_d, t_q, t_p, t[b:], neg_mask.to(dev), same_doc.to(dev), tc.margin, tc.tau
+            e_q, e_d[:b], e_n, t_q, t_d[:b], t_n, neg_mask.to(dev), same_doc.to(dev), tc.margin, tc.tau
         )
         loss = tc.lambda_siamese * terms["siamese"] + tc.lambda_indexing * terms["indexing"] + tc.lambda_intra_leaf * terms["intra_leaf"]
         if tc.load_balance > 0:
-            terms["balance"] = load_balance_penalty([p[b:] for p in routing.level_probs])
+            terms["balance"] = load_balance_penalty([p[b:] for p in level_probs])
             loss = loss + tc.load_balance * terms["balance"]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -228,8 +277,9 @@ class Trainer:
             self.history.append(record)
             if progress:
                 tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-            if out_dir is not None:
+            if out_dir is not None and is_main():
                 self.save_checkpoint(checkpoint_path(out_dir), epoch + 1)
+            barrier()
             if on_epoch is not None:
                 on_epoch(self, record)
         if not build_index:
@@ -253,7 +303,7 @@ class Trainer:
         )
         for s in bar:
             idx = order[s : s + tc.batch_size]
-            if len(idx) < 2:
+            if len(idx) < max(2, self.world):
                 continue
             terms = self.step(pairs[idx])
             for k, v in terms.items():
