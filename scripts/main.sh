@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up (idempotent) and run the main job: train EHI on SciFact with the defaults, then
-# evaluate it against exact search and Faiss-IVF at equal fraction of the corpus visited.
+# Set up (idempotent) and run the main job: train EHI on SciFact with the defaults, evaluate it
+# against exact search and Faiss-IVF at equal fraction of the corpus visited, then run the
+# side-by-side comparison with the dual-encoder baselines (DE + exact / Faiss-IVF / ScaNN).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/datasets/scifact}
@@ -13,3 +14,4 @@ if [ ! -x .venv/bin/ehi ]; then
 fi
 .venv/bin/ehi train --data "$DATA" --out "$OUT" "$@"
 .venv/bin/ehi evaluate "$OUT" --data "$DATA" --split test --json "$OUT.eval.json"
+.venv/bin/ehi benchmark --data "$DATA" --out "${REPORT:-reports/main}" --seeds "${SEEDS:-1}" --no-progress

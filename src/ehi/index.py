@@ -147,19 +147,20 @@ class LeafIndex:
             occ = order[a:b]
             qs = occ // beta
             kk = n if cap is None else min(n, cap)
-            cols = starts[qs, occ % beta][:, None] + np.arange(kk)
+            # flat indices of this leaf's slots in each visiting query's buffer row
+            flat_cols = ((qs * width + starts[qs, occ % beta])[:, None] + np.arange(kk)).ravel()
             if q is None:
-                pos[qs[:, None], cols] = np.arange(lo, hi)
+                pos.ravel()[flat_cols] = np.tile(np.arange(lo, hi), len(qs))
                 continue
             S = np.dot(q[qs], E[lo:hi].T)  # one GEMM per leaf for all the queries visiting it
             if kk < n:
-                part = np.argpartition(-S, kk - 1, axis=1)[:, :kk]
-                sc[qs[:, None], cols] = np.take_along_axis(S, part, axis=1)
-                pos[qs[:, None], cols] = lo + part
+                part = np.argpartition(S, n - kk, axis=1)[:, n - kk :]
+                sc.ravel()[flat_cols] = np.take_along_axis(S, part, axis=1).ravel()
+                pos.ravel()[flat_cols] = (lo + part).ravel()
             else:
-                sc[qs[:, None], cols] = S
+                sc.ravel()[flat_cols] = S.ravel()
                 if pos is not None:
-                    pos[qs[:, None], cols] = np.arange(lo, hi)
+                    pos.ravel()[flat_cols] = np.tile(np.arange(lo, hi), len(qs))
         if pos is None:
             return sc, None
         if self.d2l > 1:
