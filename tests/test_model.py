@@ -107,3 +107,13 @@ def test_top_k_scope_reproduces_the_sentence_transformer_at_init():
     assert any(".layer.5." in k for k in trainable) and not any(".layer.3." in k for k in trainable)
     full = Encoder(EncoderConfig(scope="full"))
     assert np.allclose(full.embed_all(full.features(texts)), ref, atol=1e-5)
+
+
+def test_tree_gradient_to_the_encoder_can_be_cut(tiny_beir):
+    # no siamese loss and no tree gradient into the encoder: the adapter must not move
+    trainer = Trainer(tiny_config(epochs=2, lambda_siamese=0.0, tree_grad_to_encoder=0.0, weight_decay=0.0), load_beir(tiny_beir))
+    trainer.fit(progress=False)
+    assert float(trainer.encoder.adapter.weight.abs().max()) == 0.0
+    moved = Trainer(tiny_config(epochs=2, lambda_siamese=0.0, weight_decay=0.0), load_beir(tiny_beir))
+    moved.fit(progress=False)
+    assert float(moved.encoder.adapter.weight.abs().max()) > 0.0

@@ -76,6 +76,9 @@ class TrainConfig:
     lambda_siamese: float = 1.0
     lambda_indexing: float = 1.0
     lambda_intra_leaf: float = 0.1
+    # scale of the tree losses' gradient that reaches the encoder (1 = fully joint, 0 = the
+    # encoder learns from the siamese loss only while the tree adapts to it)
+    tree_grad_to_encoder: float = 1.0
     load_balance: float = 0.3  # weight of the batch load-balance penalty (0 disables it)
     hard_negatives: int = 4  # hard negatives per (query, positive) pair, 0 = in-batch only
     # where hard negatives come from: "tree" (the leaves the query reaches, EHI) or "exact"

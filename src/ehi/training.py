@@ -85,10 +85,13 @@ class _Joint(torch.nn.Module):
         self.q_feats: Features | None = None
         self.d_feats: Features | None = None
 
-    def forward(self, q_rows: torch.Tensor, d_rows: torch.Tensor):
+    def forward(self, q_rows: torch.Tensor, d_rows: torch.Tensor, tree_grad: float = 1.0):
         e_q = self.encoder.embed(self.q_feats, q_rows)
         e_d = self.encoder.embed(self.d_feats, d_rows)
-        r = self.tree.route(torch.cat([e_q, e_d]))
+        e = torch.cat([e_q, e_d])
+        if tree_grad != 1.0:  # same values, the tree's gradient into the encoder scaled
+            e = tree_grad * e + (1.0 - tree_grad) * e.detach()
+        r = self.tree.route(e)
         return (e_q, e_d, r.path_embedding, *r.level_probs)
 
 
@@ -238,7 +241,7 @@ class Trainer:
         hn = hn[hn >= 0]
         b = len(qi)
         d_rows = np.concatenate([pi, hn])
-        e_q, e_d, t, *level_probs = self.joint(torch.from_numpy(qi), torch.from_numpy(d_rows))
+        e_q, e_d, t, *level_probs = self.joint(torch.from_numpy(qi), torch.from_numpy(d_rows), tc.tree_grad_to_encoder)
         t_q, t_d = t[:b], t[b:]
         e_n, _ = all_gather_with_grad(e_d)
         t_n, _ = all_gather_with_grad(t_d)
