@@ -11,14 +11,12 @@ corpus. The paper reports 2.48 / 2.40 / 1.99 ms on its hardware (MS MARCO).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 
+from common import write_json
 from ehi.config import EHIConfig
 from ehi.data import load_beir
 from ehi.evaluation import WidthSearch
@@ -71,10 +69,7 @@ def main() -> None:
     print(f"{'B':>4} {'H':>2} {'leaves':>7} {'beam':>5} {'visited':>8} {'route ms':>9} {'search ms':>10}")
     for r in results:
         print(f"{r['branching']:>4} {r['height']:>2} {r['leaves']:>7} {r['beam']:>5} {100 * r['visited']:>7.1f}% {r['route_ms']:>9.3f} {r['search_ms']:>10.3f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,10 @@ import json
 import platform
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
+from common import write_json
 from ehi.config import EHIConfig
 from ehi.data import load_beir
 from ehi.evaluation import evaluate_model
@@ -107,10 +107,7 @@ def main() -> None:
             mx = np.mean([r["leaves"]["max"] for r in res["runs"]])
             print(f"{name:<30}" + "".join(f"{cell(res['runs'], split, b):>20}" for b in BUDGETS) + f"{mx:>10.0f}")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"python": platform.python_version(), "budgets": BUDGETS, "results": results}, indent=2))
-    print(f"\nwrote {out}")
+    write_json(args.out, {"python": platform.python_version(), "budgets": BUDGETS, "results": results})
 
 
 if __name__ == "__main__":

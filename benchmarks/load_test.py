@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import socket
 import subprocess
@@ -22,6 +21,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from common import write_json
 from ehi.data import load_queries
 
 
@@ -109,10 +109,7 @@ def main() -> None:
         f"p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms, {res['throughput_rps']:.0f} requests/s "
         f"({res['wall_seconds']:.1f} s)"
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
-    print(f"wrote {out}")
+    write_json(args.out, res)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import statistics
 import time
 from pathlib import Path
@@ -26,11 +25,11 @@ import faiss
 import numpy as np
 import torch
 
+from common import write_json
 from ehi.config import EHIConfig
 from ehi.data import Corpus, Dataset
 from ehi.evaluation import WidthSearch
 from ehi.index import LeafIndex
-from ehi.model import EHIModel
 from ehi.training import Trainer
 
 DIM = 384
@@ -226,10 +225,7 @@ def main() -> None:
             f"{100 * float(b):>6.0f}% {100 * r['ehi_visited']:>7.2f}% {100 * r['ivf_visited']:>7.2f}% "
             f"{r['ehi_recall@100']:>10.1f} {r['ivf_recall@100']:>10.1f} {r['ehi_qps']:>8.0f} {r['ivf_qps']:>8.0f} {r['qps_ratio_ehi_over_ivf']:>6.2f}"
         )
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
-    print(f"wrote {path}")
+    write_json(args.out, out)
 
 
 if __name__ == "__main__":

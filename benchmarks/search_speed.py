@@ -12,16 +12,14 @@ queries and one query at a time, with 1 and 2 threads.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import faiss
-import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
+from common import write_json
 from ehi.baselines import IVFBaseline
 from ehi.config import EHIConfig
 from ehi.data import load_beir
@@ -111,10 +109,7 @@ def main() -> None:
                 f"{r['batched_qps']['ehi']:>9.0f} {r['batched_qps']['ivf']:>9.0f} {r['batched_qps_ratio_ehi_over_ivf']:>6.2f} "
                 f"{r['single_query_ms']['ehi']:>9.3f} {r['single_query_ms']['ivf']:>9.3f} {r['single_query_qps_ratio_ehi_over_ivf']:>6.2f}"
             )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 
 from ehi.artifacts import ArtifactError
 from ehi.config import EHIConfig
@@ -113,7 +112,7 @@ def test_tree_gradient_to_the_encoder_can_be_cut(tiny_beir):
     # no siamese loss and no tree gradient into the encoder: the adapter must not move
     trainer = Trainer(tiny_config(epochs=2, lambda_siamese=0.0, tree_grad_to_encoder=0.0, weight_decay=0.0), load_beir(tiny_beir))
     trainer.fit(progress=False)
-    assert float(trainer.encoder.adapter.weight.abs().max()) == 0.0
+    assert float(trainer.encoder.adapter.weight.detach().abs().max()) == 0.0
     moved = Trainer(tiny_config(epochs=2, lambda_siamese=0.0, weight_decay=0.0), load_beir(tiny_beir))
     moved.fit(progress=False)
-    assert float(moved.encoder.adapter.weight.abs().max()) > 0.0
+    assert float(moved.encoder.adapter.weight.detach().abs().max()) > 0.0

@@ -6,7 +6,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 from ehi.model import EHIModel
 from ehi.training import checkpoint_path

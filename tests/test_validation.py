@@ -2,7 +2,6 @@
 no traceback, and nothing written."""
 
 import json
-import shutil
 
 import pytest
 
