@@ -83,3 +83,18 @@ def test_an_empty_last_leaf_in_the_beam_is_harmless():
     assert res.visited.tolist() == [2, 2]
     assert set(res.indices[0, :2]) == {0, 1} and set(res.indices[1, :2]) == {4, 5}
     assert (res.indices[:, 2:] == -1).all()
+
+
+@pytest.mark.parametrize("k", [3, 12, 40])
+def test_leaves_larger_than_k_are_cut_to_their_own_top_k_without_changing_results(k):
+    # leaves of ~30 documents: with k=3 or 12 each leaf hands on only its best k
+    emb, leaves = _data(n=300, L=10)
+    index = LeafIndex(leaves, emb, 10)
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((30, 16)).astype(np.float32)
+    q_leaves = np.stack([rng.permutation(10)[:4] for _ in range(30)])
+    res = index.search(q, q_leaves, k=k)
+    for i in range(30):
+        cand = np.where(np.isin(leaves[:, 0], q_leaves[i]))[0]
+        ref = cand[np.argsort(-(emb[cand] @ q[i]), kind="stable")][:k]
+        assert np.array_equal(res.indices[i], ref)

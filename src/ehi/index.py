@@ -103,7 +103,7 @@ class LeafIndex:
         visited = np.zeros(nq, dtype=np.int64)
         for s in range(0, nq, batch):
             e = min(nq, s + batch)
-            sc, pos = self._gather(queries[s:e], leaves[s:e], cap=k)
+            sc, pos, written, keep = self._gather(queries[s:e], leaves[s:e], cap=k)
             visited[s:e] = self.visited_counts(leaves[s:e])
             kk = min(k, sc.shape[1])
             if kk == 0:
@@ -114,26 +114,29 @@ class LeafIndex:
             if pos is not None:
                 top_pos = np.take_along_axis(pos, top, axis=1)
             else:
-                top_pos = self._positions(leaves[s:e], np.where(ok, top, 0))
+                top_pos = self._positions(leaves[s:e], keep, np.where(ok, top, 0), written)
             idx[s:e, :kk] = np.where(ok, self.members[np.clip(top_pos, 0, len(self.members) - 1)], -1)
             scores[s:e, :kk] = np.where(ok, top_sc, -np.inf)
         return SearchResult(idx, scores, visited)
 
     def _gather(self, q: np.ndarray | None, leaves: np.ndarray, cap: int | None = None):
         """Per-query candidate buffers over the rows' leaves: scores (Q, W) (-inf padded; None
-        without ``q``) and leaf-order positions (Q, W) (-1 padded). With ``cap``, each leaf
-        contributes only its ``cap`` best-scoring documents. Repeats of a document stored in
-        several of the leaves are masked."""
+        without ``q``), leaf-order positions (Q, W) and how many slots each leaf got (Q, beta).
+        With ``cap``, each leaf contributes only its ``cap`` best-scoring documents.
+
+        Positions are written only where they cannot be derived from the column (leaves cut
+        to their top ``cap``; every slot without ``q`` or with d2l > 1), see ``_positions``;
+        repeats of a document stored in several of the leaves are masked."""
         nq, beta = leaves.shape
         lsz = self.leaf_sizes()[leaves]
         keep = lsz if cap is None else np.minimum(lsz, cap)
         starts = np.cumsum(keep, axis=1) - keep
         width = int(keep.sum(1).max(initial=0))
         sc = None if q is None else np.full((nq, width), -np.inf, dtype=np.float32)
-        capped = q is not None and cap is not None and bool((lsz > cap).any())
-        # positions are written only where a leaf was cut to its top ``cap``; elsewhere they
-        # follow from the column (see _positions)
-        pos = np.full((nq, width), -1, dtype=np.int64) if q is None or capped or self.d2l > 1 else None
+        full_pos = q is None or self.d2l > 1
+        pos = np.full((nq, width), -1, dtype=np.int64) if full_pos else None
+        if not full_pos and (keep < lsz).any():
+            pos = np.empty((nq, width), dtype=np.int64)  # read only at capped leaves' slots
         flat = leaves.ravel()
         order = np.argsort(flat, kind="stable")
         uniq, first = np.unique(flat[order], return_index=True)
@@ -159,10 +162,8 @@ class LeafIndex:
                 pos.ravel()[flat_cols] = (lo + part).ravel()
             else:
                 sc.ravel()[flat_cols] = S.ravel()
-                if pos is not None:
+                if full_pos:
                     pos.ravel()[flat_cols] = np.tile(np.arange(lo, hi), len(qs))
-        if pos is None:
-            return sc, None
         if self.d2l > 1:
             # a document stored in several visited leaves is scored once: mask its repeats
             docs = np.where(pos >= 0, self.members[np.maximum(pos, 0)], -1)
@@ -175,15 +176,19 @@ class LeafIndex:
             if sc is not None:
                 sc[dup] = -np.inf
             pos[dup] = -1
-        return sc, pos
+        return sc, (pos if full_pos else None), pos, keep
 
-    def _positions(self, leaves: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """Leaf-order positions of buffer columns ``cols`` (Q, k) when no leaf was capped."""
-        lsz = self.leaf_sizes()[leaves]
-        starts = np.cumsum(lsz, axis=1) - lsz
+    def _positions(self, leaves: np.ndarray, keep: np.ndarray, cols: np.ndarray, written: np.ndarray | None) -> np.ndarray:
+        """Leaf-order positions of buffer columns ``cols`` (Q, k): the leaf's offset plus the
+        column's place in its slot, or the written position where the leaf was capped."""
+        starts = np.cumsum(keep, axis=1) - keep
         slot = (cols[:, :, None] >= starts[:, None, :]).sum(-1) - 1
         leaf = np.take_along_axis(leaves, slot, axis=1)
-        return self.offsets[leaf] + cols - np.take_along_axis(starts, slot, axis=1)
+        out = self.offsets[leaf] + cols - np.take_along_axis(starts, slot, axis=1)
+        if written is not None:
+            capped = np.take_along_axis(keep < self.leaf_sizes()[leaves], slot, axis=1)
+            out = np.where(capped, np.take_along_axis(written, cols, axis=1), out)
+        return out
 
     def leaf_stats(self, query_leaves: np.ndarray | None = None) -> dict:
         """Balance of the documents over the leaves.
