@@ -283,13 +283,14 @@ def plot_recall(agg: list[dict], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     methods = list(dict.fromkeys(c["method"] for c in agg if c["budget"] is not None))
-    for m in methods:
+    colours = plt.get_cmap("tab20")(np.arange(len(methods)) % 20)
+    for m, colour in zip(methods, colours):
         cells = sorted((c for c in agg if c["method"] == m and c["budget"] is not None), key=lambda c: c["budget"])
         x = [100 * c["fraction_visited"]["mean"] for c in cells]
         y = [c["metrics"]["R@100"]["mean"] for c in cells]
         e = [c["metrics"]["R@100"]["std"] for c in cells]
         style = "-" if m == "EHI" else ("--" if m.startswith("DE") else ":")
-        ax.errorbar(x, y, yerr=e, marker="o", ms=3, capsize=2, ls=style, lw=2.2 if m == "EHI" else 1.2, label=m)
+        ax.errorbar(x, y, yerr=e, marker="o", ms=3, capsize=2, ls=style, lw=2.2 if m == "EHI" else 1.2, label=m, color=colour)
     exact = [c for c in agg if c["budget"] is None and c["method"] in ("DE + exact", "EHI encoder + exact")]
     for c in sorted(exact, key=lambda c: c["metrics"]["R@100"]["mean"]):
         y = c["metrics"]["R@100"]["mean"]
