@@ -89,7 +89,7 @@ def main() -> None:
     print(f"{'leaves':<28} {'docs':>6} {'min':>5} {'median':>7} {'max':>5} {'empty':>6} {'E[docs/leaf]':>13} {'ideal':>7}")
     for name, st in (("trained on 80 %", before), ("+ 20 % added", after), ("trained on 100 %", ref_stats)):
         print(f"{name:<28} {st['documents']:>6} {st['min']:>5} {st['median']:>7.0f} {st['max']:>5} {st['empty']:>6} {st['expected_per_leaf']:>13.1f} {st['ideal_per_leaf']:>7.1f}")
-    print(f"\nRecall@100 on test over the full corpus (fraction visited)")
+    print("\nRecall@100 on test over the full corpus (fraction visited)")
     print(f"{'budget':>7} {'80 % + added':>16} {'trained on 100 %':>18}")
     for b in added:
         a, r = added[b], reference.get(b)
