@@ -1,4 +1,4 @@
-"""Command line: ``ehi train | index | search | evaluate``, mirroring the Python API."""
+"""Command line: ``ehi train | evaluate | search | index | serve | benchmark``, mirroring the Python API."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from .benchmark import ABLATIONS  # noqa: E402
-
 
 
 def _budget(text: str) -> float:
@@ -107,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="write every row to this JSON file")
     e.add_argument("--strict", action="store_true", help="qrels naming unknown queries or documents are errors")
     e.add_argument("--device", default="cpu")
+
     v = sub.add_parser("serve", help="HTTP search service with a web page")
     v.add_argument("model")
     v.add_argument("--host", default="127.0.0.1")
@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--config", help="JSON file with config overrides for EHI (and so for the DE baseline)")
     b.add_argument("--budgets", type=_budget, nargs="+")
     b.add_argument("--ablation", action="append", default=[], choices=sorted(ABLATIONS), help="add an EHI ablation row (repeatable)")
+    b.add_argument("--device", help="cpu, cuda, ... (training)")
     b.add_argument("--no-progress", action="store_true")
     return p
 

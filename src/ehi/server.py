@@ -152,6 +152,8 @@ def create_app(model_dir: str | Path, max_batch: int = 64, max_wait_ms: float = 
     model = EHIModel.load(model_dir)
     if model.index is None:
         raise ValueError(f"{model_dir}: the model has no index; run 'ehi index build' first")
+    if model.encoder.precomputed:
+        raise ValueError(f"{model_dir}: trained on precomputed embeddings, it cannot encode text queries to serve")
     batcher = Batcher(model, max_batch, max_wait_ms)
     sizes = model.index.leaf_sizes()
     counts, edges = np.histogram(sizes, bins=min(30, max(1, int(sizes.max()) + 1)))
