@@ -215,6 +215,8 @@ def cmd_train(args) -> None:
 
 
 def cmd_index(args) -> None:
+    import numpy as np
+
     from .data import load_beir, load_corpus
     from .model import EHIModel
     from .training import leaf_report
@@ -251,6 +253,10 @@ def cmd_index(args) -> None:
         if unknown:
             print(f"warning: {len(unknown)} ids are not indexed (ignored)", file=sys.stderr)
         what = f"removed {model.remove_documents(ids)} documents"
+    # the corpus changed: re-measure budget -> beam, documents standing in for queries
+    emb = model.index.embeddings
+    sample = np.random.default_rng(0).choice(len(emb), size=min(2000, len(emb)), replace=False)
+    model.calibrate(emb[sample])
     out = args.out or args.model
     model.save(out)
     print(f"{what}; {model.index.num_docs} documents in {out}")
