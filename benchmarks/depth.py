@@ -44,7 +44,7 @@ def main() -> None:
         trainer = Trainer(cfg, ds)
         model = trainer.fit(progress=False)
         q = model.encoder.embed_all(model.encoder.features([ds.queries[i] for i in qids], "encoding queries"))
-        widths = WidthSearch(lambda w: float(model.index.visited_counts(model.route(q, w)).mean() / model.index.num_docs), model.tree.num_leaves)
+        widths = WidthSearch(lambda w: model.visited_fraction(q, w), model.tree.num_leaves)
         beam = widths.largest_within(args.budget)
         torch.set_num_threads(1)
         route_ms, total_ms = [], []

@@ -19,7 +19,7 @@ from common import write_json
 from ehi.config import EHIConfig, EncoderConfig
 from ehi.data import Corpus, Dataset, load_beir
 from ehi.encoder import Encoder
-from ehi.evaluation import budget_curve
+from ehi.evaluation import ehi_curve
 from ehi.training import Trainer
 
 BUDGETS = (0.02, 0.05, 0.1, 0.2)
@@ -38,17 +38,7 @@ def train_on(ds: Dataset, keep: np.ndarray, doc_raw: np.ndarray, q_raw: np.ndarr
 
 
 def recall_curve(model, q_raw_test, qids, qrels):
-    q = model.encoder.embed_vectors(q_raw_test)
-
-    def search(w):
-        res, _ = model.search_embeddings(q, 100, w)
-        return res.indices, res.scores
-
-    rows = budget_curve(
-        "EHI", model.tree.num_leaves,
-        lambda w: float(model.index.visited_counts(model.route(q, w)).mean() / model.index.num_docs),
-        search, qids, model.doc_ids, qrels, BUDGETS,
-    )
+    rows = ehi_curve("EHI", model, model.encoder.embed_vectors(q_raw_test), qids, qrels, BUDGETS)
     return {f"{r.budget:g}": {"R@100": r.metrics["R@100"], "visited": r.fraction_visited} for r in rows}
 
 

@@ -188,7 +188,7 @@ def main() -> None:
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
     q_ehi = model.encoder.embed_vectors(test_q)
-    ehi_w = WidthSearch(lambda w: float(model.index.visited_counts(model.route(q_ehi, w)).mean() / args.docs), L)
+    ehi_w = WidthSearch(lambda w: model.visited_fraction(q_ehi, w), L)
     ivf_w = WidthSearch(lambda w: float(sizes[quantizer.search(test_q, w)[1]].sum(1).mean() / args.docs), L)
     out["budgets"] = {}
     for budget in (0.01, 0.05):

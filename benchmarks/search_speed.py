@@ -54,7 +54,7 @@ def main() -> None:
     L = model.tree.num_leaves
     ivf = IVFBaseline(d, L, seed=0)
 
-    ehi_w = WidthSearch(lambda w: float(model.index.visited_counts(model.route(q, w)).mean() / len(d)), L)
+    ehi_w = WidthSearch(lambda w: model.visited_fraction(q, w), L)
     ivf_w = WidthSearch(lambda w: ivf.visited_fraction(q, w), L)
     results = {"queries": len(q), "documents": len(d), "leaves": L, "budgets": {}}
     for budget in (0.10, 0.02):

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import EHIConfig
 from .data import Dataset
-from .evaluation import BUDGET_RULE, BUDGETS, Row, budget_curve, exact_row
+from .evaluation import BUDGET_RULE, BUDGETS, Row, budget_curve, ehi_curve, exact_row, ivf_curve
 
 ABLATIONS: dict[str, dict] = {
     "no-siamese": {"train.lambda_siamese": 0.0},
@@ -79,14 +79,11 @@ class SeedRun:
 
 def index_curves(prefix, q_emb, d_emb, nlist, seed, qids, doc_ids, qrels, budgets, k=100, scann=True):
     """Exact search, Faiss-IVF and ScaNN over one set of embeddings."""
-    from .baselines import IVFBaseline, ScaNNBaseline
+    from .baselines import ScaNNBaseline
 
     rows = [exact_row(f"{prefix} + exact", q_emb, d_emb, qids, doc_ids, qrels, k)]
-    ivf = IVFBaseline(d_emb, nlist, seed)
-    rows += budget_curve(
-        f"{prefix} + Faiss-IVF", nlist, lambda w: ivf.visited_fraction(q_emb, w),
-        lambda w: ivf.search(q_emb, k, w)[:2], qids, doc_ids, qrels, budgets,
-    )
+    ivf_rows, ivf = ivf_curve(f"{prefix} + Faiss-IVF", q_emb, d_emb, nlist, seed, qids, doc_ids, qrels, budgets, k)
+    rows += ivf_rows
     sizes = {f"{prefix} + Faiss-IVF": ivf.list_sizes.tolist()}
     if scann:
         sc = ScaNNBaseline(d_emb, nlist, seed)
@@ -95,20 +92,6 @@ def index_curves(prefix, q_emb, d_emb, nlist, seed, qids, doc_ids, qrels, budget
             lambda w: sc.search(q_emb, k, w)[:2], qids, doc_ids, qrels, budgets,
         )
     return rows, sizes
-
-
-def ehi_curve(name, model, q_emb, qids, qrels, budgets, k=100):
-    index = model.index
-
-    def search(w):
-        res, _ = model.search_embeddings(q_emb, k, w)
-        return res.indices, res.scores
-
-    return budget_curve(
-        name, model.tree.num_leaves,
-        lambda w: float(index.visited_counts(model.route(q_emb, w)).mean() / index.num_docs),
-        search, qids, model.doc_ids, qrels, budgets,
-    )
 
 
 def run_seed(dataset: Dataset, config: EHIConfig, seed: int, split: str, budgets, ablations, progress=True) -> SeedRun:
@@ -144,8 +127,7 @@ def run_seed(dataset: Dataset, config: EHIConfig, seed: int, split: str, budgets
             nlist = model.tree.num_leaves
         elif step == "DE":
             de, q_emb = train(dual_encoder_config(config), "DE")
-            d_emb = de.encoder.embed_all(de.encoder.features(dataset.corpus.documents(), "encoding corpus"))
-            rows, sizes = index_curves("DE", q_emb, d_emb, nlist, seed, qids, doc_ids, qrels, budgets)
+            rows, sizes = index_curves("DE", q_emb, de.index.embeddings, nlist, seed, qids, doc_ids, qrels, budgets)
             out.rows += rows
             out.leaf_sizes.update(sizes)
         else:

@@ -134,13 +134,36 @@ def format_table(rows: list[Row], measures=TABLE_MEASURES) -> str:
     return "\n".join(lines)
 
 
+def ehi_curve(name: str, model, q_emb: np.ndarray, qids, qrels, budgets=BUDGETS, k: int = 100) -> list[Row]:
+    """A trained model at every budget: beams chosen by the shared rule."""
+
+    def search(w):
+        res, _ = model.search_embeddings(q_emb, k, w)
+        return res.indices, res.scores
+
+    return budget_curve(
+        name, model.tree.num_leaves, lambda w: model.visited_fraction(q_emb, w), search, qids, model.doc_ids, qrels, budgets
+    )
+
+
+def ivf_curve(name: str, q_emb, d_emb, nlist: int, seed: int, qids, doc_ids, qrels, budgets=BUDGETS, k: int = 100):
+    """Faiss-IVF with ``nlist`` lists over the given embeddings at every budget; also returns
+    the index (for its list sizes)."""
+    from .baselines import IVFBaseline
+
+    ivf = IVFBaseline(d_emb, nlist, seed)
+    rows = budget_curve(
+        name, nlist, lambda w: ivf.visited_fraction(q_emb, w), lambda w: ivf.search(q_emb, k, w)[:2],
+        qids, doc_ids, qrels, budgets,
+    )
+    return rows, ivf
+
+
 def evaluate_model(
     model, dataset, split: str = "test", budgets=BUDGETS, k: int = 100, baselines: bool = True, query_ids=None
 ) -> list[Row]:
     """EHI at every budget, exact search over the trained encoder, and (optionally) Faiss-IVF
     with as many lists as EHI has leaves, over the trained and the untrained encoder."""
-    from .baselines import IVFBaseline
-
     rel = dataset.relevant(split)
     if not rel:
         raise ValueError(f"split {split!r} has no query with a relevant document")
@@ -150,42 +173,19 @@ def evaluate_model(
     enc = model.encoder
     q_emb = enc.embed_all(enc.features(texts, "encoding queries"))
     doc_ids = model.doc_ids
-    index = model.index
-
-    def ehi_search(w):
-        res, _ = model.search_embeddings(q_emb, k, w)
-        return res.indices, res.scores
-
-    rows = budget_curve(
-        "EHI",
-        model.tree.num_leaves,
-        lambda w: float(index.visited_counts(model.route(q_emb, w)).mean() / index.num_docs),
-        ehi_search,
-        qids,
-        doc_ids,
-        qrels,
-        budgets,
-    )
-    d_emb = index.embeddings
+    rows = ehi_curve("EHI", model, q_emb, qids, qrels, budgets, k)
+    d_emb = model.index.embeddings
     rows.append(exact_row("EHI encoder, exact", q_emb, d_emb, qids, doc_ids, qrels, k))
     if baselines:
         nlist = model.tree.num_leaves
         seed = model.config.train.seed
-        ivf = IVFBaseline(d_emb, nlist, seed)
-        rows += budget_curve(
-            "EHI encoder + Faiss-IVF", nlist, lambda w: ivf.visited_fraction(q_emb, w),
-            lambda w: ivf.search(q_emb, k, w)[:2], qids, doc_ids, qrels, budgets,
-        )
+        rows += ivf_curve("EHI encoder + Faiss-IVF", q_emb, d_emb, nlist, seed, qids, doc_ids, qrels, budgets, k)[0]
         # the untrained encoder: what the two-stage pipeline starts from
         base = base_embeddings(model, dataset, texts)
         if base is not None:
             bq, bd = base
-            bivf = IVFBaseline(bd, nlist, seed)
             rows.append(exact_row("base encoder, exact", bq, bd, qids, doc_ids, qrels, k))
-            rows += budget_curve(
-                "base encoder + Faiss-IVF", nlist, lambda w: bivf.visited_fraction(bq, w),
-                lambda w: bivf.search(bq, k, w)[:2], qids, doc_ids, qrels, budgets,
-            )
+            rows += ivf_curve("base encoder + Faiss-IVF", bq, bd, nlist, seed, qids, doc_ids, qrels, budgets, k)[0]
     return rows
 
 

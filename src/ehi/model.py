@@ -111,15 +111,17 @@ class EHIModel:
         self.corpus_fingerprint = _chain_fingerprint(self.corpus_fingerprint, "remove", sorted(drop))
         return removed
 
+    def visited_fraction(self, query_emb: np.ndarray, beam: int) -> float:
+        """Mean fraction of the corpus the queries visit at ``beam`` (the budget measure)."""
+        return float(self.index.visited_counts(self.route(query_emb, beam)).mean() / self.index.num_docs)
+
     def calibrate(self, query_emb: np.ndarray) -> list[list[float]]:
         """Mean fraction visited at each beam width of a grid (every width up to 64, then
         geometric), so that a budget maps to a beam at search time."""
         L = self.tree.num_leaves
         grid = sorted(set(list(range(1, min(L, 64) + 1)) + np.unique(np.geomspace(64, L, 32).astype(int)).tolist()))
         grid = [b for b in grid if b <= L]
-        self.beam_calibration = [
-            [b, float(self.index.visited_counts(self.route(query_emb, b)).mean() / self.index.num_docs)] for b in grid
-        ]
+        self.beam_calibration = [[b, self.visited_fraction(query_emb, b)] for b in grid]
         return self.beam_calibration
 
     def beam_for_budget(self, budget: float) -> int:
