@@ -14,3 +14,14 @@ def write_json(path: str | Path, data) -> None:
     tmp.write_text(json.dumps(data, indent=2))
     tmp.replace(out)
     print(f"wrote {out}")
+
+
+def select_variants(defaults: dict, extra: list[str], only: list[str] | None) -> dict:
+    """The script's variants plus ``NAME=JSON`` ones from the command line, or only those named."""
+    variants = dict(defaults)
+    for v in extra:
+        name, _, js = v.partition("=")
+        variants[name] = json.loads(js)
+    if only:
+        variants = {k: v for k, v in variants.items() if k in only}
+    return variants

@@ -11,14 +11,13 @@ to choose. Prints a table of Recall@100 at each budget and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
 
 import numpy as np
 
-from common import write_json
+from common import select_variants, write_json
 from ehi.config import EHIConfig
 from ehi.data import load_beir
 from ehi.evaluation import evaluate_model
@@ -61,12 +60,7 @@ def main() -> None:
     ap.add_argument("--out", default="reports/init_balance.json")
     args = ap.parse_args()
 
-    variants = dict(VARIANTS)
-    for v in args.variant:
-        name, _, js = v.partition("=")
-        variants[name] = json.loads(js)
-    if args.only:
-        variants = {k: v for k, v in variants.items() if k in args.only}
+    variants = select_variants(VARIANTS, args.variant, args.only)
 
     ds = load_beir(args.data)
     rel = sorted(ds.relevant("train"))

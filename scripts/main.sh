@@ -12,6 +12,7 @@ if [ ! -x .venv/bin/ehi ]; then
   .venv/bin/pip install --quiet torch==2.13.0
   .venv/bin/pip install --quiet -e ".[test]"
 fi
-.venv/bin/ehi train --data "$DATA" --out "$OUT" "$@"
+# --overwrite: a rerun replaces the model this job wrote before (never a folder that is not a model)
+.venv/bin/ehi train --data "$DATA" --out "$OUT" --overwrite "$@"
 .venv/bin/ehi evaluate "$OUT" --data "$DATA" --split test --json "$OUT.eval.json"
 .venv/bin/ehi benchmark --data "$DATA" --out "${REPORT:-reports/main}" --seeds "${SEEDS:-1}" --no-progress

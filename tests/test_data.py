@@ -66,3 +66,28 @@ def test_qrels_errors(tmp_path, content, message):
 def test_missing_dataset_name_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_beir(tmp_path / "nope" / "x")
+
+
+@pytest.mark.parametrize("line,fragment", [
+    ('{"_id": null, "text": "x"}', "_id must be"),
+    ('{"_id": "", "text": "x"}', "_id must be"),
+    ('{"_id": ["a"], "text": "x"}', "_id must be"),
+    ('{"_id": true, "text": "x"}', "_id must be"),
+    ('{"_id": "a", "text": {"nested": 1}}', "field 'text' must be a string"),
+    ('{"_id": "a", "title": 3, "text": "x"}', "field 'title' must be a string"),
+])
+def test_ids_and_texts_of_the_wrong_type_are_refused_with_file_and_line(tmp_path, line, fragment):
+    from ehi.data import DataError, load_corpus
+
+    f = tmp_path / "corpus.jsonl"
+    f.write_text('{"_id": "ok", "text": "fine"}\n' + line + "\n")
+    with pytest.raises(DataError, match=rf"corpus.jsonl:2: {fragment}"):
+        load_corpus(f)
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    from ehi.data import load_corpus
+
+    f = tmp_path / "corpus.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + b'{"_id": "a", "text": "x"}\n{"_id": 7, "text": "y"}\n')
+    assert load_corpus(f).ids == ["a", "7"]

@@ -72,7 +72,11 @@ def test_checkpoint_written_each_epoch(trained):
     from ehi.training import checkpoint_path
 
     manifest = read_manifest(checkpoint_path(out))
-    assert manifest["kind"] == "checkpoint" and manifest["epoch"] == 3
+    assert manifest["kind"] == "checkpoint"
+    # 3 validated epochs, then (if validation kept a trained state) the refit's epochs
+    stages = [h.get("stage", "select") for h in manifest["history"]]
+    assert stages[:3] == ["select"] * 3 and stages[3:] == ["refit"] * manifest["refit_epochs"]
+    assert manifest["epoch"] == (manifest["refit_epochs"] if manifest["stage"] == "refit" else 3)
 
 
 def test_corrupted_or_foreign_artifacts_fail_clearly(trained, tmp_path):

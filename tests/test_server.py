@@ -126,3 +126,39 @@ def test_page_in_headless_chromium(model_dir):
         driver.quit()
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("raw", [
+    '{"query": "a", "budget": NaN}', '{"query": "a", "budget": Infinity}', '{"query": "a", "k": NaN}',
+    '{"query": "a", "k": -Infinity}', '{"query": "\\ud800"}', '{"query": ["ok", "\\udfff x"]}',
+])
+def test_non_finite_numbers_and_lone_surrogates_are_422(client, raw):
+    r = client.post("/search", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"]
+
+
+def test_a_request_that_fails_in_a_batch_does_not_fail_the_others(model_dir):
+    """The batcher runs a failing batch again item by item: only the bad item fails."""
+    import asyncio
+
+    from ehi.model import EHIModel
+    from ehi.server import Batcher
+
+    class Flaky(Batcher):
+        def _search(self, batch):
+            if any("boom" in t for item in batch for t in item.texts):
+                raise RuntimeError("boom")
+            return super()._search(batch)
+
+    async def run():
+        b = Flaky(EHIModel.load(model_dir), max_batch=64, max_wait_ms=50)
+        b.start()
+        jobs = [b.submit([q], 3, 2) for q in ["guitar chord", "boom", "oven flour", "stock bond"]]
+        out = await asyncio.gather(*jobs, return_exceptions=True)
+        await b.stop()
+        return out
+
+    out = asyncio.run(run())
+    assert isinstance(out[1], RuntimeError)
+    assert [len(o[0]["hits"]) for i, o in enumerate(out) if i != 1] == [3, 3, 3]

@@ -2,6 +2,7 @@
 no traceback, and nothing written."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -110,3 +111,79 @@ def test_search_and_evaluate_flag_errors(beir, tmp_path, capsys):
     (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq-music-0\tmusic-0\t0\n")
     assert main(["evaluate", str(model), "--data", str(beir)]) == 2
     assert "test.tsv: no relevant (score > 0) pair" in capsys.readouterr().err
+
+
+def test_out_never_replaces_a_users_folder_or_file(tiny_beir, tmp_path):
+    """--out on a folder with the user's files, on a file, or on the dataset itself: exit 2,
+    one line, nothing touched; an existing model is replaced only with --overwrite."""
+    from ehi.cli import main
+
+    args = ["-B", "6", "--epochs", "1", "--batch-size", "16", "--no-progress"]
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    afile = tmp_path / "file.bin"
+    afile.write_bytes(b"keep me too")
+    for out in (folder, afile, tiny_beir):
+        before = sorted(p.name for p in Path(out).iterdir()) if Path(out).is_dir() else Path(out).read_bytes()
+        assert main(["train", "--data", str(tiny_beir), "--out", str(out), *args]) == 2
+        after = sorted(p.name for p in Path(out).iterdir()) if Path(out).is_dir() else Path(out).read_bytes()
+        assert before == after
+    assert (folder / "notes.txt").read_text() == "keep me"
+    assert not (tmp_path / "mine.checkpoint").exists()
+    # the index commands refuse the same places
+    model = tmp_path / "model"
+    assert main(["train", "--data", str(tiny_beir), "--out", str(model), *args]) == 0
+    new_docs = tmp_path / "new.jsonl"
+    new_docs.write_text('{"_id": "n1", "title": "", "text": "a new note on music and guitar"}\n')
+    assert main(["index", "add", str(model), str(new_docs), "--out", str(folder)]) == 2
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    # a model at --out: refused without --overwrite, replaced with it
+    assert main(["train", "--data", str(tiny_beir), "--out", str(model), *args]) == 2
+    assert main(["train", "--data", str(tiny_beir), "--out", str(model), "--overwrite", *args]) == 0
+
+
+@pytest.mark.parametrize("argv", [
+    ["search", "M", "q", "--device", "tpu"],
+    ["evaluate", "M", "--data", "D", "--device", "gpu0"],
+    ["serve", "M", "--port", "99999"],
+    ["serve", "M", "--log-level", "loud"],
+])
+def test_bad_device_port_or_log_level_is_a_usage_error_not_a_traceback(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error: argument" in err
+
+
+def test_cuda_without_a_gpu_is_refused_before_any_work(tiny_beir, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--data", str(tiny_beir), "--out", str(tmp_path / "m"), "--device", "cuda"])
+    assert e.value.code == 2 and "no such GPU" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_removing_only_unknown_ids_writes_nothing(tiny_beir, tmp_path):
+    model = tmp_path / "m"
+    assert main(["train", "--data", str(tiny_beir), "--out", str(model), "-B", "6", "--epochs", "1", "--no-progress"]) == 0
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    ids = tmp_path / "ids.txt"
+    ids.write_text("no-such-doc\nnor-this-one\n")
+    assert main(["index", "remove", str(model), str(ids)]) == 0
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    assert main(["index", "remove", str(model), str(ids), "--strict"]) == 2
+
+
+def test_search_applies_the_servers_query_rule(tiny_beir, tmp_path, capsys):
+    model = tmp_path / "m"
+    assert main(["train", "--data", str(tiny_beir), "--out", str(model), "-B", "6", "--epochs", "1", "--no-progress"]) == 0
+    capsys.readouterr()
+    for q, fragment in (("   ", "query is empty"), ("x" * 2001, "longer than 2000")):
+        assert main(["search", str(model), q]) == 2
+        err = capsys.readouterr().err
+        assert fragment in err and len(err.strip().splitlines()) == 1

@@ -44,9 +44,35 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_artifact(target: str | Path, write_files: Callable[[Path], dict], meta: dict) -> Path:
-    """``write_files(tmp_dir)`` writes the payload; the manifest and the rename are done here."""
+def is_artifact(path: str | Path) -> bool:
+    """An ehi model or checkpoint folder (its manifest names our format)."""
+    mpath = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+def check_target(target: str | Path, overwrite: bool = True, flag: str = "--out") -> Path:
+    """Refuse, before any work, to write where something the user did not ask to replace
+    lives: a file, or a non-empty folder that is not an ehi model. An existing ehi model is
+    replaced only with ``overwrite``."""
     target = Path(target)
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise ArtifactError(f"{flag} {target}: exists and is not a folder; refusing to replace it")
+    if target.is_dir() and any(target.iterdir()):
+        if not is_artifact(target):
+            raise ArtifactError(f"{flag} {target}: is a non-empty folder that is not an ehi model; refusing to replace it")
+        if not overwrite:
+            raise ArtifactError(f"{flag} {target}: holds an ehi model already; pass --overwrite to replace it")
+    return target
+
+
+def write_artifact(target: str | Path, write_files: Callable[[Path], dict], meta: dict) -> Path:
+    """``write_files(tmp_dir)`` writes the payload; the manifest and the rename are done here.
+    Only an ehi artifact (or an empty folder) is ever replaced."""
+    target = check_target(target, overwrite=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:

@@ -65,6 +65,8 @@ def dual_encoder_config(config: EHIConfig) -> EHIConfig:
             "train.lambda_intra_leaf": 0.0,
             "train.load_balance": 0.0,
             "train.negatives_from": "exact",
+            # no tree is learned: the dual encoder trains on every training query, last epoch
+            "train.val_fraction": 0.0,
         },
     )
 
@@ -75,6 +77,7 @@ class SeedRun:
     rows: list[Row] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     leaf_sizes: dict[str, list[int]] = field(default_factory=dict)
+    validation: dict | None = None  # EHI's validated-training report (curve, kept epoch)
 
 
 def index_curves(prefix, q_emb, d_emb, nlist, seed, qids, doc_ids, qrels, budgets, k=100, scann=True):
@@ -119,6 +122,7 @@ def run_seed(dataset: Dataset, config: EHIConfig, seed: int, split: str, budgets
         t = time.perf_counter()
         if step == "EHI":
             model, q_emb = train(config, "EHI")
+            out.validation = model.validation
             out.rows += ehi_curve("EHI", model, q_emb, qids, qrels, budgets)
             rows, sizes = index_curves("EHI encoder", q_emb, model.index.embeddings, model.tree.num_leaves, seed, qids, doc_ids, qrels, budgets)
             out.rows += rows
@@ -204,6 +208,19 @@ def significance(runs: list[SeedRun], budgets, ehi: str = "EHI", baselines=BASEL
     return out
 
 
+def own_encoder_gap(aggregate_cells: list[dict], budgets, ehi: str = "EHI", other: str = "EHI encoder + Faiss-IVF") -> list[dict]:
+    """Per budget, EHI's learned tree against k-means (Faiss-IVF) over the very encoder EHI
+    trained: what the learned routing adds, or costs."""
+    by = {(c["method"], c["budget"]): c for c in aggregate_cells}
+    out = []
+    for b in budgets:
+        e, o = by.get((ehi, b)), by.get((other, b))
+        if e and o:
+            ev, ov = e["metrics"]["R@100"]["mean"], o["metrics"]["R@100"]["mean"]
+            out.append({"budget": b, "EHI": ev, other: ov, "difference": ev - ov})
+    return out
+
+
 def _fmt(cell: dict | None, measure: str = "R@100") -> str:
     if cell is None:
         return "—"
@@ -249,6 +266,28 @@ def write_report(results: dict, out: Path) -> None:
               "| budget | best baseline | EHI R@100 | baseline R@100 | difference | p-value |", "|---|---|---|---|---|---|"]
     for s in results["significance"]:
         lines.append(f"| ≤{100 * s['budget']:g}% | {s['baseline']} | {s['ehi_R@100']:.1f} | {s['baseline_R@100']:.1f} | {s['difference']:+.1f} | {s['p_value']:.2g} |")
+    lines += ["", "## EHI's learned tree against k-means over its own encoder (EHI encoder + Faiss-IVF)", "",
+              "Same encoder, as many lists as leaves: the difference is what the learned routing adds.", "",
+              "| budget | EHI R@100 | EHI encoder + Faiss-IVF | difference |", "|---|---|---|---|"]
+    for g in results.get("own_encoder_gap", []):
+        lines.append(f"| ≤{100 * g['budget']:g}% | {g['EHI']:.1f} | {g['EHI encoder + Faiss-IVF']:.1f} | {g['difference']:+.1f} |")
+    val = [r for r in results.get("runs", []) if r.get("validation")]
+    if val:
+        v0 = val[0]["validation"]
+        lines += ["", "## Validated training", "",
+                  f"Held out: {v0['held_out']}; score: {v0['score']} at budgets "
+                  + ", ".join(f"{100 * b:g}%" for b in v0["budgets"]) + ".", "",
+                  "| seed | kept epoch | kept tree | score at epoch 0 (k-means start) | score kept | learned tree at the last epoch | refit |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in val:
+            v = r["validation"]
+            curve = {e["epoch"]: e for e in v["curve"]}
+            kept = curve[v["kept_epoch"]]
+            kept_score = kept["score"] if v["kept_tree"] == "learned" else kept["kmeans"]["score"]
+            refit = f"{v['refit']['epochs']} epochs on {v['refit']['queries']} queries" if v.get("refit") else "—"
+            start = curve[0]["score"] if 0 in curve else float("nan")
+            lines.append(f"| {r['seed']} | {v['kept_epoch']} | {v['kept_tree']} | {start:.1f} | {kept_score:.1f} | "
+                         f"{v['curve'][-1]['score']:.1f} | {refit} |")
     lines += ["", f"Test: {results['significance'][0]['test'] if results['significance'] else 'n/a'}.", "",
               "ScaNN configuration: " + json.dumps(results.get("scann_config", {})), "",
               "Wall time (s, summed over seeds): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings"].items()), ""]
@@ -353,7 +392,7 @@ def run_benchmark(
         "config": config.to_dict(),
         "dual_encoder_config": dual_encoder_config(config).to_dict(),
         "ablations": {a: ABLATIONS[a] for a in ablations},
-        "scann_config": {"num_leaves": config.tree.num_leaves, "min_partition_size": 1, "spherical": True, "scoring": "brute force float32, no reordering"},
+        "scann_config": {"num_leaves": config.tree.resolve_branching(len(dataset.corpus)) ** config.tree.height, "min_partition_size": 1, "spherical": True, "scoring": "brute force float32, no reordering"},
         "versions": {
             "ehi": __version__,
             "python": platform.python_version(),
@@ -365,9 +404,14 @@ def run_benchmark(
         "timings": timings,
         "aggregate": aggregate(runs),
         "significance": significance(runs, budgets),
+        "own_encoder_gap": [],
         "leaf_sizes": runs[0].leaf_sizes,
-        "runs": [{"seed": r.seed, "timings": r.timings, "rows": [x.to_dict(per_query=True) for x in r.rows]} for r in runs],
+        "runs": [
+            {"seed": r.seed, "timings": r.timings, "validation": r.validation, "rows": [x.to_dict(per_query=True) for x in r.rows]}
+            for r in runs
+        ],
     }
+    results["own_encoder_gap"] = own_encoder_gap(results["aggregate"], budgets)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=1))

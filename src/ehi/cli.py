@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import json
 import logging
 import os
@@ -22,6 +23,30 @@ def _budget(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0 < v <= 1:
         raise argparse.ArgumentTypeError(f"budget must be in (0, 1] (or 0-100%), got {text!r}")
+    return v
+
+
+def _device(text: str) -> str:
+    """cpu, cuda or cuda:N, and a GPU only where torch sees one: checked before any work."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: use cpu, cuda or cuda:N")
+    if text.startswith("cuda"):
+        import torch
+
+        n = torch.cuda.device_count()
+        idx = int(text.split(":")[1]) if ":" in text else 0
+        if idx >= n:
+            raise argparse.ArgumentTypeError(f"{text}: no such GPU here (torch sees {n})")
+    return text
+
+
+def _port(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in 0..65535, got {v}")
     return v
 
 
@@ -61,11 +86,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--refresh-every", type=int)
     t.add_argument("--d2l", type=int, help="leaves each document is stored in")
     t.add_argument("--seed", type=int)
-    t.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    t.add_argument("--device", type=_device, help="cpu, cuda, cuda:1, ...")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--evaluate", action="store_true", help="evaluate on the test split afterwards")
     t.add_argument("--resume", action="store_true", help="continue from the last complete epoch (OUT.checkpoint)")
+    t.add_argument("--overwrite", action="store_true", help="replace an ehi model already at --out")
     t.add_argument("--strict", action="store_true", help="qrels naming unknown queries or documents are errors, not warnings")
+    t.add_argument("--val-fraction", type=float, help="training queries held out to validate routing each epoch (0 = off; default 0.2)")
+    t.add_argument("--val-split", help="validate on this qrels split instead (e.g. dev; never the split you report on)")
+    t.add_argument("--no-refit", action="store_true", help="ship the validated state itself, not a retrain on all queries")
+
+    u = sub.add_parser("tune", help="choose branching, epochs and the tree's learning settings from training queries")
+    u.add_argument("--data", required=True, help="BEIR folder or name")
+    u.add_argument("--out", required=True, help="JSON config to write (use it with 'ehi train --config')")
+    u.add_argument("--split", default="train", help="qrels split to tune on (default: train)")
+    u.add_argument("--config", help="JSON config to start from")
+    u.add_argument("--time-limit", type=float, default=600, help="seconds; candidates stop once the next would exceed it (default 600)")
+    u.add_argument("--folds", type=_positive, default=2, help="held-out draws per candidate (default 2)")
+    u.add_argument("--device", type=_device, help="cpu, cuda, ...")
+    u.add_argument("--no-progress", action="store_true")
 
     i = sub.add_parser("index", help="build, add to or remove from a trained model's index")
     isub = i.add_subparsers(dest="index_command", required=True)
@@ -74,12 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     ib.add_argument("--data", required=True, help="BEIR folder whose corpus.jsonl is indexed")
     ib.add_argument("--d2l", type=_positive)
     ib.add_argument("--out", help="write here instead of replacing the model directory")
-    ib.add_argument("--device", default="cpu")
+    ib.add_argument("--device", type=_device, default="cpu")
     ia = isub.add_parser("add", help="route new documents into their leaves (no retraining)")
     ia.add_argument("model")
     ia.add_argument("corpus", help="corpus.jsonl of the new documents")
     ia.add_argument("--out", help="write here instead of replacing the model directory")
-    ia.add_argument("--device", default="cpu")
+    ia.add_argument("--device", type=_device, default="cpu")
     ir = isub.add_parser("remove", help="drop documents by id")
     ir.add_argument("model")
     ir.add_argument("ids", help="text file, one document id per line")
@@ -94,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--beam", type=_positive, help="leaves to visit")
     g.add_argument("--budget", type=_budget, help="fraction of the corpus to visit, e.g. 0.1 or 10%%")
     s.add_argument("--json", action="store_true", help="print JSON")
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", type=_device, default="cpu")
 
     e = sub.add_parser("evaluate", help="metrics against fraction visited, with exact search and Faiss-IVF")
     e.add_argument("model")
@@ -105,13 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-baselines", action="store_true")
     e.add_argument("--json", help="write every row to this JSON file")
     e.add_argument("--strict", action="store_true", help="qrels naming unknown queries or documents are errors")
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", type=_device, default="cpu")
 
     v = sub.add_parser("serve", help="HTTP search service with a web page")
     v.add_argument("model")
     v.add_argument("--host", default="127.0.0.1")
-    v.add_argument("--port", type=int, default=8000)
-    v.add_argument("--log-level", default="info")
+    v.add_argument("--port", type=_port, default=8000)
+    v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"])
 
     b = sub.add_parser("benchmark", help="EHI vs DE + exact / Faiss-IVF / ScaNN, several seeds, report and plots")
     b.add_argument("--data", required=True)
@@ -121,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--config", help="JSON file with config overrides for EHI (and so for the DE baseline)")
     b.add_argument("--budgets", type=_budget, nargs="+")
     b.add_argument("--ablation", action="append", default=[], choices=sorted(ABLATIONS), help="add an EHI ablation row (repeatable)")
-    b.add_argument("--device", help="cpu, cuda, ... (training)")
+    b.add_argument("--device", type=_device, help="cpu, cuda, ... (training)")
     b.add_argument("--no-progress", action="store_true")
     return p
 
@@ -150,11 +189,15 @@ def _config_from_args(args):
         "d2l": ("index", "d2l"),
         "seed": ("train", "seed"),
         "device": ("train", "device"),
+        "val_fraction": ("train", "val_fraction"),
+        "val_split": ("train", "val_split"),
     }
     for arg, (section, name) in mapping.items():
         v = getattr(args, arg, None)
         if v is not None:
             setattr(getattr(cfg, section), name, v)
+    if getattr(args, "no_refit", False):
+        cfg.train.val_refit = False
     return cfg.validate()
 
 
@@ -176,7 +219,12 @@ def cmd_train(args) -> None:
     from .distributed import is_main
     from .training import Trainer, checkpoint_path, leaf_report
 
+    from .artifacts import check_target
+
     cfg = _config_from_args(args)
+    # before any work: never replace a user's file or folder, nor a model without --overwrite
+    check_target(args.out, overwrite=args.overwrite)
+    check_target(checkpoint_path(args.out), overwrite=True)
     byo = [args.doc_embeddings, args.query_embeddings, args.pairs]
     if any(byo):
         if not all(byo) or args.data:
@@ -208,6 +256,11 @@ def cmd_train(args) -> None:
         + f"; total {total:.1f}s"
     )
     print(leaf_report(model, model.encoder.embed_all(trainer.q_feats)))
+    if model.validation:
+        v = model.validation
+        print(f"validation on {v['held_out']}: {v['why']}")
+        if v.get("refit"):
+            print(f"refit on all {v['refit']['queries']} training queries for {v['refit']['epochs']} epochs")
     if args.evaluate and d_emb is None:
         rows = evaluate_model(model, ds, "test")
         print(f"\nSciFact-style evaluation on split 'test'; budget rule: {BUDGET_RULE}\n")
@@ -229,6 +282,10 @@ def cmd_index(args) -> None:
             raise ValueError(f"{path}: cannot read ({e})") from None
         if not ids:
             raise ValueError(f"{path}: no ids")
+    if args.out:  # a new place: never a user's file or folder (an ehi model there is replaced)
+        from .artifacts import check_target
+
+        check_target(args.out)
     model = EHIModel.load(args.model, device=getattr(args, "device", "cpu"))
     before = leaf_report(model) if model.index is not None else None
     if args.index_command == "build":
@@ -252,6 +309,9 @@ def cmd_index(args) -> None:
             raise ValueError(f"{args.ids}: {len(unknown)} ids are not indexed (first: {unknown[0]!r})")
         if unknown:
             print(f"warning: {len(unknown)} ids are not indexed (ignored)", file=sys.stderr)
+        if not set(ids) & known:
+            print(f"nothing to remove: none of the ids is indexed; {args.model} left unchanged", file=sys.stderr)
+            return
         what = f"removed {model.remove_documents(ids)} documents"
     # the corpus changed: re-measure budget -> beam, documents standing in for queries
     emb = model.index.embeddings
@@ -266,7 +326,10 @@ def cmd_index(args) -> None:
 
 
 def cmd_search(args) -> None:
-    from .model import EHIModel
+    from .model import EHIModel, check_query
+
+    for q in args.query:  # the server's rule, before loading anything
+        check_query(q)
 
     model = EHIModel.load(args.model, device=args.device)
     if args.beam and args.beam > model.tree.num_leaves:
@@ -324,13 +387,38 @@ def cmd_benchmark(args) -> None:
     print(f"wrote {args.out}/results.json, report.md, recall_vs_visited.png, leaf_sizes.png in {res['timings']['total']:.0f}s")
 
 
+def cmd_tune(args) -> None:
+    from .data import load_beir
+    from .tuning import format_trial, tune
+
+    cfg = _config_from_args(args)
+    ds = load_beir(args.data)
+    ds.check_qrels(args.split)
+    out = Path(args.out)
+    if out.exists() and out.is_dir():
+        raise ValueError(f"--out {out}: is a folder; give a .json file path")
+    t = time.perf_counter()
+    chosen, trials = tune(ds, cfg, args.split, args.time_limit, args.folds, progress=not args.no_progress)
+    print(f"\n{len(trials)} candidates in {time.perf_counter() - t:.0f}s (limit {args.time_limit:.0f}s), "
+          f"each validated on held-out '{args.split}' queries, {args.folds} folds:")
+    for tr in sorted(trials, key=lambda tr: -tr.score):
+        print("  " + format_trial(tr))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(chosen.to_json())
+    tmp.replace(out)
+    trials_path = out.with_name(out.stem + ".trials.json")
+    trials_path.write_text(json.dumps([tr.to_dict() for tr in trials], indent=2))
+    print(f"wrote {out} (ehi train --config {out}) and {trials_path}")
+
+
 def cmd_serve(args) -> None:
     from .server import serve
 
     serve(args.model, args.host, args.port, args.log_level)
 
 
-COMMANDS = {"serve": cmd_serve, "train": cmd_train, "index": cmd_index, "search": cmd_search, "evaluate": cmd_evaluate, "benchmark": cmd_benchmark}
+COMMANDS = {"serve": cmd_serve, "tune": cmd_tune, "train": cmd_train, "index": cmd_index, "search": cmd_search, "evaluate": cmd_evaluate, "benchmark": cmd_benchmark}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,9 +40,11 @@ class EncoderConfig:
 
 @dataclass
 class TreeConfig:
-    # 128 leaves ~ 40 SciFact abstracts each: fine enough that budgets of a few percent are
-    # met closely (chosen on held-out train queries, see benchmarks/init_balance.py)
-    branching: int = 128
+    # 0 = auto, resolved when training sees the corpus (``resolve_branching``): about 4·sqrt(N)
+    # leaves, rounded to a power of two (Faiss's rule of thumb for nlist). On SciFact and
+    # Climate-FEVER (~5k documents) that is 256 leaves of ~20 documents, which beat 128 on the
+    # held-out queries of both (benchmarks/generalization.py)
+    branching: int = 0
     height: int = 1
     init: str = "kmeans"
     # softmax temperature of the k-means initialisation: W = centroids / temperature
@@ -53,9 +55,22 @@ class TreeConfig:
     def num_leaves(self) -> int:
         return self.branching**self.height
 
+    def resolve_branching(self, num_docs: int) -> int:
+        """The auto branching for a corpus of ``num_docs``: B^H ~ 4·sqrt(N) leaves, B a power of
+        two, at least 2, and at most one leaf per 2 documents."""
+        if self.branching:
+            return self.branching
+        import math
+
+        leaves = max(2.0, min(4 * math.sqrt(num_docs), num_docs / 2))
+        b = 2 ** round(math.log2(leaves) / self.height)
+        while b > 2 and b**self.height > num_docs:
+            b //= 2
+        return max(2, b)
+
     def validate(self) -> None:
-        if self.branching < 2:
-            raise ValueError(f"branching B must be >= 2, got {self.branching}")
+        if self.branching != 0 and self.branching < 2:
+            raise ValueError(f"branching B must be >= 2 (or 0 for auto), got {self.branching}")
         if self.height < 1:
             raise ValueError(f"height H must be >= 1, got {self.height}")
         if self.init not in INITS:
@@ -80,6 +95,18 @@ class TrainConfig:
     # encoder learns from the siamese loss only while the tree adapts to it)
     tree_grad_to_encoder: float = 1.0
     load_balance: float = 0.3  # weight of the batch load-balance penalty (0 disables it)
+    # weight of ||theta - theta_0||^2 / ||theta_0||^2 over the tree's parameters: keeps the tree
+    # near its k-means start, which also routes the documents no training query touches
+    tree_anchor: float = 0.0
+    # negatives whose cosine to the positive is >= this are treated as unlabelled positives and
+    # left out of every hinge (1 = off); dense corpora hold many near-duplicate evidence texts
+    negative_tau: float = 1.0
+    # weight of a cross-entropy that routes each query to its positive's leaf at every level
+    # (where their prefixes agree): it ranks the right leaf among all, which beam search needs
+    lambda_routing: float = 0.0
+    # every this many epochs (0 = never) the tree is re-initialised by k-means over the current
+    # encoder's documents, so that a moved encoder does not leave it routing a stale geometry
+    recluster_every: int = 0
     hard_negatives: int = 4  # hard negatives per (query, positive) pair, 0 = in-batch only
     # where hard negatives come from: "tree" (the leaves the query reaches, EHI) or "exact"
     # (exact search over the corpus, as a plain dual encoder is trained)
@@ -89,14 +116,35 @@ class TrainConfig:
     mining_pool: int = 50  # candidates per query (ranked by cosine) to sample negatives from
     seed: int = 0
     device: str = "cpu"
+    # Validated training: routing quality (Recall@100 at ``val_budgets`` of the corpus visited)
+    # is measured on held-out queries at epoch 0 (the k-means tree) and after every epoch, and
+    # the best state is kept, so a tree that routes worse than its start is never shipped.
+    # Held out: ``val_split``'s qrels if named (never the split you report on), otherwise
+    # ``val_fraction`` of the training queries (0 = no validation, keep the last epoch).
+    val_fraction: float = 0.2
+    val_split: str = ""
+    val_budgets: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2])
+    # after validation picked the epoch, train again from the same start on every training
+    # query (the held-out ones included) for that many epochs: few-query corpora need them all
+    val_refit: bool = True
+    # also validate, after each epoch, k-means over the current encoder's documents in place of
+    # the learned tree, and keep it when it routes the held-out queries better: the shipped
+    # tree is then never worse on them than k-means over the very encoder EHI trained
+    val_recluster: bool = True
 
     def validate(self) -> None:
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not self.val_budgets or not all(0 < b <= 1 for b in self.val_budgets):
+            raise ValueError(f"val_budgets must be fractions in (0, 1], got {self.val_budgets}")
         if self.epochs < 0:
             raise ValueError("epochs must be >= 0")
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2 (in-batch negatives)")
         if self.negatives_from not in ("tree", "exact"):
             raise ValueError(f"negatives_from must be 'tree' or 'exact', got {self.negatives_from!r}")
+        if self.recluster_every < 0:
+            raise ValueError("recluster_every must be >= 0")
         if self.refresh_every < 1:
             raise ValueError("refresh_every must be >= 1")
 
@@ -122,7 +170,7 @@ class EHIConfig:
         self.tree.validate()
         self.train.validate()
         self.index.validate()
-        if self.index.d2l > self.tree.num_leaves:
+        if self.tree.branching and self.index.d2l > self.tree.num_leaves:
             raise ValueError("d2l cannot exceed the number of leaves")
         return self
 

@@ -93,6 +93,8 @@ def _read_jsonl(path: Path, required: tuple[str, ...]):
     seen: set[str] = set()
     with fh:
         for lineno, raw in enumerate(fh, 1):
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as some editors write
+                raw = raw[3:]
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -108,7 +110,13 @@ def _read_jsonl(path: Path, required: tuple[str, ...]):
             for key in required:
                 if key not in obj:
                     raise DataError(f"{path}:{lineno}: missing field {key!r}")
-            _id = str(obj["_id"])
+            raw_id = obj["_id"]
+            if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or not str(raw_id).strip():
+                raise DataError(f"{path}:{lineno}: _id must be a non-empty string or an integer, got {json.dumps(raw_id)[:40]}")
+            for key in ("text", "title"):
+                if key in obj and obj[key] is not None and not isinstance(obj[key], str):
+                    raise DataError(f"{path}:{lineno}: field {key!r} must be a string, got {type(obj[key]).__name__}")
+            _id = str(raw_id)
             if _id in seen:
                 raise DataError(f"{path}:{lineno}: duplicate _id {_id!r}")
             seen.add(_id)

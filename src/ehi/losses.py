@@ -40,6 +40,7 @@ def ehi_losses(
     same_doc: torch.Tensor,
     margin: float = 0.3,
     tau: float = 0.9,
+    negative_tau: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """The three terms, unweighted.
 
@@ -50,11 +51,31 @@ def ehi_losses(
     - intra-leaf: anchor p, positive q, negative n on path embeddings, only for documents
       that are not near-duplicates (cos(e_p, e_n) < tau): such documents should not share
       p's leaf more than its query does.
+    With ``negative_tau`` < 1, negatives at least that similar to the positive are dropped
+    from all three.
     """
+    with torch.no_grad():
+        doc_cos = F.normalize(e_p, dim=-1) @ F.normalize(e_n, dim=-1).T
+        if negative_tau < 1.0:  # near-duplicates of the positive: likely unlabelled positives
+            neg_mask = neg_mask & (doc_cos < negative_tau)
     siamese = triplet_hinge(e_q, e_p, e_n, neg_mask, margin)
     indexing = triplet_hinge(t_q, t_p, t_n, neg_mask, margin)
     with torch.no_grad():
-        doc_cos = F.normalize(e_p, dim=-1) @ F.normalize(e_n, dim=-1).T
         intra_mask = neg_mask & ~same_doc & (doc_cos < tau)
     intra = triplet_hinge(t_p, t_q, t_n, intra_mask, margin)
     return {"siamese": siamese, "indexing": indexing, "intra_leaf": intra}
+
+
+def routing_cross_entropy(query_probs: list[torch.Tensor], doc_probs: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over levels of -log p_q(level choice of the positive), where the query's and the
+    positive's arg-max prefixes agree (a level's distribution is conditioned on its prefix).
+
+    query_probs, doc_probs: H tensors (b, B) for queries and their positives, row-aligned."""
+    total = query_probs[0].new_zeros(())
+    agree = torch.ones(query_probs[0].shape[0], dtype=torch.bool, device=query_probs[0].device)
+    for pq, pd in zip(query_probs, doc_probs):
+        target = pd.detach().argmax(-1)
+        nll = -torch.log(pq.gather(1, target[:, None]).squeeze(1).clamp_min(1e-12))
+        total = total + (nll * agree).sum() / agree.sum().clamp_min(1)
+        agree = agree & (pq.detach().argmax(-1) == target)
+    return total / len(query_probs)

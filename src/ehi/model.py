@@ -17,6 +17,24 @@ from .index import LeafIndex
 from .tree import Tree
 
 
+MAX_QUERY_CHARS = 2000  # one rule for the API, the CLI and the server
+
+
+def check_query(q) -> str:
+    """A query text as search accepts it; ValueError saying why otherwise."""
+    if not isinstance(q, str):
+        raise ValueError(f"query must be a string, got {type(q).__name__}")
+    try:
+        q.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("query is not valid Unicode text (unpaired surrogate)") from None
+    if not q.strip():
+        raise ValueError("query is empty")
+    if len(q) > MAX_QUERY_CHARS:
+        raise ValueError(f"query longer than {MAX_QUERY_CHARS} characters")
+    return q
+
+
 @dataclass
 class Hit:
     doc_id: str
@@ -53,6 +71,7 @@ class EHIModel:
         doc_titles: list[str] | None = None,
         corpus_fingerprint: str = "",
         beam_calibration: list[float] | None = None,
+        validation: dict | None = None,
     ):
         self.config = config
         self.encoder = encoder
@@ -63,6 +82,8 @@ class EHIModel:
         self.corpus_fingerprint = corpus_fingerprint
         # [beam, mean fraction of the corpus visited] pairs, measured on training queries
         self.beam_calibration = beam_calibration or []
+        # validated training: held-out routing quality per epoch and the epoch kept
+        self.validation = validation
 
     # ---- routing and search ------------------------------------------------------------
     def route(self, emb: np.ndarray, beam: int) -> np.ndarray:
@@ -142,7 +163,7 @@ class EHIModel:
         if self.index is None:
             raise ValueError("the model has no index; build one first")
         single = isinstance(queries, str)
-        texts = [queries] if single else list(queries)
+        texts = [check_query(q) for q in ([queries] if single else list(queries))]
         if beam is None:
             beam = self.beam_for_budget(budget) if budget is not None else 1
         if beam < 1:
@@ -176,6 +197,7 @@ class EHIModel:
             "num_docs": len(self.doc_ids),
             "num_leaves": self.tree.num_leaves,
             "beam_calibration": self.beam_calibration,
+            "validation": self.validation,
         }
         return write_artifact(path, write, meta)
 
@@ -215,6 +237,7 @@ class EHIModel:
             tree,
             corpus_fingerprint=manifest.get("corpus_fingerprint", ""),
             beam_calibration=manifest.get("beam_calibration") or [],
+            validation=manifest.get("validation"),
         )
         if (path / "doc_leaves.npy").exists():
             leaves = np.load(path / "doc_leaves.npy", allow_pickle=False)

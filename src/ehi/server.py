@@ -19,12 +19,13 @@ from typing import Union
 
 import numpy as np
 from fastapi import FastAPI, HTTPException
-from fastapi.responses import HTMLResponse
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .model import EHIModel
+from .model import EHIModel, check_query
 
-MAX_QUERY_CHARS = 2000
 MAX_QUERIES = 64
 
 
@@ -33,7 +34,7 @@ class SearchRequest(BaseModel):
 
     query: Union[str, list[str]]
     k: int = Field(10, ge=1, le=1000)
-    budget: float | None = Field(None, gt=0, le=1, description="fraction of the corpus to visit")
+    budget: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="fraction of the corpus to visit")
     beam: int | None = Field(None, ge=1, description="leaves to visit")
 
     @field_validator("query")
@@ -45,10 +46,7 @@ class SearchRequest(BaseModel):
         if len(items) > MAX_QUERIES:
             raise ValueError(f"at most {MAX_QUERIES} queries per request")
         for q in items:
-            if not q.strip():
-                raise ValueError("query is empty")
-            if len(q) > MAX_QUERY_CHARS:
-                raise ValueError(f"query longer than {MAX_QUERY_CHARS} characters")
+            check_query(q)
         return v
 
     @model_validator(mode="after")
@@ -56,6 +54,24 @@ class SearchRequest(BaseModel):
         if self.budget is not None and self.beam is not None:
             raise ValueError("give budget or beam, not both")
         return self
+
+
+def _json_safe(x):
+    """A copy that can be written as JSON: non-finite floats become their names, strings that
+    are not valid Unicode (lone surrogates) get backslash escapes."""
+    if isinstance(x, float) and not np.isfinite(x):
+        return str(x)
+    if isinstance(x, str):
+        try:
+            x.encode("utf-8")
+            return x
+        except UnicodeEncodeError:
+            return x.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(x, dict):
+        return {_json_safe(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
 
 
 @dataclass
@@ -111,10 +127,21 @@ class Batcher:
                 for item, res in zip(batch, results):
                     if not item.future.done():
                         item.future.set_result(res)
-            except Exception as e:  # surface to every waiting request
+            except Exception as e:
+                if len(batch) == 1:
+                    if not batch[0].future.done():
+                        batch[0].future.set_exception(e)
+                    continue
+                # one request must not fail the others batched with it: run each alone
                 for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(e)
+                    try:
+                        res = (await loop.run_in_executor(self.pool, self._search, [item]))[0]
+                    except Exception as e1:
+                        if not item.future.done():
+                            item.future.set_exception(e1)
+                    else:
+                        if not item.future.done():
+                            item.future.set_result(res)
 
     def _search(self, batch: list[_Pending]):
         model = self.model
@@ -177,6 +204,12 @@ def create_app(model_dir: str | Path, max_batch: int = 64, max_wait_ms: float = 
         await batcher.stop()
 
     app = FastAPI(title="ehi", description="End-to-end Hierarchical Indexing: search service", lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request, exc: RequestValidationError) -> JSONResponse:
+        # the default handler echoes the input, and NaN / Infinity (which Python's JSON parser
+        # accepts) or a lone surrogate cannot be written back as JSON: that turned 422s into 500s
+        return JSONResponse(status_code=422, content={"detail": _json_safe(jsonable_encoder(exc.errors()))})
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:

@@ -24,10 +24,11 @@ from .config import EHIConfig
 from .data import Dataset
 from .distributed import all_gather_ids, all_gather_with_grad, barrier, gather_rows, is_main, map_rows, rank_world, shard_rows
 from .encoder import PRECOMPUTED, Encoder, Features
-from .losses import ehi_losses
+from .losses import ehi_losses, routing_cross_entropy
 from .mining import mine_pool, positives_matrix, sample_negatives
 from .model import EHIModel
 from .tree import Tree, load_balance_penalty
+from .validation import Validator, format_validation, holdout, selection_message
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,8 @@ class Trainer:
         seed_everything(tc.seed)
         self.rng = np.random.default_rng(tc.seed)
         self.device = tc.device
-        self.train_set = TrainingSet.from_dataset(dataset, split, query_ids)
+        train_qids, val_qids, self.val_split = holdout(dataset, split, query_ids, tc)
+        self.train_set = TrainingSet.from_dataset(dataset, split, train_qids)
         if (doc_embeddings is None) != (query_embeddings is None):
             raise ValueError("give both document and query embeddings, or neither")
         if doc_embeddings is not None:
@@ -143,6 +145,9 @@ class Trainer:
             config.encoder.model_name = PRECOMPUTED
             config.encoder.scope = "adapter"
             config.encoder.dim = int(doc_embeddings.shape[1])
+        if not config.tree.branching:  # auto: resolved from the corpus size, saved resolved
+            config.tree.branching = config.tree.resolve_branching(len(dataset.corpus))
+            config.validate()
         self.encoder = Encoder(config.encoder, device=self.device)
         self.timings: dict[str, float] = {}
         self.peak_rss: dict[str, float] = {}
@@ -151,9 +156,21 @@ class Trainer:
                 self.doc_feats = Features(dense=_normalised(doc_embeddings))
                 row = {q: i for i, q in enumerate(dataset.queries)}
                 self.q_feats = Features(dense=_normalised(query_embeddings[[row[q] for q in self.train_set.query_ids]]))
+                val_feats = Features(dense=_normalised(query_embeddings[[row[q] for q in val_qids]])) if val_qids else None
             else:
                 self.doc_feats = self._features(dataset.corpus.documents(), "encoding corpus")
                 self.q_feats = self._features([dataset.queries[q] for q in self.train_set.query_ids], "encoding queries")
+                val_feats = self._features([dataset.queries[q] for q in val_qids], "encoding validation queries") if val_qids else None
+        self.validator = Validator(dataset, self.val_split, val_qids, val_feats, tc.val_budgets) if val_qids else None
+        # the refit trains on the held-out queries too, when they came from the training split
+        self.full_set: TrainingSet | None = None
+        if val_qids and self.val_split == split and tc.val_refit:
+            self.full_set = TrainingSet.from_dataset(dataset, split, sorted(self.train_set.query_ids + list(val_qids)))
+            feats = dict(zip(self.train_set.query_ids, self.q_feats.rows()))
+            feats.update(zip(val_qids, val_feats.rows()))
+            self.full_q_feats = Features.from_rows([feats[q] for q in self.full_set.query_ids], self.q_feats)
+        self.stage = "select"  # then "refit"
+        self.refit_epochs = 0
         self.tree = Tree(self.encoder.dim, config.tree).to(self.device)
         self.joint = _Joint(self.encoder, self.tree)
         self.joint.q_feats, self.joint.d_feats = self.q_feats, self.doc_feats
@@ -167,17 +184,29 @@ class Trainer:
 
             # every rank starts from rank 0's tree (k-means may differ by a ulp across ranks)
             self.joint = DistributedDataParallel(self.joint, forward_sync_buffers=False)
+        # the start the anchor penalty pulls toward and the refit restarts from (recomputed
+        # identically on resume)
+        self.start_state = self._state()
+        self.tree_start = [p.detach().clone() for p in self.tree.parameters()]
+        self.tree_start_norm = float(sum((p**2).sum() for p in self.tree_start)) + 1e-12
+        self.optimizer = self._optimizer()
+        self.pool: np.ndarray | None = None
+        self.history: list[dict] = []
+        self.validation: list[dict] = []  # one entry per validated epoch (0 = the start tree)
+        # epoch, score, state, whether that state's tree is k-means over that epoch's encoder
+        self.best: tuple[int, float, dict[str, torch.Tensor], bool] | None = None
+        self.start_epoch = 0
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        tc = self.config.train
         enc_params = [p for p in self.encoder.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
+        return torch.optim.AdamW(
             [
                 {"params": enc_params, "lr": tc.lr_encoder, "name": "encoder"},
                 {"params": list(self.tree.parameters()), "lr": tc.lr_indexer, "name": "indexer"},
             ],
             weight_decay=tc.weight_decay,
         )
-        self.pool: np.ndarray | None = None
-        self.history: list[dict] = []
-        self.start_epoch = 0
 
     @contextmanager
     def phase(self, name: str):
@@ -225,6 +254,92 @@ class Trainer:
             lambda r: mine_pool(q_emb[r], d_emb, pos[r], tc.mining_pool, q_leaves[r], doc_leaves), len(q_emb)
         )
 
+    def recluster(self) -> None:
+        """Re-initialise the tree by k-means over the current encoder's documents; the tree's
+        optimiser moments and the anchor move to the new start."""
+        self._kmeans_tree()
+        for p in self.tree.parameters():
+            self.optimizer.state.pop(p, None)
+        self.tree_start = [p.detach().clone() for p in self.tree.parameters()]
+        self.tree_start_norm = float(sum((p**2).sum() for p in self.tree_start)) + 1e-12
+
+    def _kmeans_tree(self) -> None:
+        """The tree's weights only: k-means over the current documents, U at its small start."""
+        seed = self.config.train.seed
+        d_emb = map_rows(lambda rows: self.encoder.embed_all(self.doc_feats, rows=rows), len(self.doc_feats))
+        self.tree.init_kmeans(d_emb, seed=seed)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for level in self.tree.levels:  # not zero: ReLU'(0) = 0 would freeze U
+                n = level.U.shape[0]
+                level.U.copy_(torch.randn(level.U.shape, generator=g) * (1e-3 / n**0.5))
+
+    def _anchor_penalty(self) -> torch.Tensor:
+        num = sum(((p - p0) ** 2).sum() for p, p0 in zip(self.tree.parameters(), self.tree_start))
+        return num / self.tree_start_norm
+
+    # ---- validation --------------------------------------------------------------------
+    def _state(self) -> dict[str, torch.Tensor]:
+        state = {f"encoder.{k}": v.detach().clone() for k, v in self.encoder.trainable_state().items()}
+        state.update({f"tree.{k}": v.detach().clone() for k, v in self.tree.state_dict().items()})
+        return state
+
+    def _load_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.encoder.named_parameters())
+        with torch.no_grad():
+            for k, v in state.items():
+                if k.startswith("encoder."):
+                    params[k[len("encoder.") :]].copy_(v)
+        self.tree.load_state_dict({k[len("tree.") :]: v for k, v in state.items() if k.startswith("tree.")})
+
+    def _validate(self, epoch: int, progress: bool) -> dict:
+        tc = self.config.train
+        with self.phase("validate"):
+            entry = {"epoch": epoch, **self.validator(EHIModel(self.config, self.encoder, self.tree), self.doc_feats)}
+            learned = self._state()
+            candidates = [(entry["score"], False, learned)]
+            if tc.val_recluster and epoch > 0:
+                self._kmeans_tree()
+                km = self.validator(EHIModel(self.config, self.encoder, self.tree), self.doc_feats)
+                entry["kmeans"] = km
+                candidates.append((km["score"], True, self._state()))
+                self._load_state(learned)
+        self.validation.append(entry)
+        for score, reclustered, state in candidates:
+            if self.best is None or score > self.best[1]:
+                self.best = (epoch, score, state, reclustered)
+        if progress:
+            tqdm.write(f"validation epoch {epoch}: " + format_validation(entry))
+        return entry
+
+    def restore_best(self, progress: bool = True) -> None:
+        """Go back to the best validated state (the k-means start if training never beat it)."""
+        if self.best is None:
+            return
+        epoch, score, state, reclustered = self.best
+        self._load_state(state)
+        msg = selection_message(self.validation, epoch, reclustered)
+        log.info(msg)
+        if progress:
+            tqdm.write(msg)
+
+    def validation_report(self) -> dict | None:
+        """What goes into the model's metadata and the benchmark report."""
+        if self.validator is None:
+            return None
+        return {
+            "held_out": self.validator.describe(),
+            "budgets": list(self.validator.budgets),
+            "score": "mean Recall@100 over the budgets; a budget even beam 1 exceeds is scored on the line from 0 to beam 1",
+            "kept_epoch": self.best[0] if self.best else None,
+            "kept_tree": ("k-means over that epoch's encoder" if self.best[3] else "learned") if self.best else None,
+            "refit": (
+                {"epochs": self.refit_epochs, "queries": len(self.full_set.query_ids)} if self.stage == "refit" else None
+            ),
+            "why": selection_message(self.validation, self.best[0], self.best[3]) if self.best else "",
+            "curve": self.validation,
+        }
+
     # ---- one step ----------------------------------------------------------------------
     def step(self, batch: np.ndarray) -> dict[str, float]:
         """One optimiser step on a global batch. With several ranks each takes every
@@ -251,12 +366,18 @@ class Trainer:
         neg_mask = ~(neg_ids[None, :, None] == pos[:, None, :]).any(-1)
         same_doc = neg_ids[None, :] == torch.from_numpy(pi)[:, None]
         terms = ehi_losses(
-            e_q, e_d[:b], e_n, t_q, t_d[:b], t_n, neg_mask.to(dev), same_doc.to(dev), tc.margin, tc.tau
+            e_q, e_d[:b], e_n, t_q, t_d[:b], t_n, neg_mask.to(dev), same_doc.to(dev), tc.margin, tc.tau, tc.negative_tau
         )
         loss = tc.lambda_siamese * terms["siamese"] + tc.lambda_indexing * terms["indexing"] + tc.lambda_intra_leaf * terms["intra_leaf"]
         if tc.load_balance > 0:
             terms["balance"] = load_balance_penalty([p[b:] for p in level_probs])
             loss = loss + tc.load_balance * terms["balance"]
+        if tc.lambda_routing > 0:
+            terms["routing"] = routing_cross_entropy([p[:b] for p in level_probs], [p[b : 2 * b] for p in level_probs])
+            loss = loss + tc.lambda_routing * terms["routing"]
+        if tc.tree_anchor > 0:
+            terms["anchor"] = self._anchor_penalty()
+            loss = loss + tc.tree_anchor * terms["anchor"]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -269,29 +390,66 @@ class Trainer:
     ) -> EHIModel:
         """Train; then index the training corpus, unless ``build_index`` is False (the caller
         indexes another corpus, e.g. streaming)."""
+        if self.stage == "select":
+            if self.validator is not None and self.start_epoch == 0 and not self.validation:
+                self._validate(0, progress)
+            self._run(self.config.train.epochs, out_dir, progress, on_epoch)
+            self.restore_best(progress)
+            if self.full_set is not None and self.best is not None and self.best[0] > 0:
+                self._enter_refit(self.best[0], progress)
+        if self.stage == "refit":
+            self._run(self.refit_epochs, out_dir, progress, on_epoch)
+            if self.best[3]:  # validation kept k-means over the encoder of that epoch
+                self._kmeans_tree()
+        if not build_index:
+            self.encoder.eval()
+            self.tree.eval()
+            return EHIModel(self.config, self.encoder, self.tree, validation=self.validation_report())
+        return self.build_model()
+
+    def _run(self, epochs: int, out_dir, progress: bool, on_epoch) -> None:
         tc = self.config.train
         pairs = self.train_set.pairs
-        for epoch in range(self.start_epoch, tc.epochs):
+        for epoch in range(self.start_epoch, epochs):
             if tc.hard_negatives > 0 and epoch % tc.refresh_every == 0:
                 with self.phase("refresh_negatives"):
                     self.refresh_negatives()
             with self.phase("train_epochs"):
-                record = self._epoch(epoch, pairs, progress)
+                record = self._epoch(epoch, pairs, progress, epochs)
+            if tc.recluster_every and (epoch + 1) % tc.recluster_every == 0:
+                with self.phase("recluster"):
+                    self.recluster()
+                record["reclustered"] = True
+            if self.stage == "refit":
+                record["stage"] = "refit"
             self.history.append(record)
             if progress:
                 tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            if self.validator is not None and self.stage == "select":
+                self._validate(epoch + 1, progress)
             if out_dir is not None and is_main():
                 self.save_checkpoint(checkpoint_path(out_dir), epoch + 1)
             barrier()
             if on_epoch is not None:
                 on_epoch(self, record)
-        if not build_index:
-            self.encoder.eval()
-            self.tree.eval()
-            return EHIModel(self.config, self.encoder, self.tree)
-        return self.build_model()
 
-    def _epoch(self, epoch: int, pairs: np.ndarray, progress: bool) -> dict:
+    def _enter_refit(self, epochs: int, progress: bool = False) -> None:
+        """Back to the start (k-means tree, identity adapter, fresh optimiser and RNG), now with
+        every training query, for the number of epochs validation chose."""
+        tc = self.config.train
+        self.stage, self.refit_epochs = "refit", epochs
+        self._load_state(self.start_state)
+        self.optimizer = self._optimizer()
+        seed_everything(tc.seed)
+        self.rng = np.random.default_rng(tc.seed)
+        self.train_set, self.q_feats = self.full_set, self.full_q_feats
+        getattr(self.joint, "module", self.joint).q_feats = self.q_feats
+        self.pool = None
+        self.start_epoch = 0
+        if progress:
+            tqdm.write(f"refit: training again on all {len(self.train_set.query_ids)} training queries for {epochs} epochs")
+
+    def _epoch(self, epoch: int, pairs: np.ndarray, progress: bool, total: int) -> dict:
         tc = self.config.train
         self.encoder.train()
         self.tree.train()
@@ -300,7 +458,7 @@ class Trainer:
         n = 0
         bar = tqdm(
             range(0, len(order), tc.batch_size),
-            desc=f"epoch {epoch + 1}/{tc.epochs}",
+            desc=f"{'refit ' if self.stage == 'refit' else ''}epoch {epoch + 1}/{total}",
             disable=not progress,
             leave=False,
         )
@@ -319,7 +477,10 @@ class Trainer:
         with self.phase("index"):
             self.encoder.eval()
             self.tree.eval()
-            model = EHIModel(self.config, self.encoder, self.tree, corpus_fingerprint=self.dataset.corpus.fingerprint())
+            model = EHIModel(
+                self.config, self.encoder, self.tree, corpus_fingerprint=self.dataset.corpus.fingerprint(),
+                validation=self.validation_report(),
+            )
             d_emb = self.encoder.embed_all(self.doc_feats, desc="indexing corpus")
             model.build_index(d_emb, self.dataset.corpus.ids, self.dataset.corpus.titles)
             del d_emb
@@ -334,6 +495,9 @@ class Trainer:
             weights = {f"encoder.{k}": v.contiguous().cpu() for k, v in self.encoder.trainable_state().items()}
             weights.update({f"tree.{k}": v.detach().contiguous().cpu() for k, v in self.tree.state_dict().items()})
             weights["rng.torch"] = torch.get_rng_state()
+            if self.best is not None:
+                weights.update({f"best.{k}": v.contiguous().cpu() for k, v in self.best[2].items()})
+            weights.update({f"anchor.{i}": p.contiguous().cpu() for i, p in enumerate(self.tree_start)})
             save_file(weights, str(tmp / "weights.safetensors"))
             opt = self.optimizer.state_dict()
             tensors = {
@@ -349,6 +513,10 @@ class Trainer:
                 "kind": "checkpoint",
                 "epoch": epoch,
                 "history": self.history,
+                "validation": self.validation,
+                "stage": self.stage,
+                "refit_epochs": self.refit_epochs,
+                "best": None if self.best is None else {"epoch": self.best[0], "score": self.best[1], "reclustered": self.best[3]},
                 "rng": {"numpy": _jsonable(self.rng.bit_generator.state), "python": _jsonable(random.getstate())},
             }
 
@@ -363,13 +531,12 @@ class Trainer:
         saved = EHIConfig.from_dict(json.loads((path / "config.json").read_text()))
         if saved.to_dict() != self.config.to_dict():
             raise ValueError(f"{path}: the checkpoint was written with a different configuration; train anew or match it")
+        if manifest.get("stage") == "refit":
+            if self.full_set is None:
+                raise ValueError(f"{path}: the checkpoint is in its refit stage but no queries were held out")
+            self._enter_refit(int(manifest["refit_epochs"]))
         weights = load_file(str(path / "weights.safetensors"))
-        params = dict(self.encoder.named_parameters())
-        with torch.no_grad():
-            for k, v in weights.items():
-                if k.startswith("encoder."):
-                    params[k[len("encoder.") :]].copy_(v)
-        self.tree.load_state_dict({k[len("tree.") :]: v for k, v in weights.items() if k.startswith("tree.")})
+        self._load_state(weights)  # its encoder.* and tree.* tensors
         torch.set_rng_state(weights["rng.torch"])
         opt_tensors = load_file(str(path / "optimizer.safetensors"))
         state = self.optimizer.state_dict()
@@ -383,6 +550,15 @@ class Trainer:
         self.rng.bit_generator.state = manifest["rng"]["numpy"]
         random.setstate(_tuplify(manifest["rng"]["python"]))
         self.history = list(manifest.get("history", []))
+        self.validation = list(manifest.get("validation", []))
+        anchor = [weights[f"anchor.{i}"] for i in range(len(self.tree_start)) if f"anchor.{i}" in weights]
+        if len(anchor) == len(self.tree_start):
+            self.tree_start = [a.to(self.device) for a in anchor]
+            self.tree_start_norm = float(sum((p**2).sum() for p in self.tree_start)) + 1e-12
+        if manifest.get("best"):
+            best_state = {k[len("best.") :]: v for k, v in weights.items() if k.startswith("best.")}
+            b = manifest["best"]
+            self.best = (int(b["epoch"]), float(b["score"]), best_state, bool(b.get("reclustered", False)))
         self.start_epoch = int(manifest["epoch"])
         return self.start_epoch
 

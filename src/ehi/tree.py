@@ -61,6 +61,8 @@ class Tree(nn.Module):
     def __init__(self, dim: int, config: TreeConfig):
         super().__init__()
         config.validate()
+        if not config.branching:
+            raise ValueError("branching 0 (auto) must be resolved for a corpus first: TreeConfig.resolve_branching(N)")
         self.config = config
         self.dim = dim
         self.B, self.H = config.branching, config.height
@@ -173,7 +175,11 @@ class Tree(nn.Module):
         assign: list[np.ndarray] = []
         resid = x.copy()
         for h, level in enumerate(self.levels):
-            km = faiss.Kmeans(d, self.B, niter=self.config.kmeans_iters, seed=seed + h, spherical=(h == 0), verbose=verbose)
+            # no warning for small corpora (a few documents per leaf is what they get)
+            km = faiss.Kmeans(
+                d, self.B, niter=self.config.kmeans_iters, seed=seed + h, spherical=(h == 0), verbose=verbose,
+                min_points_per_centroid=1,
+            )
             km.train(resid)
             C = km.centroids.astype(np.float32)
             _, a = km.index.search(resid, 1)

@@ -1,0 +1,152 @@
+"""Validated training: how well the current tree routes held-out queries.
+
+A learned index can route worse than the k-means tree it starts from (it fits the training
+queries and re-routes documents no query was trained on). So training measures routing on
+queries it never trains on, at epoch 0 and after every epoch, and keeps the best state.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from .config import TrainConfig
+from .data import Dataset
+from .encoder import Features
+from .evaluation import ehi_curve, make_run, measure
+
+log = logging.getLogger(__name__)
+
+MIN_VAL_QUERIES = 10  # fewer held-out queries than this say nothing; validation is skipped
+
+
+def holdout(
+    dataset: Dataset, split: str, query_ids: list[str] | None, tc: TrainConfig
+) -> tuple[list[str] | None, list[str], str]:
+    """(training query ids, validation query ids, validation split).
+
+    ``tc.val_split`` names a qrels split to validate on (its queries are removed from
+    training); otherwise ``tc.val_fraction`` of the training queries is held out, drawn with
+    the training seed. Too few queries to hold out: no validation, with a warning."""
+    rel = dataset.relevant(split)
+    pool = sorted(q for q in (query_ids if query_ids is not None else rel) if q in rel)
+    if tc.val_split:
+        if tc.val_split == split:
+            raise ValueError(f"val_split {tc.val_split!r} is the training split; hold out another split or use val_fraction")
+        val = sorted(dataset.relevant(tc.val_split))
+        if not val:
+            raise ValueError(f"val_split {tc.val_split!r} has no query with a relevant document")
+        held = set(val)
+        return [q for q in pool if q not in held], val, tc.val_split
+    if tc.val_fraction <= 0 or tc.epochs == 0:
+        return query_ids, [], ""
+    n_val = int(round(tc.val_fraction * len(pool)))
+    if n_val < MIN_VAL_QUERIES or len(pool) - n_val < 2:
+        log.warning(
+            "%d training queries: too few to hold out %.0f%% for validation; training on all, keeping the last epoch",
+            len(pool), 100 * tc.val_fraction,
+        )
+        return query_ids, [], ""
+    order = np.random.default_rng(tc.seed).permutation(len(pool))
+    val = sorted(pool[i] for i in order[:n_val])
+    held = set(val)
+    return [q for q in pool if q not in held], val, split
+
+
+class Validator:
+    """Recall@100 at a few budgets and the recall of the visited leaves alone, on held-out
+    queries, for the model's current encoder and tree."""
+
+    def __init__(self, dataset: Dataset, split: str, query_ids: list[str], feats: Features, budgets):
+        self.split, self.query_ids, self.feats = split, list(query_ids), feats
+        self.budgets = tuple(sorted(budgets))
+        judged = dataset.split(split)
+        self.qrels = {q: judged[q] for q in self.query_ids}
+        self.doc_ids = dataset.corpus.ids
+        self.titles = dataset.corpus.titles
+        row = {d: i for i, d in enumerate(self.doc_ids)}
+        rel = dataset.relevant(split)
+        self.pairs = np.array([(qi, row[d]) for qi, q in enumerate(self.query_ids) for d in rel[q] if d in row], dtype=np.int64)
+
+    def describe(self) -> str:
+        return f"{len(self.query_ids)} queries of split {self.split!r}"
+
+    def __call__(self, model, doc_feats: Features) -> dict:
+        enc = model.encoder
+        d_emb = enc.embed_all(doc_feats)
+        q_emb = enc.embed_all(self.feats)
+        model.build_index(d_emb, self.doc_ids, self.titles)
+        # beam 1 measured too: a budget it exceeds is scored on the line from (0, 0) to it, so
+        # trees whose narrowest search visits a little more than a budget still compare fairly
+        rows = {r.budget: r for r in ehi_curve("EHI", model, q_emb, self.query_ids, self.qrels, self.budgets)}
+        first = None
+        recall, leaf_recall, visited = {}, {}, {}
+        for b in self.budgets:
+            key = f"{b:g}"
+            r = rows.get(b)
+            if r is None:  # even beam 1 visits more than b
+                first = first or self.at_beam_1(model, q_emb)
+                scale = b / first[1]
+                recall[key] = scale * first[0]
+                leaf_recall[key] = scale * self.leaf_recall(model, q_emb, 1)
+                visited[key] = None
+            else:
+                recall[key] = r.metrics["R@100"]
+                leaf_recall[key] = self.leaf_recall(model, q_emb, r.width)
+                visited[key] = r.fraction_visited
+        model.tree.train()
+        model.encoder.train()
+        return {
+            "R@100": recall,
+            "leaf_recall": leaf_recall,
+            "visited": visited,
+            "score": float(np.mean(list(recall.values()))),
+        }
+
+    def at_beam_1(self, model, q_emb: np.ndarray) -> tuple[float, float]:
+        """(Recall@100, mean fraction visited) of the narrowest search."""
+        res, _ = model.search_embeddings(q_emb, 100, 1)
+        run = make_run(self.query_ids, res.indices, res.scores, self.doc_ids)
+        return measure(self.qrels, run)["R@100"], model.visited_fraction(q_emb, 1)
+
+    def leaf_recall(self, model, q_emb: np.ndarray, beam: int) -> float:
+        """Share of (query, relevant document) pairs whose document sits in a visited leaf."""
+        if len(self.pairs) == 0:
+            return 0.0
+        leaves = model.route(q_emb, beam)
+        visited = np.zeros((len(q_emb), model.tree.num_leaves), dtype=bool)
+        np.put_along_axis(visited, leaves, True, axis=1)
+        doc_leaves = model.index.doc_leaves[self.pairs[:, 1]]  # (P, d2l)
+        hit = visited[self.pairs[:, 0][:, None], doc_leaves].any(1)
+        return 100.0 * float(hit.mean())
+
+
+def format_validation(entry: dict) -> str:
+    def one(e):
+        r = " ".join(f"{100 * float(b):g}%:{v:.1f}" for b, v in e["R@100"].items())
+        lr = " ".join(f"{v:.1f}" for v in e["leaf_recall"].values())
+        return f"R@100 {r} | leaf recall {lr} | score {e['score']:.2f}"
+
+    out = one(entry)
+    if entry.get("kmeans"):
+        out += f"  (k-means over this encoder: score {entry['kmeans']['score']:.2f})"
+    return out
+
+
+def selection_message(curve: list[dict], kept: int, reclustered: bool = False) -> str:
+    """Which epoch was kept and why, in one line for the log and the model's metadata."""
+    by = {e["epoch"]: e for e in curve}
+    start, last = by.get(0), curve[-1]
+    best = by[kept]["kmeans"] if reclustered else by[kept]
+    what = f"k-means over the epoch-{kept} encoder" if reclustered else f"the learned tree of epoch {kept}"
+    parts = [f"kept {what} (of {last['epoch']} epochs): best validation score {best['score']:.2f}"]
+    if start is not None:
+        parts.append(f"k-means start (epoch 0) {start['score']:.2f}")
+    if last["epoch"] != kept or reclustered:
+        parts.append(f"learned tree at the last epoch {last['score']:.2f}")
+    if kept == 0:
+        parts.append("training did not improve routing on held-out queries, so the start tree is kept")
+    elif reclustered:
+        parts.append("the learned tree routed held-out queries worse than k-means over its own encoder")
+    return "; ".join(parts)

@@ -1,0 +1,145 @@
+"""Validated training: held-out routing is measured from epoch 0, the best state is kept, a
+tree worse than its k-means start is never shipped, and the curve reaches the saved model."""
+
+import numpy as np
+import pytest
+import torch
+
+from ehi.config import EHIConfig
+from ehi.data import load_beir
+from ehi.model import EHIModel
+from ehi.training import Trainer, checkpoint_path, train
+from ehi.validation import holdout
+
+
+def config(**train):
+    cfg = EHIConfig()
+    cfg.tree.branching = 6
+    cfg.train.epochs = 4
+    cfg.train.batch_size = 16
+    cfg.train.refresh_every = 2
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+def test_holdout_is_disjoint_seeded_and_never_the_training_split(tiny_beir):
+    ds = load_beir(tiny_beir)
+    tr, val, split = holdout(ds, "train", None, config().train)
+    assert split == "train" and len(val) == round(0.2 * 48) and not set(tr) & set(val)
+    assert set(tr) | set(val) == set(ds.relevant("train"))
+    assert holdout(ds, "train", None, config().train)[1] == val  # same seed, same held-out queries
+    assert holdout(ds, "train", None, config(seed=1).train)[1] != val
+    tr2, val2, split2 = holdout(ds, "train", None, config(val_split="test").train)
+    assert split2 == "test" and val2 == sorted(ds.relevant("test"))
+    with pytest.raises(ValueError, match="training split"):
+        holdout(ds, "train", None, config(val_split="train").train)
+    assert holdout(ds, "train", None, config(val_fraction=0.0).train)[1] == []
+
+
+def test_a_tree_that_training_makes_worse_is_not_shipped(tiny_beir, monkeypatch):
+    """Every epoch scrambles the tree: validation must keep the k-means start, say so, and
+    the model must route exactly as the start tree does."""
+    ds = load_beir(tiny_beir)
+
+    def scramble(self, *args, **kwargs):
+        with torch.no_grad():
+            for level in self.tree.levels:
+                level.W.copy_(torch.randn_like(level.W) * 5)
+        return {"epoch": args[0] + 1, "loss": 0.0}
+
+    monkeypatch.setattr(Trainer, "_epoch", scramble)
+    trainer = Trainer(config(), ds)
+    start = {k: v.clone() for k, v in trainer.tree.state_dict().items()}
+    model = trainer.fit(progress=False)
+    report = model.validation
+    assert report["kept_epoch"] == 0 and report["kept_tree"] == "learned" and report["refit"] is None
+    assert [e["epoch"] for e in report["curve"]] == [0, 1, 2, 3, 4]
+    assert "did not improve routing" in report["why"]
+    for k, v in model.tree.state_dict().items():
+        assert torch.equal(v, start[k]), k
+
+
+def test_the_best_epoch_is_kept_then_refit_on_all_training_queries(tiny_beir, tmp_path):
+    ds = load_beir(tiny_beir)
+    model = train(ds, config(epochs=6), out_dir=tmp_path / "m", progress=False)
+    report = model.validation
+    curve = {e["epoch"]: e for e in report["curve"]}
+    assert sorted(curve) == list(range(7))
+    # every epoch after the start also scores k-means over that epoch's encoder
+    assert all("kmeans" in e for k, e in curve.items() if k > 0)
+    scores = [e["score"] for e in curve.values()] + [e["kmeans"]["score"] for e in curve.values() if "kmeans" in e]
+    kept = curve[report["kept_epoch"]]
+    kept_score = kept["kmeans"]["score"] if report["kept_tree"] != "learned" else kept["score"]
+    assert kept_score == max(scores)
+    for e in report["curve"]:
+        assert set(e["R@100"]) == {"0.01", "0.02", "0.05", "0.1", "0.2"}
+        assert all(0 <= v <= 100 for v in e["leaf_recall"].values())
+    if report["kept_epoch"] > 0:
+        assert report["refit"] == {"epochs": report["kept_epoch"], "queries": 48}
+    loaded = EHIModel.load(tmp_path / "m")
+    assert loaded.validation == report  # the curve is in the saved model's metadata
+
+
+def test_resume_in_the_refit_stage_matches_an_uninterrupted_run(tiny_beir, tmp_path, monkeypatch):
+    import itertools
+
+    from ehi.validation import Validator
+
+    ds = load_beir(tiny_beir)
+    cfg = config(epochs=4, val_recluster=False)
+
+    def improving(counter):
+        # every validation scores higher than the last: the last epoch is kept, the refit runs 4
+        def call(self, model, doc_feats):
+            s = float(next(counter))
+            return {"R@100": {"0.1": s}, "leaf_recall": {"0.1": s}, "visited": {"0.1": 0.1}, "score": s}
+        return call
+
+    monkeypatch.setattr(Validator, "__call__", improving(itertools.count()))
+    ref = Trainer(cfg, ds)
+    ref.fit(progress=False, build_index=False)
+    assert ref.best[0] == 4 and ref.stage == "refit" and ref.refit_epochs == 4
+
+    class Stop(Exception):
+        pass
+
+    def crash(trainer, record):
+        if record.get("stage") == "refit" and record["epoch"] == 2:
+            raise Stop
+
+    out = tmp_path / "m"
+    monkeypatch.setattr(Validator, "__call__", improving(itertools.count()))
+    with pytest.raises(Stop):
+        Trainer(cfg, ds).fit(out_dir=out, progress=False, on_epoch=crash, build_index=False)
+    again = Trainer(cfg, ds)
+    assert again.resume(checkpoint_path(out)) == 2 and again.stage == "refit"
+    again.fit(progress=False, build_index=False)
+    for (k, v), (_, w) in zip(ref.tree.state_dict().items(), again.tree.state_dict().items()):
+        assert torch.equal(v, w), k
+    assert np.array_equal(ref.encoder.adapter.weight.detach().numpy(), again.encoder.adapter.weight.detach().numpy())
+    # and it differs from the validated state itself: the refit saw the held-out queries too
+    assert not torch.equal(ref.best[2]["tree.levels.0.W"], ref.tree.levels[0].W.detach())
+
+
+def test_tune_writes_a_loadable_config_chosen_on_training_queries_only(tiny_beir, tmp_path):
+    """The test qrels are made unreadable: tuning must never open them."""
+    import json
+    import shutil
+
+    from ehi.cli import main
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_beir, data)
+    (data / "qrels" / "test.tsv").write_text("not a qrels file\n")
+    base = tmp_path / "base.json"
+    cfg = config(epochs=3)
+    base.write_text(cfg.to_json())
+    out = tmp_path / "tuned.json"
+    assert main(["tune", "--data", str(data), "--out", str(out), "--config", str(base), "--time-limit", "1", "--folds", "1", "--no-progress"]) == 0
+    chosen = EHIConfig.from_dict(json.loads(out.read_text())).validate()
+    trials = json.loads((tmp_path / "tuned.trials.json").read_text())
+    assert len(trials) == 1 and trials[0]["overrides"] == {}  # the time limit stops after the given config
+    assert 1 <= chosen.train.epochs <= 3 and chosen.tree.branching == 6
+    best = max(trials, key=lambda t: t["score"])
+    assert chosen.train.epochs == max(1, max(best["kept_epochs"]))
