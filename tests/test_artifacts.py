@@ -100,3 +100,49 @@ def test_same_seed_same_model(tiny_beir):
     for (k, v), (_, w) in zip(a.tree.state_dict().items(), b.tree.state_dict().items()):
         assert np.array_equal(v.numpy(), w.numpy()), k
     assert np.array_equal(a.index.doc_leaves, b.index.doc_leaves)
+
+
+def test_a_crash_after_the_swap_leaves_the_new_model_and_the_next_save_cleans_up(saved, tmp_path, monkeypatch):
+    model, out = saved
+    dst = copy(out, tmp_path)
+    (tmp_path / ".copy-notes").mkdir()  # a user's sibling folder: never touched
+
+    def die(*a, **k):
+        raise KeyboardInterrupt("killed before removing the old model (simulated)")
+
+    monkeypatch.setattr(artifacts.shutil, "rmtree", die)
+    with pytest.raises(KeyboardInterrupt):
+        model.save(dst)
+    monkeypatch.undo()
+    EHIModel.load(dst)  # a complete model at the path
+    stale = [p for p in tmp_path.iterdir() if p.name.startswith(".copy.")]
+    assert stale, "the simulated crash should leave the old model beside the path"
+    model.save(dst)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".copy.")]
+    assert (tmp_path / ".copy-notes").is_dir()
+
+
+def test_sigkill_at_any_moment_of_repeated_saves_leaves_a_loadable_model(saved, tmp_path):
+    """A process saving over the same path again and again is killed at several moments; the
+    path always holds a complete model (old or new), whatever the moment."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    _, out = saved
+    dst = copy(out, tmp_path)
+    script = (
+        "import sys\nfrom ehi.model import EHIModel\nm = EHIModel.load(sys.argv[1])\n"
+        "print('ready', flush=True)\nwhile True:\n    m.save(sys.argv[1])\n"
+    )
+    for delay in (0.0, 0.003, 0.01, 0.03, 0.1):
+        p = subprocess.Popen([sys.executable, "-c", script, str(dst)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert p.stdout.readline().strip() == "ready"
+        import time
+
+        time.sleep(delay)  # where the kill lands varies; the property must hold wherever it does
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        EHIModel.load(dst)

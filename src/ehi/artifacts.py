@@ -1,11 +1,15 @@
 """Artifact directories: written atomically, with a manifest of format version and checksums.
 
 A reader never sees a half-written model: files go to a temporary sibling directory, are
-fsynced, and the directory is renamed into place. Nothing is ever unpickled.
+fsynced, and the directory is swapped with the old one in one atomic step (Linux
+renameat2 RENAME_EXCHANGE; elsewhere two renames). Temporaries a crashed save left are
+removed by the next save. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
+import errno
+import glob
 import hashlib
 import json
 import os
@@ -69,11 +73,42 @@ def check_target(target: str | Path, overwrite: bool = True, flag: str = "--out"
     return target
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the
+    system or file system cannot, so the caller falls back to two renames."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _remove_stale(target: Path) -> None:
+    """Temporaries a crashed save left beside ``target`` (never anything else)."""
+    for p in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        if p.is_dir() and (p.name.endswith(".tmp") or ".old-" in p.name):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def write_artifact(target: str | Path, write_files: Callable[[Path], dict], meta: dict) -> Path:
     """``write_files(tmp_dir)`` writes the payload; the manifest and the rename are done here.
     Only an ehi artifact (or an empty folder) is ever replaced."""
     target = check_target(target, overwrite=True)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         extra = write_files(tmp) or {}
@@ -95,8 +130,13 @@ def write_artifact(target: str | Path, write_files: Callable[[Path], dict], meta
             fh.flush()
             os.fsync(fh.fileno())
         _fsync_dir(tmp)
+        if target.exists() and _exchange(tmp, target):
+            # one atomic step: the path holds the complete old model, then the complete new one
+            _fsync_dir(target.parent)
+            shutil.rmtree(tmp, ignore_errors=True)  # now the old model
+            return target
         old = None
-        if target.exists():
+        if target.exists():  # no atomic exchange here: a crash between the renames is repaired by the next save
             old = target.parent / f".{target.name}.old-{os.getpid()}"
             os.replace(target, old)
         os.replace(tmp, target)
