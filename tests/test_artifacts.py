@@ -146,3 +146,61 @@ def test_sigkill_at_any_moment_of_repeated_saves_leaves_a_loadable_model(saved, 
         p.send_signal(signal.SIGKILL)
         p.wait()
         EHIModel.load(dst)
+
+
+def _edit_manifest(dst, **changes):
+    m = json.loads((dst / "manifest.json").read_text())
+    m.update(changes)
+    (dst / "manifest.json").write_text(json.dumps(m))
+
+
+def _relist(dst, name):
+    m = json.loads((dst / "manifest.json").read_text())
+    m["files"][name] = artifacts.sha256_file(dst / name)
+    (dst / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("case,fragment", [
+    ("empty file list", "does not list config.json"),
+    ("format version as a string", "format_version must be a positive integer"),
+    ("fewer document ids than rows", "documents.json: expected 60 ids and titles"),
+    ("NaN embeddings", "doc_embeddings.npy: holds NaN"),
+    ("an .npy that is a folder", "doc_leaves.npy: not a regular file"),
+    ("half an index listed", "lists part of an index"),
+])
+def test_checksummed_but_inconsistent_models_fail_in_one_line(saved, tmp_path, case, fragment):
+    dst = copy(saved[1], tmp_path)
+    if case == "empty file list":
+        _edit_manifest(dst, files={})
+    elif case == "format version as a string":
+        _edit_manifest(dst, format_version="1")
+    elif case == "fewer document ids than rows":
+        docs = json.loads((dst / "documents.json").read_text())
+        docs["ids"], docs["titles"] = docs["ids"][:-1], docs["titles"][:-1]
+        (dst / "documents.json").write_text(json.dumps(docs))
+        _relist(dst, "documents.json")
+    elif case == "NaN embeddings":
+        emb = np.load(dst / "doc_embeddings.npy")
+        emb[3, 5] = np.nan
+        np.save(dst / "doc_embeddings.npy", emb)
+        _relist(dst, "doc_embeddings.npy")
+    elif case == "an .npy that is a folder":
+        (dst / "doc_leaves.npy").unlink()
+        (dst / "doc_leaves.npy").mkdir()
+    elif case == "half an index listed":
+        m = json.loads((dst / "manifest.json").read_text())
+        del m["files"]["documents.json"]
+        (dst / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match=fragment) as e:
+        EHIModel.load(dst)
+    assert "\n" not in str(e.value)
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_any_work(tiny_beir, tmp_path, capsys):
+    from ehi.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert main(["train", "--data", str(tiny_beir), "--out", str(blocker / "model"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "Loading" not in err  # refused before the encoder loaded

@@ -70,6 +70,13 @@ def check_target(target: str | Path, overwrite: bool = True, flag: str = "--out"
             raise ArtifactError(f"{flag} {target}: is a non-empty folder that is not an ehi model; refusing to replace it")
         if not overwrite:
             raise ArtifactError(f"{flag} {target}: holds an ehi model already; pass --overwrite to replace it")
+    parent = target.parent
+    try:  # can we write there at all? (found out before the work, not after it)
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ArtifactError(f"{flag} {target}: cannot write in {parent} ({e.strerror or e})") from None
     return target
 
 
@@ -149,10 +156,13 @@ def write_artifact(target: str | Path, write_files: Callable[[Path], dict], meta
     return target
 
 
-def read_manifest(path: str | Path, verify: bool = True) -> dict:
+def read_manifest(path: str | Path, verify: bool = True, required: tuple[str, ...] = ()) -> dict:
+    """The manifest, checked: our format, a known version, every listed file present, a regular
+    file and matching its checksum, and every ``required`` file listed (an empty or pruned
+    list must not switch the checks off)."""
     path = Path(path)
     mpath = path / MANIFEST
-    if not mpath.exists():
+    if not mpath.is_file():
         raise ArtifactError(f"{path}: not an ehi model directory (no {MANIFEST})")
     try:
         manifest = json.loads(mpath.read_text())
@@ -161,15 +171,25 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{mpath}: not an ehi model manifest")
     version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ArtifactError(
-            f"{mpath}: format version {version} is newer than this ehi ({FORMAT_VERSION}); upgrade ehi"
-        )
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ArtifactError(f"{mpath}: format_version must be a positive integer, got {json.dumps(version)}")
+    if version > FORMAT_VERSION:
+        raise ArtifactError(f"{mpath}: format version {version} is newer than this ehi ({FORMAT_VERSION}); upgrade ehi")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise ArtifactError(f"{mpath}: 'files' must map file names to sha256 digests")
+    missing = [name for name in required if name not in files]
+    if missing:
+        raise ArtifactError(f"{mpath}: does not list {', '.join(missing)}")
     if verify:
-        for name, digest in manifest.get("files", {}).items():
+        for name, digest in files.items():
             f = path / name
+            if Path(name).name != name:
+                raise ArtifactError(f"{mpath}: file name {name!r} is not inside the model folder")
             if not f.exists():
                 raise ArtifactError(f"{f}: missing file listed in the manifest")
+            if not f.is_file():
+                raise ArtifactError(f"{f}: not a regular file")
             if sha256_file(f) != digest:
                 raise ArtifactError(f"{f}: checksum mismatch (file corrupted or truncated)")
     return manifest

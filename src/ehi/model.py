@@ -50,6 +50,40 @@ class Hits:
     leaves: list[int]
 
 
+MODEL_FILES = ("config.json", "encoder.safetensors", "tree.safetensors")
+INDEX_FILES = ("doc_leaves.npy", "doc_embeddings.npy", "documents.json")
+
+
+def _read_index(path: Path, num_leaves: int, dim: int):
+    """The index files, checked against each other: one line naming the file otherwise."""
+    try:
+        leaves = np.load(path / "doc_leaves.npy", allow_pickle=False)
+        # memory-mapped: only the leaf-ordered copy the index makes stays in memory
+        emb = np.load(path / "doc_embeddings.npy", allow_pickle=False, mmap_mode="r")
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise
+        raise ArtifactError(f"{path}: unreadable index array ({e})") from None
+    if emb.ndim != 2 or emb.shape[1] != dim or not np.issubdtype(emb.dtype, np.floating):
+        raise ArtifactError(f"{path / 'doc_embeddings.npy'}: expected a float (N, {dim}) array, got {emb.dtype} {emb.shape}")
+    if not np.isfinite(emb).all():
+        raise ArtifactError(f"{path / 'doc_embeddings.npy'}: holds NaN or infinite values")
+    if leaves.ndim not in (1, 2) or leaves.shape[0] != emb.shape[0] or not np.issubdtype(leaves.dtype, np.integer):
+        raise ArtifactError(f"{path / 'doc_leaves.npy'}: expected {emb.shape[0]} rows of integer leaf ids, got {leaves.dtype} {leaves.shape}")
+    if leaves.size and (leaves.min() < 0 or leaves.max() >= num_leaves):
+        raise ArtifactError(f"{path / 'doc_leaves.npy'}: leaf ids outside 0..{num_leaves - 1}")
+    try:
+        docs = json.loads((path / "documents.json").read_text(encoding="utf-8"))
+        ids, titles = docs["ids"], docs["titles"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ArtifactError(f"{path / 'documents.json'}: unreadable ({e})") from None
+    if not (isinstance(ids, list) and isinstance(titles, list) and len(ids) == len(titles) == emb.shape[0]):
+        raise ArtifactError(f"{path / 'documents.json'}: expected {emb.shape[0]} ids and titles, one per embedding row")
+    if len(set(map(str, ids))) != len(ids):
+        raise ArtifactError(f"{path / 'documents.json'}: duplicate document ids")
+    return leaves, emb, [str(i) for i in ids], [str(t) for t in titles]
+
+
 def _chain_fingerprint(previous: str, op: str, ids) -> str:
     """The indexed corpus's fingerprint after an update: the old one chained with the change."""
     import hashlib
@@ -204,7 +238,11 @@ class EHIModel:
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> "EHIModel":
         path = Path(path)
-        manifest = read_manifest(path)
+        manifest = read_manifest(path, required=MODEL_FILES)
+        indexed = [f for f in INDEX_FILES if f in manifest["files"]]
+        if indexed and len(indexed) != len(INDEX_FILES):
+            missing = sorted(set(INDEX_FILES) - set(indexed))
+            raise ArtifactError(f"{path / 'manifest.json'}: lists part of an index but not {', '.join(missing)}")
         try:
             config = EHIConfig.from_dict(json.loads((path / "config.json").read_text())).validate()
         except (ValueError, TypeError) as e:
@@ -239,13 +277,10 @@ class EHIModel:
             beam_calibration=manifest.get("beam_calibration") or [],
             validation=manifest.get("validation"),
         )
-        if (path / "doc_leaves.npy").exists():
-            leaves = np.load(path / "doc_leaves.npy", allow_pickle=False)
-            # memory-mapped: only the leaf-ordered copy the index makes stays in memory
-            emb = np.load(path / "doc_embeddings.npy", allow_pickle=False, mmap_mode="r")
-            docs = json.loads((path / "documents.json").read_text())
+        if indexed:
+            leaves, emb, ids, titles = _read_index(path, tree.num_leaves, encoder.dim)
             model.index = LeafIndex(leaves, emb, tree.num_leaves)
-            model.doc_ids, model.doc_titles = docs["ids"], docs["titles"]
+            model.doc_ids, model.doc_titles = ids, titles
         encoder.eval()
         tree.eval()
         return model

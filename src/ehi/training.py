@@ -525,7 +525,7 @@ class Trainer:
     def resume(self, path: str | Path) -> int:
         """Restore a checkpoint written by ``save_checkpoint``; returns the epochs it completed."""
         path = Path(path)
-        manifest = read_manifest(path)
+        manifest = read_manifest(path, required=("config.json", "weights.safetensors", "optimizer.safetensors"))
         if manifest.get("kind") != "checkpoint":
             raise ArtifactError(f"{path}: not a training checkpoint")
         saved = EHIConfig.from_dict(json.loads((path / "config.json").read_text()))
