@@ -1,12 +1,21 @@
+import atexit
 import json
 import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the suite's feature cache lives in a folder of its own, removed at the end: nothing lands
+# in the user's home (set EHI_TEST_CACHE_DIR to keep one across runs)
+_CACHE = os.environ.get("EHI_TEST_CACHE_DIR") or tempfile.mkdtemp(prefix="ehi-test-cache-")
+os.environ["EHI_CACHE_DIR"] = _CACHE
+if not os.environ.get("EHI_TEST_CACHE_DIR"):
+    atexit.register(shutil.rmtree, _CACHE, True)
 
 SCIFACT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "scifact"
 

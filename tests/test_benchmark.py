@@ -77,7 +77,18 @@ def test_report_writer_on_a_tiny_synthetic_run(tmp_path):
     assert ehi10["metrics"]["R@100"]["std"] == pytest.approx(np.std(vals))
     sig = significance(runs, (0.05, 0.1))
     assert [s["baseline"] for s in sig] == ["DE + ScaNN", "DE + ScaNN"]
-    assert all(0 <= s["p_value"] <= 1 for s in sig)
+    # the reported test is Wilcoxon's on per-query recall averaged over seeds, against that baseline
+    from scipy.stats import wilcoxon
+
+    def per_query(method, b):
+        rows = [r for run in runs for r in run.rows if r.method == method and r.budget == b]
+        qids = sorted(rows[0].per_query)
+        return np.array([[r.per_query[q] for q in qids] for r in rows]).mean(0)
+
+    for s in sig:
+        e, base = per_query("EHI", s["budget"]), per_query("DE + ScaNN", s["budget"])
+        assert s["p_value"] == pytest.approx(wilcoxon(e, base, zero_method="zsplit").pvalue)
+        assert s["difference"] == pytest.approx(100 * (e.mean() - base.mean()))
     results = {
         "dataset": "toy", "split": "test", "seeds": 2, "budgets": [0.05, 0.1], "command": "ehi benchmark --toy",
         "aggregate": agg, "significance": sig, "timings": {"total": 2.0}, "leaf_sizes": runs[0].leaf_sizes,

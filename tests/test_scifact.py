@@ -36,7 +36,12 @@ def test_scifact_subset_end_to_end(scifact_model):
 
 
 def test_scifact_subset_leaves_are_used(scifact_model):
-    _, _, model = scifact_model
+    ds, _, model = scifact_model
     st = model.index.leaf_stats()
     assert st["empty"] <= 2 and st["max"] < 0.5 * st["documents"]
-    assert np.isclose(model.index.leaf_sizes().sum(), 400)
+    # real claims do not all crowd into a few big leaves: the documents a claim's first leaf
+    # holds stay within 3x of the ideal N/L
+    texts = [ds.queries[q] for q in sorted(ds.relevant("test"))]
+    q_emb = model.encoder.encode(texts)
+    sq = model.index.leaf_stats(model.route(q_emb, 1))
+    assert sq["expected_per_leaf"] < 3 * sq["ideal_per_leaf"]
