@@ -187,3 +187,19 @@ def test_search_applies_the_servers_query_rule(tiny_beir, tmp_path, capsys):
         assert main(["search", str(model), q]) == 2
         err = capsys.readouterr().err
         assert fragment in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_core_searches_without_extras_and_says_which_extra_a_command_needs(tiny_beir, tmp_path, monkeypatch, capsys):
+    import sys
+
+    model = tmp_path / "m"
+    assert main(["train", "--data", str(tiny_beir), "--out", str(model), "-B", "6", "--epochs", "1", "--no-progress"]) == 0
+    for name in ("fastapi", "uvicorn", "scann", "matplotlib"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
+    capsys.readouterr()
+    assert main(["search", str(model), "guitar chord"]) == 0
+    assert main(["serve", str(model)]) == 2
+    assert "pip install 'ehi[serve]'" in capsys.readouterr().err
+    assert main(["benchmark", "--data", str(tiny_beir), "--out", str(tmp_path / "b")]) == 2
+    assert "pip install 'ehi[bench]'" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

@@ -372,6 +372,7 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_benchmark(args) -> None:
+    _need("bench", "scann", "matplotlib")
     from .benchmark import run_benchmark
     from .data import load_beir
     from .evaluation import BUDGETS
@@ -385,6 +386,21 @@ def cmd_benchmark(args) -> None:
     )
     print((Path(args.out) / "report.md").read_text())
     print(f"wrote {args.out}/results.json, report.md, recall_vs_visited.png, leaf_sizes.png in {res['timings']['total']:.0f}s")
+
+
+def _need(extra: str, *modules: str) -> None:
+    """A clear one-line error, before any work, when an optional part is not installed."""
+    import importlib.util
+
+    def absent(m: str) -> bool:
+        try:
+            return importlib.util.find_spec(m) is None
+        except (ImportError, ValueError):  # e.g. blocked in sys.modules
+            return True
+
+    missing = [m for m in modules if absent(m)]
+    if missing:
+        raise ValueError(f"needs the '{extra}' extra ({', '.join(missing)} not installed): pip install 'ehi[{extra}]'")
 
 
 def cmd_tune(args) -> None:
@@ -413,6 +429,7 @@ def cmd_tune(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    _need("serve", "fastapi", "uvicorn")
     from .server import serve
 
     serve(args.model, args.host, args.port, args.log_level)
