@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 
@@ -24,21 +23,37 @@ def checkpoint_epoch(out):
         return 0
 
 
+# Trains as `ehi train ARGS` would, and after the checkpoint of epoch 4 says so and blocks:
+# the test kills it there, whatever the machine's speed (no polling, no timing).
+DRIVER = """
+import sys
+from ehi.cli import _config_from_args, build_parser
+from ehi.data import load_beir
+from ehi.training import Trainer
+
+args = build_parser().parse_args(sys.argv[1:])
+def pause(trainer, record):
+    if record["epoch"] == 4 and "stage" not in record:
+        print("checkpointed", flush=True)
+        sys.stdin.read()
+Trainer(_config_from_args(args), load_beir(args.data)).fit(args.out, progress=False, on_epoch=pause)
+"""
+
+
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_beir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     ref = tmp_path / "ref"
     subprocess.run(train_cmd(tiny_beir, ref), check=True, env=env, capture_output=True)
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(tiny_beir, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while checkpoint_epoch(out) < 4 and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
+    args = train_cmd(tiny_beir, out)[train_cmd(tiny_beir, out).index("train") :]
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, *args], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    assert proc.stdout.readline().strip() == "checkpointed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "training finished before it could be killed"
     killed_at = checkpoint_epoch(out)
-    assert 4 <= killed_at < 30 and not out.exists()
+    assert killed_at == 4 and not out.exists()
 
     done = subprocess.run(train_cmd(tiny_beir, out, "--resume"), env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -58,7 +73,7 @@ def test_resume_refuses_a_different_config(tiny_beir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "m"
     subprocess.run(train_cmd(tiny_beir, out), check=True, env=env, capture_output=True)
-    cmd = train_cmd(tiny_beir, out, "--resume")
+    cmd = train_cmd(tiny_beir, out, "--resume", "--overwrite")  # the finished run's model is at out
     cmd[cmd.index("7")] = "8"  # another seed
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert done.returncode == 2 and "different configuration" in done.stderr
