@@ -439,10 +439,14 @@ COMMANDS = {"serve": cmd_serve, "tune": cmd_tune, "train": cmd_train, "index": c
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run parsed arguments: exit code 2 with one line for bad input, 0 otherwise."""
     from .artifacts import ArtifactError
     from .data import DataError
 
-    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         COMMANDS[args.command](args)

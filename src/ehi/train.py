@@ -15,19 +15,19 @@ import torch.distributed as dist
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    gpu = any(a.startswith("cuda") for a in argv) and torch.cuda.is_available()
+    from .cli import build_parser, run
+
+    # parsed, not patched: --device cuda and --device=cuda are the same argument
+    args = build_parser().parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    gpu = (args.device or "").startswith("cuda") and torch.cuda.is_available()
     if "RANK" in os.environ and not dist.is_initialized():
         if gpu:
             local = int(os.environ.get("LOCAL_RANK", 0))
             torch.cuda.set_device(local)
-            if "--device" in argv:
-                argv[argv.index("--device") + 1] = f"cuda:{local}"
+            args.device = f"cuda:{local}"
         dist.init_process_group(backend="nccl" if gpu else "gloo")
-    from .cli import main as cli_main
-
     try:
-        return cli_main(["train", *argv])
+        return run(args)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
