@@ -4,3 +4,26 @@ A dense retriever whose tree index is trained together with the encoder.
 """
 
 __version__ = "0.1.0"
+
+# the public API, imported on first use (``import ehi`` stays light)
+_PUBLIC = {
+    "EHIConfig": "ehi.config",
+    "load_beir": "ehi.data",
+    "EHIModel": "ehi.model",
+    "Hit": "ehi.model",
+    "Hits": "ehi.model",
+    "train": "ehi.training",
+    "Trainer": "ehi.training",
+    "tune": "ehi.tuning",
+    "evaluate_model": "ehi.evaluation",
+    "run_benchmark": "ehi.benchmark",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        import importlib
+
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'ehi' has no attribute {name!r}")

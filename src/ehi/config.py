@@ -9,12 +9,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 PRECOMPUTED = "precomputed"  # model_name of a model trained on the user's own embeddings
-SCOPES = ("adapter", "top-k", "full")
-INITS = ("kmeans", "random")
+Scope = Literal["adapter", "top-k", "full"]
+Init = Literal["kmeans", "random"]
+NegativesFrom = Literal["tree", "exact"]
+SCOPES, INITS, NEGATIVES_FROM = get_args(Scope), get_args(Init), get_args(NegativesFrom)
 
 
 @dataclass
@@ -23,7 +25,7 @@ class EncoderConfig:
     # adapter: frozen transformer, cached embeddings, trainable residual linear layer (identity init).
     # top-k: frozen lower layers cached, the top ``top_k_layers`` transformer layers trained.
     # full: the whole transformer trained (GPU territory).
-    scope: str = "adapter"
+    scope: Scope = "adapter"
     top_k_layers: int = 1
     max_seq_length: int = 256
     encode_batch_size: int = 64
@@ -46,7 +48,7 @@ class TreeConfig:
     # held-out queries of both (benchmarks/generalization.py)
     branching: int = 0
     height: int = 1
-    init: str = "kmeans"
+    init: Init = "kmeans"
     # softmax temperature of the k-means initialisation: W = centroids / temperature
     temperature: float = 0.1
     kmeans_iters: int = 25
@@ -110,7 +112,7 @@ class TrainConfig:
     hard_negatives: int = 4  # hard negatives per (query, positive) pair, 0 = in-batch only
     # where hard negatives come from: "tree" (the leaves the query reaches, EHI) or "exact"
     # (exact search over the corpus, as a plain dual encoder is trained)
-    negatives_from: str = "tree"
+    negatives_from: NegativesFrom = "tree"
     refresh_every: int = 5  # epochs between hard-negative refreshes (r)
     mining_beam: int = 2  # leaves per query searched when mining hard negatives
     mining_pool: int = 50  # candidates per query (ranked by cosine) to sample negatives from
@@ -141,8 +143,8 @@ class TrainConfig:
             raise ValueError("epochs must be >= 0")
         if self.batch_size < 2:
             raise ValueError("batch_size must be >= 2 (in-batch negatives)")
-        if self.negatives_from not in ("tree", "exact"):
-            raise ValueError(f"negatives_from must be 'tree' or 'exact', got {self.negatives_from!r}")
+        if self.negatives_from not in NEGATIVES_FROM:
+            raise ValueError(f"negatives_from must be one of {NEGATIVES_FROM}, got {self.negatives_from!r}")
         if self.recluster_every < 0:
             raise ValueError("recluster_every must be >= 0")
         if self.refresh_every < 1:
