@@ -40,24 +40,22 @@ def _device(text: str) -> str:
     return text
 
 
-def _port(text: str) -> int:
+def _int_in(text: str, lo: int, hi: int | None = None) -> int:
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 0 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be in 0..65535, got {v}")
+    if v < lo or (hi is not None and v > hi):
+        raise argparse.ArgumentTypeError(f"must be in {lo}..{hi}, got {v}" if hi is not None else f"must be >= {lo}, got {v}")
     return v
+
+
+def _port(text: str) -> int:
+    return _int_in(text, 0, 65535)
 
 
 def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+    return _int_in(text, 1)
 
 
 def build_parser() -> argparse.ArgumentParser:
