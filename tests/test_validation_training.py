@@ -136,10 +136,26 @@ def test_tune_writes_a_loadable_config_chosen_on_training_queries_only(tiny_beir
     cfg = config(epochs=3)
     base.write_text(cfg.to_json())
     out = tmp_path / "tuned.json"
-    assert main(["tune", "--data", str(data), "--out", str(out), "--config", str(base), "--time-limit", "1", "--folds", "1", "--no-progress"]) == 0
+    # a zero time limit: the given config always runs, nothing after it (whatever the speed)
+    assert main(["tune", "--data", str(data), "--out", str(out), "--config", str(base), "--time-limit", "0", "--folds", "1", "--no-progress"]) == 0
     chosen = EHIConfig.from_dict(json.loads(out.read_text())).validate()
     trials = json.loads((tmp_path / "tuned.trials.json").read_text())
-    assert len(trials) == 1 and trials[0]["overrides"] == {}  # the time limit stops after the given config
+    assert len(trials) == 1 and trials[0]["overrides"] == {}
     assert 1 <= chosen.train.epochs <= 3 and chosen.tree.branching == 6
     best = max(trials, key=lambda t: t["score"])
     assert chosen.train.epochs == max(1, max(best["kept_epochs"]))
+
+
+def test_tune_tries_every_candidate_within_its_time_and_keeps_the_best(tiny_beir):
+    from ehi.tuning import candidates, tune
+
+    ds = load_beir(tiny_beir)
+    cfg = config(epochs=2)
+    chosen, trials = tune(ds, cfg, time_limit=1e9, folds=1, progress=False)
+    assert [t.overrides for t in trials] == candidates(cfg, len(ds.corpus))
+    best = max(trials, key=lambda t: t.score)
+    for key, value in best.overrides.items():
+        section, name = key.split(".")
+        assert getattr(getattr(chosen, section), name) == value
+    assert chosen.train.epochs == max(1, max(best.kept))
+    assert all(t.scores[0] >= t.start[0] for t in trials)  # validation never keeps worse than the start
