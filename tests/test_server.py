@@ -156,14 +156,24 @@ def test_a_request_that_fails_in_a_batch_does_not_fail_the_others(model_dir):
                 raise RuntimeError("boom")
             return super()._search(batch)
 
+    seen = []
+
+    class Recording(Flaky):
+        def _search(self, batch):
+            seen.append(len(batch))
+            return super()._search(batch)
+
     async def run():
-        b = Flaky(EHIModel.load(model_dir), max_batch=64, max_wait_ms=50)
+        b = Recording(EHIModel.load(model_dir), max_batch=64, max_wait_ms=50)
+        # all four are queued before the batcher runs: they always share one micro-batch
+        jobs = [asyncio.ensure_future(b.submit([q], 3, 2)) for q in ["guitar chord", "boom", "oven flour", "stock bond"]]
+        await asyncio.sleep(0)
         b.start()
-        jobs = [b.submit([q], 3, 2) for q in ["guitar chord", "boom", "oven flour", "stock bond"]]
         out = await asyncio.gather(*jobs, return_exceptions=True)
         await b.stop()
         return out
 
     out = asyncio.run(run())
+    assert seen[0] == 4  # one batch of four failed, then each ran alone
     assert isinstance(out[1], RuntimeError)
     assert [len(o[0]["hits"]) for i, o in enumerate(out) if i != 1] == [3, 3, 3]
