@@ -36,7 +36,7 @@ def candidates(config: EHIConfig, num_docs: int) -> list[dict]:
     lr = config.train.lr_indexer
     out += [{"train.lr_indexer": lr / 10}, {"train.lr_indexer": lr * 3}]
     out += [{"train.lambda_routing": 0.0 if config.train.lambda_routing else 1.0}]
-    out += [{"tree.temperature": config.tree.temperature * 3}]
+    out += [{"tree.temperature": round(config.tree.temperature * 3, 6)}]
     out += [{"train.load_balance": 0.0 if config.train.load_balance else 0.3}]
     return out
 
