@@ -91,7 +91,7 @@ def test_resume_in_the_refit_stage_matches_an_uninterrupted_run(tiny_beir, tmp_p
 
     def improving(counter):
         # every validation scores higher than the last: the last epoch is kept, the refit runs 4
-        def call(self, model, doc_feats):
+        def call(self, model, d_emb):
             s = float(next(counter))
             return {"R@100": {"0.1": s}, "leaf_recall": {"0.1": s}, "visited": {"0.1": 0.1}, "score": s}
         return call

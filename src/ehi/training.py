@@ -187,8 +187,7 @@ class Trainer:
         # the start the anchor penalty pulls toward and the refit restarts from (recomputed
         # identically on resume)
         self.start_state = self._state()
-        self.tree_start = [p.detach().clone() for p in self.tree.parameters()]
-        self.tree_start_norm = float(sum((p**2).sum() for p in self.tree_start)) + 1e-12
+        self._set_anchor([p.detach().clone() for p in self.tree.parameters()])
         self.optimizer = self._optimizer()
         self.pool: np.ndarray | None = None
         self.history: list[dict] = []
@@ -260,13 +259,21 @@ class Trainer:
         self._kmeans_tree()
         for p in self.tree.parameters():
             self.optimizer.state.pop(p, None)
-        self.tree_start = [p.detach().clone() for p in self.tree.parameters()]
-        self.tree_start_norm = float(sum((p**2).sum() for p in self.tree_start)) + 1e-12
+        self._set_anchor([p.detach().clone() for p in self.tree.parameters()])
 
-    def _kmeans_tree(self) -> None:
+    def _set_anchor(self, params: list[torch.Tensor]) -> None:
+        """The start the anchor penalty pulls toward, and its squared norm."""
+        self.tree_start = params
+        self.tree_start_norm = float(sum((p**2).sum() for p in params)) + 1e-12
+
+    def _doc_embeddings(self) -> np.ndarray:
+        """The corpus under the current encoder (rows split over the ranks and gathered)."""
+        return map_rows(lambda rows: self.encoder.embed_all(self.doc_feats, rows=rows), len(self.doc_feats))
+
+    def _kmeans_tree(self, d_emb: np.ndarray | None = None) -> None:
         """The tree's weights only: k-means over the current documents, U at its small start."""
         seed = self.config.train.seed
-        d_emb = map_rows(lambda rows: self.encoder.embed_all(self.doc_feats, rows=rows), len(self.doc_feats))
+        d_emb = self._doc_embeddings() if d_emb is None else d_emb
         self.tree.init_kmeans(d_emb, seed=seed)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -295,12 +302,13 @@ class Trainer:
     def _validate(self, epoch: int, progress: bool) -> dict:
         tc = self.config.train
         with self.phase("validate"):
-            entry = {"epoch": epoch, **self.validator(EHIModel(self.config, self.encoder, self.tree), self.doc_feats)}
+            d_emb = self._doc_embeddings()  # once: only the tree changes between the candidates
+            entry = {"epoch": epoch, **self.validator(EHIModel(self.config, self.encoder, self.tree), d_emb)}
             learned = self._state()
             candidates = [(entry["score"], False, learned)]
             if tc.val_recluster and epoch > 0:
-                self._kmeans_tree()
-                km = self.validator(EHIModel(self.config, self.encoder, self.tree), self.doc_feats)
+                self._kmeans_tree(d_emb)
+                km = self.validator(EHIModel(self.config, self.encoder, self.tree), d_emb)
                 entry["kmeans"] = km
                 candidates.append((km["score"], True, self._state()))
                 self._load_state(learned)
@@ -553,8 +561,7 @@ class Trainer:
         self.validation = list(manifest.get("validation", []))
         anchor = [weights[f"anchor.{i}"] for i in range(len(self.tree_start)) if f"anchor.{i}" in weights]
         if len(anchor) == len(self.tree_start):
-            self.tree_start = [a.to(self.device) for a in anchor]
-            self.tree_start_norm = float(sum((p**2).sum() for p in self.tree_start)) + 1e-12
+            self._set_anchor([a.to(self.device) for a in anchor])
         if manifest.get("best"):
             best_state = {k[len("best.") :]: v for k, v in weights.items() if k.startswith("best.")}
             b = manifest["best"]

@@ -72,9 +72,9 @@ class Validator:
     def describe(self) -> str:
         return f"{len(self.query_ids)} queries of split {self.split!r}"
 
-    def __call__(self, model, doc_feats: Features) -> dict:
+    def __call__(self, model, d_emb: np.ndarray) -> dict:
+        """``d_emb``: the corpus under the model's encoder (the caller embeds it once per epoch)."""
         enc = model.encoder
-        d_emb = enc.embed_all(doc_feats)
         q_emb = enc.embed_all(self.feats)
         model.build_index(d_emb, self.doc_ids, self.titles)
         # beam 1 measured too: a budget it exceeds is scored on the line from (0, 0) to it, so
