@@ -23,7 +23,7 @@ from common import write_json
 from ehi.baselines import IVFBaseline
 from ehi.config import EHIConfig
 from ehi.data import load_beir
-from ehi.evaluation import WidthSearch
+from ehi.budget import WidthSearch
 from ehi.model import EHIModel
 from ehi.training import train
 

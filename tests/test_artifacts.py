@@ -73,7 +73,7 @@ def test_nothing_is_unpickled(saved, tmp_path):
 def test_a_crash_during_save_leaves_the_old_model_loadable(saved, tmp_path, monkeypatch):
     model, out = saved
     dst = copy(out, tmp_path)
-    before = EHIModel.load(dst).search("guitar chord", k=3, beam=4)
+    before = EHIModel.load(dst).search("guitar chord", k=3, beam=4)[0]
     real_save = np.save
     calls = {"n": 0}
 
@@ -87,7 +87,7 @@ def test_a_crash_during_save_leaves_the_old_model_loadable(saved, tmp_path, monk
     with pytest.raises(OSError, match="simulated"):
         model.save(dst)
     monkeypatch.undo()
-    after = EHIModel.load(dst).search("guitar chord", k=3, beam=4)
+    after = EHIModel.load(dst).search("guitar chord", k=3, beam=4)[0]
     assert [h.doc_id for h in before.hits] == [h.doc_id for h in after.hits]
     assert not [p for p in dst.parent.iterdir() if p.name.endswith(".tmp")]
 

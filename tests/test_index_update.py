@@ -32,7 +32,7 @@ def test_added_documents_are_found_and_removed_ones_never(model_dir, tmp_path, c
         text = f"{d['title']} {d['text']}"
         leaf = int(m.route(m.encoder.encode([text]), 1)[0, 0])
         assert m.index.doc_leaves[m.doc_ids.index(d["_id"])][0] == leaf
-        hits = m.search(text, k=3, beam=1).hits  # its own leaf is visited
+        hits = m.search(text, k=3, beam=1)[0].hits  # its own leaf is visited
         assert hits[0].doc_id == d["_id"] and hits[0].score == pytest.approx(1.0, abs=1e-4)
 
     ids = tmp_path / "gone.txt"
@@ -43,7 +43,7 @@ def test_added_documents_are_found_and_removed_ones_never(model_dir, tmp_path, c
     m = EHIModel.load(model_dir)
     assert m.index.num_docs == before
     for q in ("volcano Magma chambers feed the eruption", "music guitar chord melody rhythm"):
-        got = {h.doc_id for h in m.search(q, k=100, beam=m.tree.num_leaves).hits}
+        got = {h.doc_id for h in m.search(q, k=100, beam=m.tree.num_leaves)[0].hits}
         assert "new-1" not in got and "music-3" not in got
     assert main(["index", "remove", str(model_dir), str(ids), "--strict"]) == 2
 

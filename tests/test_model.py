@@ -50,7 +50,7 @@ def test_save_load_gives_identical_results(trained, tiny_beir):
 
 def test_search_finds_topical_documents(trained):
     model, _ = trained
-    hits = model.search("telescope galaxy astronomy", k=5, beam=model.tree.num_leaves).hits
+    hits = model.search("telescope galaxy astronomy", k=5, beam=model.tree.num_leaves)[0].hits
     assert all(h.doc_id.startswith("astronomy") for h in hits)
     # a full beam is exact search over the trained embeddings
     assert hits[0].score == pytest.approx(max(h.score for h in hits))

@@ -1,3 +1,4 @@
+import json
 import shutil
 import socket
 import threading
@@ -45,7 +46,7 @@ def test_search_single_and_batched(client, model_dir):
     # the service answers what the Python API answers
     from ehi.model import EHIModel
 
-    direct = EHIModel.load(model_dir).search("guitar chord melody music", k=3, beam=6)
+    direct = EHIModel.load(model_dir).search("guitar chord melody music", k=3, beam=6)[0]
     assert [h["id"] for h in res["hits"]] == [h.doc_id for h in direct.hits]
     assert [h["score"] for h in res["hits"]] == pytest.approx([h.score for h in direct.hits], abs=1e-5)
     r = client.post("/search", json={"query": ["oven flour bake", "stock market bond"], "k": 2, "budget": 0.5})
@@ -177,3 +178,30 @@ def test_a_request_that_fails_in_a_batch_does_not_fail_the_others(model_dir):
     assert seen[0] == 4  # one batch of four failed, then each ran alone
     assert isinstance(out[1], RuntimeError)
     assert [len(o[0]["hits"]) for i, o in enumerate(out) if i != 1] == [3, 3, 3]
+
+
+def test_cli_api_and_server_share_one_default_width_and_result_shape(model_dir, tmp_path, capsys):
+    """Without beam or budget, every entry point visits the default budget's leaves and
+    returns the same result fields (one list entry per query, even for one string)."""
+    from ehi.budget import DEFAULT_BUDGET
+    from ehi.model import EHIModel
+
+    model = EHIModel.load(model_dir)
+    # a calibration under which the default budget means 3 leaves, not the narrowest search
+    model.beam_calibration = [[b, 0.03 * b] for b in range(1, 7)]
+    assert model.beam_for_budget(DEFAULT_BUDGET) == 3
+    model.save(tmp_path / "m")
+    q = "stock market bond"
+    api = model.search(q, k=4)
+    assert isinstance(api, list) and len(api) == 1 and len(api[0].leaves) == 3
+    with TestClient(create_app(tmp_path / "m")) as c:
+        server = c.post("/search", json={"query": q, "k": 4}).json()
+    capsys.readouterr()
+    assert main(["search", str(tmp_path / "m"), q, "-k", "4", "--json"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    want = api[0].to_dict()
+    for got in (server["results"][0], cli[0]):
+        assert {k: v for k, v in got.items() if k != "hits"} == {k: v for k, v in want.items() if k != "hits"}
+        assert [(h["id"], h["title"]) for h in got["hits"]] == [(h["id"], h["title"]) for h in want["hits"]]
+        assert [h["score"] for h in got["hits"]] == pytest.approx([h["score"] for h in want["hits"]], abs=1e-5)
+    assert server["beam"] == len(api[0].leaves)

@@ -128,3 +128,15 @@ def test_load_balance_penalty_zero_when_uniform():
     skewed = torch.tensor([[1.0, 0, 0, 0]] * 10)
     assert float(load_balance_penalty([uniform])) == pytest.approx(0.0, abs=1e-6)
     assert float(load_balance_penalty([skewed])) == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("B,H,beam", [(16, 1, 5), (4, 2, 3), (3, 3, 4), (3, 3, 27)])
+def test_numpy_router_routes_like_the_tree(B, H, beam):
+    """Search routes in numpy; it must pick the leaves (and path scores) training's torch
+    beam search picks."""
+    tree = make_tree(B, H, d=16)
+    x = torch.randn(200, 16)
+    want_leaves, want_scores = tree.beam_search(x, beam)
+    leaves, scores = tree.router().beam_search(x.numpy(), beam)
+    assert np.array_equal(leaves, want_leaves.numpy())
+    assert np.allclose(scores, want_scores.numpy(), atol=1e-5)

@@ -102,7 +102,7 @@ def test_search_and_evaluate_flag_errors(beir, tmp_path, capsys):
     assert main(["train", "--data", str(beir), "--out", str(model), "-B", "3", "--epochs", "1", "--no-progress"]) == 0
     capsys.readouterr()
     assert main(["search", str(model), "music", "--beam", "4"]) == 2
-    assert "--beam 4 exceeds the tree's 3 leaves" in capsys.readouterr().err
+    assert "beam 4 exceeds the tree's 3 leaves" in capsys.readouterr().err
     for bad in ("0", "1.5", "150%", "abc"):
         with pytest.raises(SystemExit) as e:
             main(["search", str(model), "music", "--budget", bad])

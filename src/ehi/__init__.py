@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "EHIConfig": "ehi.config",
     "load_beir": "ehi.data",
+    "load_corpus": "ehi.data",
     "EHIModel": "ehi.model",
     "Hit": "ehi.model",
     "Hits": "ehi.model",

@@ -48,6 +48,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_file_atomic(path: str | Path, write: Callable[[object], None] | str | bytes) -> Path:
+    """One file, whole or not at all: written beside ``path``, fsynced, renamed over it.
+    ``write`` is the content, or a function given the open binary file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if callable(write):
+                write(fh)
+            else:
+                fh.write(write.encode("utf-8") if isinstance(write, str) else write)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
 def is_artifact(path: str | Path) -> bool:
     """An ehi model or checkpoint folder (its manifest names our format)."""
     mpath = Path(path) / MANIFEST

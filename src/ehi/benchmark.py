@@ -23,6 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import __version__
+from .artifacts import write_file_atomic
 from .config import EHIConfig
 from .data import Dataset
 from .evaluation import BUDGET_RULE, BUDGETS, Row, budget_curve, ehi_curve, exact_row, ivf_curve
@@ -291,7 +292,7 @@ def write_report(results: dict, out: Path) -> None:
     lines += ["", f"Test: {results['significance'][0]['test'] if results['significance'] else 'n/a'}.", "",
               "ScaNN configuration: " + json.dumps(results.get("scann_config", {})), "",
               "Wall time (s, summed over seeds): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings"].items()), ""]
-    (out / "report.md").write_text("\n".join(lines))
+    write_file_atomic(out / "report.md", "\n".join(lines))
     plot_recall(agg, out / "recall_vs_visited.png", results["dataset"])
     plot_leaf_sizes(results["leaf_sizes"], out / "leaf_sizes.png")
 
@@ -412,9 +413,6 @@ def run_benchmark(
         ],
     }
     results["own_encoder_gap"] = own_encoder_gap(results["aggregate"], budgets)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    tmp.replace(out / "results.json")
+    write_file_atomic(out / "results.json", json.dumps(results, indent=1))
     write_report(results, out)
     return results

@@ -1,4 +1,4 @@
-"""Command line: ``ehi train | evaluate | search | index | serve | benchmark``, mirroring the Python API."""
+"""Command line: ``ehi train | tune | evaluate | search | index | serve | benchmark | cache``, mirroring the Python API."""
 
 from __future__ import annotations
 
@@ -58,6 +58,10 @@ def _positive(text: str) -> int:
     return _int_in(text, 1)
 
 
+def _int_nonneg(text: str) -> int:
+    return _int_in(text, 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ehi", description="End-to-end Hierarchical Indexing for dense retrieval")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -83,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--hard-negatives", type=int)
     t.add_argument("--refresh-every", type=int)
     t.add_argument("--d2l", type=int, help="leaves each document is stored in")
+    t.add_argument("--codec", choices=["flat", "sq8", "pq"], help="index codec (default flat); see 'ehi index build'")
     t.add_argument("--seed", type=int)
     t.add_argument("--device", type=_device, help="cpu, cuda, cuda:1, ...")
     t.add_argument("--no-progress", action="store_true")
@@ -110,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     ib.add_argument("model", help="model directory")
     ib.add_argument("--data", required=True, help="BEIR folder whose corpus.jsonl is indexed")
     ib.add_argument("--d2l", type=_positive)
+    ib.add_argument("--codec", choices=["flat", "sq8", "pq"], help="how vectors are stored: flat (float32), sq8 (1 byte/dim), pq (pq-m bytes)")
+    ib.add_argument("--pq-m", type=_positive, help="pq: one-byte sub-quantizers per vector; must divide the dimension (default dim/8)")
+    ib.add_argument("--rerank", type=_int_nonneg, help="pq: re-rank this many candidates exactly from the float vectors (0 = off)")
     ib.add_argument("--out", help="write here instead of replacing the model directory")
     ib.add_argument("--device", type=_device, default="cpu")
     ia = isub.add_parser("add", help="route new documents into their leaves (no retraining)")
@@ -129,8 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-k", type=_positive, default=10)
     g = s.add_mutually_exclusive_group()
     g.add_argument("--beam", type=_positive, help="leaves to visit")
-    g.add_argument("--budget", type=_budget, help="fraction of the corpus to visit, e.g. 0.1 or 10%%")
+    g.add_argument("--budget", type=_budget, help="fraction of the corpus to visit, e.g. 0.1 or 10%% (default 10%%)")
     s.add_argument("--json", action="store_true", help="print JSON")
+    s.add_argument("--ids", help="text file, one document id per line: only these may be returned")
     s.add_argument("--device", type=_device, default="cpu")
 
     e = sub.add_parser("evaluate", help="metrics against fraction visited, with exact search and Faiss-IVF")
@@ -143,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="write every row to this JSON file")
     e.add_argument("--strict", action="store_true", help="qrels naming unknown queries or documents are errors")
     e.add_argument("--device", type=_device, default="cpu")
+
+    c = sub.add_parser("cache", help="the feature cache: size, or clear it")
+    c.add_argument("cache_command", choices=["info", "clear"])
 
     v = sub.add_parser("serve", help="HTTP search service with a web page")
     v.add_argument("model")
@@ -185,6 +197,7 @@ def _config_from_args(args):
         "hard_negatives": ("train", "hard_negatives"),
         "refresh_every": ("train", "refresh_every"),
         "d2l": ("index", "d2l"),
+        "codec": ("index", "codec"),
         "seed": ("train", "seed"),
         "device": ("train", "device"),
         "val_fraction": ("train", "val_fraction"),
@@ -237,15 +250,9 @@ def cmd_train(args) -> None:
     ds.check_qrels(args.split, strict=args.strict)  # fail on bad qrels before any work
     t0 = time.perf_counter()
     trainer = Trainer(cfg, ds, args.split, doc_embeddings=d_emb, query_embeddings=q_emb)
-    if args.resume:
-        ckpt = checkpoint_path(args.out)
-        if not (ckpt / "manifest.json").exists():
-            raise ValueError(f"--resume: no checkpoint at {ckpt}")
-        print(f"resuming after epoch {trainer.resume(ckpt)} of {cfg.train.epochs}")
-    model = trainer.fit(args.out, progress=not args.no_progress and is_main())
+    model = trainer.run(args.out, resume=args.resume, progress=not args.no_progress and is_main(), log=print)
     if not is_main():
         return  # rank 0 writes the artifacts and reports
-    model.save(args.out)
     total = time.perf_counter() - t0
     print(f"saved {args.out}  ({len(trainer.train_set.query_ids)} queries, {len(trainer.train_set.pairs)} pairs)")
     print(
@@ -265,21 +272,24 @@ def cmd_train(args) -> None:
         print(format_table(rows))
 
 
-def cmd_index(args) -> None:
-    import numpy as np
+def _read_ids(file: str) -> list[str]:
+    path = Path(file)
+    try:
+        ids = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read ({e})") from None
+    if not ids:
+        raise ValueError(f"{path}: no ids")
+    return ids
 
+
+def cmd_index(args) -> None:
     from .data import load_beir, load_corpus
     from .model import EHIModel
     from .training import leaf_report
 
     if args.index_command == "remove":
-        path = Path(args.ids)
-        try:
-            ids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: cannot read ({e})") from None
-        if not ids:
-            raise ValueError(f"{path}: no ids")
+        ids = _read_ids(args.ids)
     if args.out:  # a new place: never a user's file or folder (an ehi model there is replaced)
         from .artifacts import check_target
 
@@ -287,18 +297,12 @@ def cmd_index(args) -> None:
     model = EHIModel.load(args.model, device=getattr(args, "device", "cpu"))
     before = leaf_report(model) if model.index is not None else None
     if args.index_command == "build":
-        if args.d2l:
-            model.config.index.d2l = args.d2l
-            model.config.validate()
-        ds = load_beir(args.data)
-        emb = model.encoder.embed_all(model.encoder.features(ds.corpus.documents(), "encoding corpus"), desc="embedding corpus")
-        model.build_index(emb, ds.corpus.ids, ds.corpus.titles)
-        model.corpus_fingerprint = ds.corpus.fingerprint()
-        what = f"indexed {len(ds.corpus)} documents"
+        corpus = load_beir(args.data).corpus
+        model.index_corpus(corpus, d2l=args.d2l, codec=args.codec, pq_m=args.pq_m, rerank=args.rerank)
+        what = f"indexed {len(corpus)} documents"
     elif args.index_command == "add":
         new = load_corpus(args.corpus)
-        emb = model.encoder.embed_all(model.encoder.features(new.documents(), "encoding new documents"), desc="embedding")
-        model.add_documents(new.ids, new.titles, emb)
+        model.add_corpus(new)
         what = f"added {len(new)} documents"
     else:
         known = set(model.doc_ids)
@@ -307,14 +311,11 @@ def cmd_index(args) -> None:
             raise ValueError(f"{args.ids}: {len(unknown)} ids are not indexed (first: {unknown[0]!r})")
         if unknown:
             print(f"warning: {len(unknown)} ids are not indexed (ignored)", file=sys.stderr)
-        if not set(ids) & known:
+        removed = model.remove_documents(ids)
+        if not removed:
             print(f"nothing to remove: none of the ids is indexed; {args.model} left unchanged", file=sys.stderr)
             return
-        what = f"removed {model.remove_documents(ids)} documents"
-    # the corpus changed: re-measure budget -> beam, documents standing in for queries
-    emb = model.index.embeddings
-    sample = np.random.default_rng(0).choice(len(emb), size=min(2000, len(emb)), replace=False)
-    model.calibrate(emb[sample])
+        what = f"removed {removed} documents"
     out = args.out or args.model
     model.save(out)
     print(f"{what}; {model.index.num_docs} documents in {out}")
@@ -329,27 +330,29 @@ def cmd_search(args) -> None:
     for q in args.query:  # the server's rule, before loading anything
         check_query(q)
 
-    model = EHIModel.load(args.model, device=args.device)
-    if args.beam and args.beam > model.tree.num_leaves:
-        raise ValueError(f"--beam {args.beam} exceeds the tree's {model.tree.num_leaves} leaves")
-    results = model.search(args.query, k=args.k, beam=args.beam, budget=args.budget)
+    allowed = _read_ids(args.ids) if args.ids else None
+    model = EHIModel.load(args.model, device=args.device, mmap=True)
+    if model.index is None:
+        raise ValueError(f"{args.model}: the model has no index; run 'ehi index build' first")
+    results = model.search(args.query, k=args.k, beam=args.beam, budget=args.budget, ids=allowed)
     if args.json:
-        out = [
-            {
-                "query": q,
-                "visited": r.visited,
-                "fraction_visited": r.fraction_visited,
-                "leaves": r.leaves,
-                "hits": [{"id": h.doc_id, "score": h.score, "title": h.title} for h in r.hits],
-            }
-            for q, r in zip(args.query, results)
-        ]
-        print(json.dumps(out, indent=2))
+        print(json.dumps([r.to_dict() for r in results], indent=2))
         return
-    for q, r in zip(args.query, results):
-        print(f"query: {q}\nvisited {r.visited} documents ({100 * r.fraction_visited:.1f}%) in leaves {r.leaves}")
+    for r in results:
+        print(f"query: {r.query}\nvisited {r.visited} documents ({100 * r.fraction_visited:.1f}%) in leaves {r.leaves}")
         for rank, h in enumerate(r.hits, 1):
             print(f"{rank:>3}. {h.score:.4f}  {h.doc_id}  {h.title[:90]}")
+
+
+def cmd_cache(args) -> None:
+    from .encoder import cache_dir, cache_limit, cache_usage, clear_cache
+
+    if args.cache_command == "clear":
+        n, size = clear_cache()
+        print(f"deleted {n} files ({size / 2**20:.1f} MiB) from {cache_dir()}")
+        return
+    n, size = cache_usage()
+    print(f"{cache_dir()}: {n} files, {size / 2**20:.1f} MiB (limit {cache_limit() / 2**30:g} GiB, EHI_CACHE_MAX_GB)")
 
 
 def cmd_evaluate(args) -> None:
@@ -366,7 +369,9 @@ def cmd_evaluate(args) -> None:
     print(f"split {args.split!r}, {model.tree.num_leaves} leaves; budget rule: {BUDGET_RULE}\n")
     print(format_table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps([r.to_dict() for r in rows], indent=2))
+        from .artifacts import write_file_atomic
+
+        write_file_atomic(args.json, json.dumps([r.to_dict() for r in rows], indent=2))
 
 
 def cmd_benchmark(args) -> None:
@@ -402,6 +407,7 @@ def _need(extra: str, *modules: str) -> None:
 
 
 def cmd_tune(args) -> None:
+    from .artifacts import write_file_atomic
     from .data import load_beir
     from .tuning import format_trial, tune
 
@@ -418,11 +424,8 @@ def cmd_tune(args) -> None:
     for tr in sorted(trials, key=lambda tr: -tr.score):
         print("  " + format_trial(tr))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(chosen.to_json())
-    tmp.replace(out)
-    trials_path = out.with_name(out.stem + ".trials.json")
-    trials_path.write_text(json.dumps([tr.to_dict() for tr in trials], indent=2))
+    write_file_atomic(out, chosen.to_json())
+    trials_path = write_file_atomic(out.with_name(out.stem + ".trials.json"), json.dumps([tr.to_dict() for tr in trials], indent=2))
     print(f"wrote {out} (ehi train --config {out}) and {trials_path}")
 
 
@@ -433,7 +436,7 @@ def cmd_serve(args) -> None:
     serve(args.model, args.host, args.port, args.log_level)
 
 
-COMMANDS = {"serve": cmd_serve, "tune": cmd_tune, "train": cmd_train, "index": cmd_index, "search": cmd_search, "evaluate": cmd_evaluate, "benchmark": cmd_benchmark}
+COMMANDS = {"cache": cmd_cache, "serve": cmd_serve, "tune": cmd_tune, "train": cmd_train, "index": cmd_index, "search": cmd_search, "evaluate": cmd_evaluate, "benchmark": cmd_benchmark}
 
 
 def main(argv: list[str] | None = None) -> int:

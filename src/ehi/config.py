@@ -16,7 +16,8 @@ PRECOMPUTED = "precomputed"  # model_name of a model trained on the user's own e
 Scope = Literal["adapter", "top-k", "full"]
 Init = Literal["kmeans", "random"]
 NegativesFrom = Literal["tree", "exact"]
-SCOPES, INITS, NEGATIVES_FROM = get_args(Scope), get_args(Init), get_args(NegativesFrom)
+Codec = Literal["flat", "sq8", "pq"]
+SCOPES, INITS, NEGATIVES_FROM, CODECS = get_args(Scope), get_args(Init), get_args(NegativesFrom), get_args(Codec)
 
 
 @dataclass
@@ -154,10 +155,20 @@ class TrainConfig:
 @dataclass
 class IndexConfig:
     d2l: int = 1  # leaves each document is stored in
+    # how the visited leaves' vectors are stored and scanned (Faiss): flat = float32, exact
+    # cosine; sq8 = 8-bit scalar quantizer (1/4 the bytes); pq = product quantizer with pq_m
+    # one-byte codes per vector (0: dim/8), re-ranked exactly on its top ``rerank`` (0 = off)
+    codec: Codec = "flat"
+    pq_m: int = 0
+    rerank: int = 0
 
     def validate(self) -> None:
         if self.d2l < 1:
             raise ValueError("d2l must be >= 1")
+        if self.codec not in CODECS:
+            raise ValueError(f"index.codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
+        if self.pq_m < 0 or self.rerank < 0:
+            raise ValueError("index.pq_m and index.rerank must be >= 0")
 
 
 @dataclass

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .artifacts import write_file_atomic
 from .config import DEFAULT_MODEL, PRECOMPUTED, EncoderConfig
 
 log = logging.getLogger(__name__)
@@ -50,9 +50,22 @@ def load_sentence_transformer(name: str, device: str = "cpu", max_seq_length: in
     return model
 
 
+def _hub_snapshot(name: str) -> Path | None:
+    """The downloaded snapshot folder of a hub model (its revision), if there is one."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # not downloaded, not a hub id, or no huggingface_hub: the name stands in
+        return None
+
+
 def model_fingerprint(name: str) -> str:
-    """sha256 over the model folder's weight and config files; the name itself for hub ids."""
+    """sha256 over the model folder's weight and config files (a hub id: those of its
+    downloaded revision), so that changed weights never reuse cached features."""
     path = Path(resolve_model(name))
+    if not path.is_dir():
+        path = _hub_snapshot(name) or path
     h = hashlib.sha256()
     if path.is_dir():
         for f in sorted(path.rglob("*")):
@@ -78,19 +91,69 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EHI_CACHE_DIR", Path.home() / ".cache" / "ehi" / "features"))
 
 
-def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+DEFAULT_CACHE_GB = 10.0
+
+
+def cache_limit() -> int:
+    """Bytes the feature cache may hold (``EHI_CACHE_MAX_GB``, default 10)."""
+    raw = os.environ.get("EHI_CACHE_MAX_GB", str(DEFAULT_CACHE_GB))
     try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        gb = float(raw)
+    except ValueError:
+        raise ValueError(f"EHI_CACHE_MAX_GB must be a number of GiB, got {raw!r}") from None
+    return int(max(gb, 0.0) * 2**30)
+
+
+def cache_files() -> list[Path]:
+    d = cache_dir()
+    return sorted(d.glob("*.npz")) if d.is_dir() else []
+
+
+def cache_usage() -> tuple[int, int]:
+    """(files, bytes) in the feature cache."""
+    files = cache_files()
+    return len(files), sum(f.stat().st_size for f in files if f.exists())
+
+
+def clear_cache() -> tuple[int, int]:
+    """Delete every cached feature file (and stale temporaries); (files, bytes) freed."""
+    n, size = 0, 0
+    d = cache_dir()
+    for f in cache_files() + (sorted(d.glob(".*.tmp")) if d.is_dir() else []):
+        try:
+            st = f.stat().st_size
+            f.unlink()
+        except FileNotFoundError:
+            continue
+        n, size = n + 1, size + st
+    return n, size
+
+
+def evict_cache(keep: Path | None = None, limit: int | None = None) -> int:
+    """Least recently used files first (use touches a file), until the cache fits its limit;
+    ``keep`` (the file just written) is never evicted. Returns the files deleted."""
+    limit = cache_limit() if limit is None else limit
+    entries = []
+    for f in cache_files():
+        try:
+            st = f.stat()
+        except FileNotFoundError:
+            continue
+        entries.append((st.st_mtime, st.st_size, f))
+    total = sum(s for _, s, _ in entries)
+    deleted = 0
+    for _, size, f in sorted(entries, key=lambda e: e[0]):
+        if total <= limit:
+            break
+        if keep is not None and f == keep:
+            continue
+        try:
+            f.unlink()
+        except FileNotFoundError:
+            pass
+        total -= size
+        deleted += 1
+    return deleted
 
 
 @dataclass
@@ -217,17 +280,24 @@ class Encoder(nn.Module):
         try:
             with np.load(path, allow_pickle=False) as z:
                 if self.config.scope == "adapter":
-                    return Features(dense=torch.from_numpy(z["dense"]))
-                return Features(states=torch.from_numpy(z["states"]), offsets=torch.from_numpy(z["offsets"]))
+                    feats = Features(dense=torch.from_numpy(z["dense"]))
+                else:
+                    feats = Features(states=torch.from_numpy(z["states"]), offsets=torch.from_numpy(z["offsets"]))
         except (OSError, ValueError, KeyError) as e:
             log.warning("ignoring unreadable feature cache %s (%s)", path, e)
             return None
+        try:
+            os.utime(path)  # last use, for the least-recently-used eviction
+        except OSError:
+            pass  # a read-only cache still serves
+        return feats
 
     def save_cached(self, path: Path, feats: Features) -> None:
         if feats.dense is not None:
-            _save_npz_atomic(path, dense=feats.dense.numpy())
+            write_file_atomic(path, lambda fh: np.savez(fh, dense=feats.dense.numpy()))
         else:
-            _save_npz_atomic(path, states=feats.states.numpy(), offsets=feats.offsets.numpy())
+            write_file_atomic(path, lambda fh: np.savez(fh, states=feats.states.numpy(), offsets=feats.offsets.numpy()))
+        evict_cache(keep=path)
 
     def compute_features(self, texts: list[str], desc: str = "encoding") -> Features:
         if self.config.scope == "full":

@@ -1,8 +1,7 @@
 """Retrieval quality against the fraction of the corpus visited, computed by ir-measures.
 
-Budget rule, the same for every method: for a budget f, use the largest beam (EHI) or nprobe
-(IVF) whose mean fraction visited over the evaluated queries is <= f; if even width 1 exceeds
-f, the budget is reported as unreachable. The fraction actually visited is printed beside it.
+Every method is evaluated under the budget rule of ``budget.py``, measured on the evaluated
+queries; the fraction actually visited is printed beside each budget.
 """
 
 from __future__ import annotations
@@ -14,10 +13,11 @@ import ir_measures
 import numpy as np
 from ir_measures import RR, R, nDCG
 
+from .budget import BUDGET_RULE, WidthSearch  # noqa: F401  (the rule lives in budget.py)
+
 BUDGETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 MEASURES = [R @ 10, R @ 20, R @ 50, R @ 100, nDCG @ 1, nDCG @ 3, nDCG @ 5, nDCG @ 10, RR @ 10]
 TABLE_MEASURES = ["R@10", "R@20", "R@50", "R@100", "nDCG@10", "RR@10"]
-BUDGET_RULE = "largest beam/nprobe whose mean fraction visited over the evaluated queries is <= the budget"
 
 
 @dataclass
@@ -69,32 +69,6 @@ def exact_row(method: str, q_emb, doc_emb, qids, doc_ids, qrels, k: int = 100) -
     idx, sc = exact_search(q_emb, doc_emb, k)
     run = make_run(qids, idx, sc, doc_ids)
     return Row(method, None, 0, 1.0, measure(qrels, run), per_query(qrels, run))
-
-
-class WidthSearch:
-    """The budget rule over a width -> mean fraction visited function (non-decreasing),
-    evaluated lazily: a binary search, each width measured at most once."""
-
-    def __init__(self, visited_fraction: Callable[[int], float], max_width: int):
-        self.fn, self.max_width = visited_fraction, max_width
-        self.fractions: dict[int, float] = {}
-
-    def fraction(self, w: int) -> float:
-        if w not in self.fractions:
-            self.fractions[w] = self.fn(w)
-        return self.fractions[w]
-
-    def largest_within(self, budget: float) -> int | None:
-        if self.fraction(1) > budget + 1e-12:
-            return None
-        lo, hi = 1, self.max_width
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if self.fraction(mid) <= budget + 1e-12:
-                lo = mid
-            else:
-                hi = mid - 1
-        return lo
 
 
 def budget_curve(

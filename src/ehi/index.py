@@ -1,193 +1,313 @@
-"""Leaf index: each document stored in its top-d2l leaves, leaves stored as contiguous blocks.
+"""Leaf index: the learned tree's leaves as the inverted lists of a Faiss ``IndexIVF``.
 
-Search visits the leaves the beam reaches, scores the union of their documents by cosine
-(one dense product per leaf block) and reports how many documents it visited.
+Faiss never assigns documents: each goes into the lists of its top-d2l leaves (as the tree
+routed it) with ``add_core``, and search scans the lists the beam chose with
+``search_preassigned``. So the scan, the codecs (``flat``: exact float32; ``sq8``: 8-bit
+scalar quantizer; ``pq``: product quantizer, optionally re-ranked exactly from the float
+vectors) and the file format are Faiss's own; what is EHI's is which leaves a vector lives
+in and which leaves a query visits. The coarse quantizer holds each leaf's mean document,
+so the saved ``index.faiss`` also works on its own in any Faiss tool (routed by centroid).
+
+Faiss ids are document rows; a row's vector, leaves, id and title live at that row.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+import faiss
 import numpy as np
-import torch
+
+CODECS = ("flat", "sq8", "pq")
 
 
 @dataclass
 class SearchResult:
-    indices: np.ndarray  # (Q, k) document row indices, best first, -1 past the candidates
-    scores: np.ndarray  # (Q, k) cosine scores, -inf past the candidates
-    visited: np.ndarray  # (Q,) distinct documents scored
+    indices: np.ndarray  # (Q, k) document rows, best first, -1 past the candidates
+    scores: np.ndarray  # (Q, k) cosine scores (approximate for sq8/pq without re-rank), -inf past them
+    visited: np.ndarray  # (Q,) distinct documents scanned
+
+
+def _f32(x) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _i64(x) -> np.ndarray:
+    return np.ascontiguousarray(x, dtype=np.int64)
+
+
+def _normalised(x: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(n, 1e-12)
 
 
 class LeafIndex:
-    """Documents grouped by leaf. Only the leaf-ordered copy of the embeddings is kept, so an
-    index costs the raw vectors (times d2l) and no more."""
+    """Documents in the leaves the tree gave them, scanned by Faiss.
 
-    def __init__(self, doc_leaves: np.ndarray, embeddings: np.ndarray | None, num_leaves: int, dim: int | None = None):
-        doc_leaves = np.asarray(doc_leaves, dtype=np.int64)
+    ``vectors`` are the float32 document embeddings in row order (memory-mapped from disk
+    after loading): the exact re-rank of ``pq`` reads them, and nothing else needs them at
+    search time."""
+
+    def __init__(
+        self,
+        doc_leaves: np.ndarray,
+        embeddings: np.ndarray,
+        num_leaves: int,
+        codec: str = "flat",
+        pq_m: int = 0,
+        rerank: int = 0,
+        seed: int = 0,
+    ):
+        if codec not in CODECS:
+            raise ValueError(f"unknown codec {codec!r}: use one of {', '.join(CODECS)}")
+        doc_leaves = _i64(doc_leaves)
         if doc_leaves.ndim == 1:
             doc_leaves = doc_leaves[:, None]
-        n, d2l = doc_leaves.shape
-        if embeddings is not None and embeddings.shape[0] != n:
+        embeddings = np.asarray(embeddings)
+        if embeddings.ndim != 2 or embeddings.shape[0] != doc_leaves.shape[0]:
             raise ValueError("one embedding per document is required")
-        if doc_leaves.min(initial=0) < 0 or doc_leaves.max(initial=0) >= num_leaves:
+        if doc_leaves.size and (doc_leaves.min() < 0 or doc_leaves.max() >= num_leaves):
             raise ValueError("leaf id out of range")
-        self.num_leaves = num_leaves
+        d = embeddings.shape[1]
+        self.num_leaves, self.codec, self.rerank = num_leaves, codec, int(rerank)
+        self.pq_m = int(pq_m) if codec == "pq" else 0
+        if codec == "pq":
+            self.pq_m = self.pq_m or _default_pq_m(d)
+            if d % self.pq_m:
+                raise ValueError(f"pq_m {self.pq_m} must divide the embedding size {d}")
         self.doc_leaves = doc_leaves
-        self.num_docs = n
-        flat = doc_leaves.ravel()
-        order = np.argsort(flat, kind="stable")
-        self.members = order // d2l  # leaf-contiguous document rows
-        self.offsets = np.zeros(num_leaves + 1, dtype=np.int64)
-        np.cumsum(np.bincount(flat, minlength=num_leaves), out=self.offsets[1:])
-        # where each (document, copy) sits in leaf order
-        self._slot = np.empty(len(flat), dtype=np.int64)
-        self._slot[order] = np.arange(len(flat))
-        if embeddings is not None:
-            # embeddings in leaf order, so that scanning a leaf is one contiguous matrix product
-            self.leaf_embeddings = np.ascontiguousarray(np.asarray(embeddings)[self.members], dtype=np.float32)
+        self._chunks = [embeddings]
+        self._vectors: np.ndarray | None = embeddings
+        self.read_only = False
+        self.ivf = self._new_ivf(d, self._centroids(doc_leaves, embeddings, num_leaves))
+        if not self.ivf.is_trained:
+            train = _f32(embeddings)
+            if len(train) > 100_000:  # enough for any codec here; training cost stays bounded
+                train = train[np.sort(np.random.default_rng(seed).choice(len(train), 100_000, replace=False))]
+            self.ivf.train(train)
+        self._sizes = np.zeros(num_leaves, dtype=np.int64)
+        self._members = None
+        self._add(0, embeddings, doc_leaves)
+
+    # ---- construction ---------------------------------------------------------------------
+    @staticmethod
+    def _centroids(doc_leaves: np.ndarray, emb: np.ndarray, num_leaves: int) -> np.ndarray:
+        """Each leaf's mean document (unit length; zero for an empty leaf)."""
+        c = np.zeros((num_leaves, emb.shape[1]), dtype=np.float64)
+        for j in range(doc_leaves.shape[1]):
+            np.add.at(c, doc_leaves[:, j], emb)
+        return _f32(_normalised(c))
+
+    def _new_ivf(self, d: int, centroids: np.ndarray):
+        self.quantizer = faiss.IndexFlatIP(d)
+        self.quantizer.add(centroids)
+        L, ip = self.num_leaves, faiss.METRIC_INNER_PRODUCT
+        if self.codec == "flat":
+            ivf = faiss.IndexIVFFlat(self.quantizer, d, L, ip)
+        elif self.codec == "sq8":
+            ivf = faiss.IndexIVFScalarQuantizer(self.quantizer, d, L, faiss.ScalarQuantizer.QT_8bit, ip, False)
         else:
-            self.leaf_embeddings = np.zeros((len(flat), dim), dtype=np.float32)
+            ivf = faiss.IndexIVFPQ(self.quantizer, d, L, self.pq_m, 8, ip)  # residual codes: coarse scores given
+            ivf.pq.cp.seed = 0  # deterministic training
+        self.centroids = centroids
+        return ivf
 
-    @classmethod
-    def from_chunks(cls, doc_leaves: np.ndarray, num_leaves: int, dim: int, chunks) -> "LeafIndex":
-        """Build from ``(start_row, embeddings)`` chunks without ever holding the corpus twice."""
-        index = cls(doc_leaves, None, num_leaves, dim)
-        for start, x in chunks:
-            index.write_rows(start, x)
-        return index
+    def _add(self, start: int, x: np.ndarray, leaves: np.ndarray) -> None:
+        """Rows ``start ..`` into their leaves' lists: O(new rows)."""
+        x = _f32(x)
+        for j in range(leaves.shape[1]):
+            a = _i64(leaves[:, j])
+            ids = np.arange(start, start + len(x), dtype=np.int64)
+            # ids and a stay referenced here: faiss.contrib's add_preassigned drops its own
+            # reference to ids before the call, and the array can be freed under Faiss
+            self.ivf.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(a))
+            self._sizes += np.bincount(a, minlength=self.num_leaves)
+        self._members = None
 
-    def write_rows(self, start: int, x: np.ndarray) -> None:
-        d2l = self.d2l
-        slots = self._slot[start * d2l : (start + len(x)) * d2l].reshape(len(x), d2l)
-        for j in range(d2l):
-            self.leaf_embeddings[slots[:, j]] = x
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ValueError("this index was opened memory-mapped (read-only); load the model with mmap=False to change it")
 
+    def add(self, embeddings: np.ndarray, leaves: np.ndarray) -> None:
+        """Append documents (rows after the current ones) into the given leaves."""
+        self._check_writable()
+        leaves = _i64(leaves).reshape(len(embeddings), -1)
+        if leaves.shape[1] != self.d2l:
+            raise ValueError(f"expected {self.d2l} leaves per document, got {leaves.shape[1]}")
+        if leaves.size and (leaves.min() < 0 or leaves.max() >= self.num_leaves):
+            raise ValueError("leaf id out of range")
+        start = self.num_docs
+        self._add(start, embeddings, leaves)
+        self.doc_leaves = np.concatenate([self.doc_leaves, leaves])
+        self._chunks.append(np.asarray(embeddings))
+        self._vectors = None
+
+    def keep(self, rows: np.ndarray) -> "LeafIndex":
+        """A new index of only ``rows`` (renumbered 0..), with the same trained codec."""
+        self._check_writable()
+        rows = _i64(rows)
+        out = object.__new__(LeafIndex)
+        out.__dict__.update(self.__dict__)
+        out.doc_leaves = self.doc_leaves[rows]
+        vecs = np.asarray(self.vectors[rows])
+        out._chunks, out._vectors = [vecs], vecs
+        out.ivf = faiss.clone_index(self.ivf)  # trained state kept, lists emptied below
+        out.quantizer = faiss.downcast_index(out.ivf.quantizer)
+        out.ivf.reset()
+        out._sizes = np.zeros(self.num_leaves, dtype=np.int64)
+        out._add(0, vecs, out.doc_leaves)
+        return out
+
+    # ---- properties -------------------------------------------------------------------------
     @property
     def d2l(self) -> int:
         return self.doc_leaves.shape[1]
 
     @property
-    def dim(self) -> int:
-        return self.leaf_embeddings.shape[1]
+    def num_docs(self) -> int:
+        return self.doc_leaves.shape[0]
 
     @property
-    def embeddings(self) -> np.ndarray:
-        """Document-order embeddings (a copy, made on demand)."""
-        first = np.empty(self.num_docs, dtype=np.int64)
-        first[self.members[::-1]] = np.arange(len(self.members))[::-1]
-        return self.leaf_embeddings[first]
+    def dim(self) -> int:
+        return self.ivf.d
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """Row-order float embeddings (no copy unless documents were added since)."""
+        if self._vectors is None:
+            self._vectors = np.concatenate(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
+            self._chunks = [self._vectors]
+        return self._vectors
+
+    embeddings = vectors  # the name earlier versions used
 
     def leaf_sizes(self) -> np.ndarray:
-        return np.diff(self.offsets)
+        return self._sizes.copy()
 
+    def nbytes(self) -> int:
+        """Bytes the scanned codes and ids take (what a search holds in memory)."""
+        code = self.ivf.code_size
+        return int(self._sizes.sum()) * (code + 8) + self.quantizer.ntotal * self.dim * 4
+
+    # ---- search -----------------------------------------------------------------------------
     def visited_counts(self, leaves: np.ndarray) -> np.ndarray:
-        """Distinct documents in each row's leaves (Q, beta)."""
-        leaves = np.asarray(leaves)
+        """Distinct documents in each row's leaves (Q, beta); -1 entries are no leaf."""
+        leaves = _i64(leaves)
+        leaves = leaves.reshape(len(leaves), -1)
+        sizes = np.where(leaves >= 0, self._sizes[np.maximum(leaves, 0)], 0)
         if self.d2l == 1:
-            # a document lives in one leaf; beam leaves are distinct, so sizes add up
-            return self.leaf_sizes()[leaves].sum(1)
-        return (self._gather(None, leaves)[1] >= 0).sum(1)
+            return sizes.sum(1)  # a document lives in one leaf: sizes add up
+        # documents x queries overlap counts of a sparse product; its non-zeros per column
+        # are the distinct documents each query visits
+        from scipy.sparse import csr_matrix
 
-    def search(self, queries: np.ndarray, leaves: np.ndarray, k: int, batch: int = 4096) -> SearchResult:
-        """Rank by cosine the documents of each query's ``leaves`` (Q, beta); top k.
+        docs_in = self._membership()
+        r, c = np.nonzero(leaves >= 0)
+        visits = csr_matrix((np.ones(len(r), dtype=np.int32), (leaves[r, c], r)), shape=(self.num_leaves, len(leaves)))
+        return np.asarray((docs_in @ visits).astype(bool).sum(0)).ravel().astype(np.int64)
 
-        Queries are grouped by leaf: every leaf a batch visits is scanned once, with one
-        matrix product against all the batch's queries that visit it; each leaf hands on only
-        its own top k, so the per-query buffers stay small."""
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        leaves = np.asarray(leaves, dtype=np.int64).reshape(len(queries), -1)
-        nq = len(queries)
+    def _membership(self):
+        """(N, L) sparse: which leaves hold each document."""
+        if self._members is None:
+            from scipy.sparse import csr_matrix
+
+            n, d2l = self.doc_leaves.shape
+            rows = np.repeat(np.arange(n), d2l)
+            self._members = csr_matrix((np.ones(n * d2l, dtype=np.int32), (rows, self.doc_leaves.ravel())), shape=(n, self.num_leaves))
+        return self._members
+
+    def search(self, queries: np.ndarray, leaves: np.ndarray, k: int, allowed: np.ndarray | None = None) -> SearchResult:
+        """The top ``k`` documents by cosine among those in each query's ``leaves`` (Q, beta).
+
+        ``allowed``: optional document rows to restrict the search to (Faiss IDSelector)."""
+        q = _f32(queries)
+        leaves = _i64(leaves).reshape(len(q), -1)
+        nq, beta = leaves.shape
+        visited = self.visited_counts(leaves)
+        # copies of a document in several visited leaves come back once each: fetch enough
+        fetch = k * self.d2l
+        if self.codec == "pq" and self.rerank:
+            fetch = max(fetch, self.rerank)
+        fetch = max(1, min(fetch, max(int(visited.max(initial=0)) * self.d2l, 1)))
+        D = np.empty((nq, fetch), dtype=np.float32)
+        I = np.empty((nq, fetch), dtype=np.int64)
+        if nq:
+            params = faiss.SearchParametersIVF()
+            params.nprobe = beta
+            if allowed is not None:
+                sel_ids = _i64(allowed)
+                params.sel = sel = faiss.IDSelectorBatch(len(sel_ids), faiss.swig_ptr(sel_ids))  # noqa: F841 (kept alive)
+            # residual codes add each leaf's coarse score <q, centroid>; flat ignores it
+            coarse = self._coarse(q, leaves)
+            self.ivf.search_preassigned_c(
+                nq, faiss.swig_ptr(q), fetch, faiss.swig_ptr(leaves), faiss.swig_ptr(coarse),
+                faiss.swig_ptr(D), faiss.swig_ptr(I), False, params,
+            )
+        D = np.where(I >= 0, D, -np.inf).astype(np.float32)
+        if self.codec == "pq" and self.rerank:
+            D, I = self._rerank(q, I)
+        if self.d2l > 1:
+            D, I = _dedupe(D, I)
         idx = np.full((nq, k), -1, dtype=np.int64)
         scores = np.full((nq, k), -np.inf, dtype=np.float32)
-        visited = np.zeros(nq, dtype=np.int64)
-        for s in range(0, nq, batch):
-            e = min(nq, s + batch)
-            sc, pos, written, keep = self._gather(queries[s:e], leaves[s:e], cap=k)
-            visited[s:e] = self.visited_counts(leaves[s:e])
-            kk = min(k, sc.shape[1])
-            if kk == 0:
-                continue
-            vals, top = torch.topk(torch.from_numpy(sc), kk, dim=1, sorted=True)
-            top_sc, top = vals.numpy(), top.numpy()
-            ok = np.isfinite(top_sc)
-            if pos is not None:
-                top_pos = np.take_along_axis(pos, top, axis=1)
-            else:
-                top_pos = self._positions(leaves[s:e], keep, np.where(ok, top, 0), written)
-            idx[s:e, :kk] = np.where(ok, self.members[np.clip(top_pos, 0, len(self.members) - 1)], -1)
-            scores[s:e, :kk] = np.where(ok, top_sc, -np.inf)
+        kk = min(k, I.shape[1])
+        idx[:, :kk], scores[:, :kk] = I[:, :kk], D[:, :kk]
+        if allowed is not None:
+            visited = np.minimum(visited, len(allowed))
         return SearchResult(idx, scores, visited)
 
-    def _gather(self, q: np.ndarray | None, leaves: np.ndarray, cap: int | None = None):
-        """Per-query candidate buffers over the rows' leaves: scores (Q, W) (-inf padded; None
-        without ``q``), leaf-order positions (Q, W) and how many slots each leaf got (Q, beta).
-        With ``cap``, each leaf contributes only its ``cap`` best-scoring documents.
+    def _coarse(self, q: np.ndarray, leaves: np.ndarray) -> np.ndarray:
+        if self.codec != "pq":
+            return np.zeros(leaves.shape, dtype=np.float32)
+        return _f32(np.einsum("qd,qbd->qb", q, self.centroids[np.maximum(leaves, 0)]))
 
-        Positions are written only where they cannot be derived from the column (leaves cut
-        to their top ``cap``; every slot without ``q`` or with d2l > 1), see ``_positions``;
-        repeats of a document stored in several of the leaves are masked."""
-        nq, beta = leaves.shape
-        lsz = self.leaf_sizes()[leaves]
-        keep = lsz if cap is None else np.minimum(lsz, cap)
-        starts = np.cumsum(keep, axis=1) - keep
-        width = int(keep.sum(1).max(initial=0))
-        sc = None if q is None else np.full((nq, width), -np.inf, dtype=np.float32)
-        full_pos = q is None or self.d2l > 1
-        pos = np.full((nq, width), -1, dtype=np.int64) if full_pos else None
-        if not full_pos and (keep < lsz).any():
-            pos = np.empty((nq, width), dtype=np.int64)  # read only at capped leaves' slots
-        flat = leaves.ravel()
-        order = np.argsort(flat, kind="stable")
-        uniq, first = np.unique(flat[order], return_index=True)
-        bounds = np.append(first, len(flat))
-        E = self.leaf_embeddings
-        for u, a, b in zip(uniq, bounds[:-1], bounds[1:]):
-            lo, hi = int(self.offsets[u]), int(self.offsets[u + 1])
-            n = hi - lo
-            if n == 0:
-                continue
-            occ = order[a:b]
-            qs = occ // beta
-            kk = n if cap is None else min(n, cap)
-            # flat indices of this leaf's slots in each visiting query's buffer row
-            flat_cols = ((qs * width + starts[qs, occ % beta])[:, None] + np.arange(kk)).ravel()
-            if q is None:
-                pos.ravel()[flat_cols] = np.tile(np.arange(lo, hi), len(qs))
-                continue
-            S = np.dot(q[qs], E[lo:hi].T)  # one GEMM per leaf for all the queries visiting it
-            if kk < n:
-                part = np.argpartition(S, n - kk, axis=1)[:, n - kk :]
-                sc.ravel()[flat_cols] = np.take_along_axis(S, part, axis=1).ravel()
-                pos.ravel()[flat_cols] = (lo + part).ravel()
-            else:
-                sc.ravel()[flat_cols] = S.ravel()
-                if full_pos:
-                    pos.ravel()[flat_cols] = np.tile(np.arange(lo, hi), len(qs))
-        if self.d2l > 1:
-            # a document stored in several visited leaves is scored once: mask its repeats
-            docs = np.where(pos >= 0, self.members[np.maximum(pos, 0)], -1)
-            srt = np.argsort(docs, axis=1, kind="stable")
-            sd = np.take_along_axis(docs, srt, axis=1)
-            dup_sorted = np.zeros_like(sd, dtype=bool)
-            dup_sorted[:, 1:] = (sd[:, 1:] == sd[:, :-1]) & (sd[:, 1:] >= 0)
-            dup = np.zeros_like(dup_sorted)
-            np.put_along_axis(dup, srt, dup_sorted, axis=1)
-            if sc is not None:
-                sc[dup] = -np.inf
-            pos[dup] = -1
-        return sc, (pos if full_pos else None), pos, keep
+    def _rerank(self, q: np.ndarray, I: np.ndarray):
+        """Exact cosine of the candidates from the float vectors (read from disk if mapped)."""
+        ok = I >= 0
+        rows = np.where(ok, I, 0)
+        uniq, inv = np.unique(rows, return_inverse=True)
+        vecs = _f32(self.vectors[uniq])  # one sorted gather from the (memory-mapped) vectors
+        S = np.einsum("qkd,qd->qk", vecs[inv.reshape(rows.shape)], q)
+        S = np.where(ok, S, -np.inf)
+        order = np.argsort(-S, axis=1, kind="stable")
+        return np.take_along_axis(S, order, 1).astype(np.float32), np.take_along_axis(np.where(ok, I, -1), order, 1)
 
-    def _positions(self, leaves: np.ndarray, keep: np.ndarray, cols: np.ndarray, written: np.ndarray | None) -> np.ndarray:
-        """Leaf-order positions of buffer columns ``cols`` (Q, k): the leaf's offset plus the
-        column's place in its slot, or the written position where the leaf was capped."""
-        starts = np.cumsum(keep, axis=1) - keep
-        slot = (cols[:, :, None] >= starts[:, None, :]).sum(-1) - 1
-        leaf = np.take_along_axis(leaves, slot, axis=1)
-        out = self.offsets[leaf] + cols - np.take_along_axis(starts, slot, axis=1)
-        if written is not None:
-            capped = np.take_along_axis(keep < self.leaf_sizes()[leaves], slot, axis=1)
-            out = np.where(capped, np.take_along_axis(written, cols, axis=1), out)
+    # ---- persistence ------------------------------------------------------------------------
+    def write(self, folder: Path) -> list[str]:
+        """Files written into ``folder`` (the caller's atomic artifact)."""
+        faiss.write_index(self.ivf, str(folder / "index.faiss"))
+        np.save(folder / "doc_leaves.npy", self.doc_leaves)
+        np.save(folder / "doc_embeddings.npy", _f32(self.vectors))
+        return ["index.faiss", "doc_leaves.npy", "doc_embeddings.npy"]
+
+    @classmethod
+    def read(cls, folder: Path, doc_leaves: np.ndarray, vectors: np.ndarray, num_leaves: int, mmap: bool = False) -> "LeafIndex":
+        """Open a saved index; with ``mmap`` its lists are mapped from disk (read-only), so
+        opening costs no memory up front. Raises ValueError if it does not match the rows."""
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+        try:
+            ivf = faiss.read_index(str(folder / "index.faiss"), flags)  # already its own type; a downcast copy would not own it
+        except RuntimeError as e:
+            raise ValueError(f"unreadable Faiss index ({str(e).splitlines()[0][:200]})") from None
+        if not isinstance(ivf, (faiss.IndexIVFFlat, faiss.IndexIVFScalarQuantizer, faiss.IndexIVFPQ)):
+            raise ValueError(f"expected an IVF index, got {type(ivf).__name__}")
+        if ivf.nlist != num_leaves or ivf.d != vectors.shape[1]:
+            raise ValueError(f"index has {ivf.nlist} lists of dimension {ivf.d}; the model has {num_leaves} leaves of {vectors.shape[1]}")
+        doc_leaves = _i64(doc_leaves).reshape(len(doc_leaves), -1)
+        sizes = np.array([ivf.invlists.list_size(i) for i in range(num_leaves)], dtype=np.int64)
+        if not np.array_equal(sizes, np.bincount(doc_leaves.ravel(), minlength=num_leaves)):
+            raise ValueError("its lists do not hold the documents doc_leaves.npy assigns")
+        out = object.__new__(cls)
+        out.ivf, out.quantizer = ivf, faiss.downcast_index(ivf.quantizer)
+        out.centroids = out.quantizer.reconstruct_n(0, num_leaves)
+        out.num_leaves = num_leaves
+        out.codec = "flat" if isinstance(ivf, faiss.IndexIVFFlat) else ("sq8" if isinstance(ivf, faiss.IndexIVFScalarQuantizer) else "pq")
+        out.pq_m = ivf.pq.M if out.codec == "pq" else 0
+        out.rerank = 0
+        out.doc_leaves = doc_leaves
+        out._chunks, out._vectors = [vectors], vectors
+        out._sizes, out._members, out.read_only = sizes, None, mmap
         return out
 
     def leaf_stats(self, query_leaves: np.ndarray | None = None) -> dict:
@@ -197,7 +317,7 @@ class LeafIndex:
         leaf i and p_i the share of queries whose top leaf it is (``query_leaves``, else the
         documents' own top leaves stand in for the queries); a balanced tree gives N*d2l / L.
         """
-        sizes = self.leaf_sizes()
+        sizes = self._sizes
         top = self.doc_leaves[:, 0] if query_leaves is None else np.asarray(query_leaves).reshape(len(query_leaves), -1)[:, 0]
         p = np.bincount(top, minlength=self.num_leaves) / max(len(top), 1)
         return {
@@ -210,3 +330,25 @@ class LeafIndex:
             "expected_per_leaf": float((p * sizes).sum()),
             "ideal_per_leaf": self.num_docs * self.d2l / self.num_leaves,
         }
+
+
+def _default_pq_m(d: int) -> int:
+    """8 dimensions per sub-quantizer (so 384 -> 48 bytes per vector), or the nearest divisor."""
+    for m in range(max(1, d // 8), 0, -1):
+        if d % m == 0:
+            return m
+    return 1
+
+
+def _dedupe(D: np.ndarray, I: np.ndarray):
+    """Keep each document's best copy per row (rows are sorted best first)."""
+    srt = np.argsort(I, axis=1, kind="stable")
+    si = np.take_along_axis(I, srt, 1)
+    dup_sorted = np.zeros_like(si, dtype=bool)
+    dup_sorted[:, 1:] = (si[:, 1:] == si[:, :-1]) & (si[:, 1:] >= 0)
+    dup = np.zeros_like(dup_sorted)
+    np.put_along_axis(dup, srt, dup_sorted, 1)
+    D = np.where(dup, -np.inf, D)
+    order = np.argsort(-D, axis=1, kind="stable")
+    I = np.where(np.isfinite(np.take_along_axis(D, order, 1)), np.take_along_axis(I, order, 1), -1)
+    return np.take_along_axis(D, order, 1), I

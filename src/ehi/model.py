@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .artifacts import ArtifactError, read_manifest, write_artifact
+from .budget import calibrated_width, resolve_width
 from .config import EHIConfig
 from .encoder import Encoder
 from .index import LeafIndex
@@ -44,14 +45,27 @@ class Hit:
 
 @dataclass
 class Hits:
+    """One query's result: what the API returns, the CLI prints and the server sends."""
+
     hits: list[Hit]
     visited: int  # documents scored
     fraction_visited: float
     leaves: list[int]
+    query: str | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "query": self.query,
+            "hits": [{"id": h.doc_id, "title": h.title, "score": h.score} for h in self.hits],
+            "leaves": self.leaves,
+            "visited": self.visited,
+            "fraction_visited": self.fraction_visited,
+        }
 
 
 MODEL_FILES = ("config.json", "encoder.safetensors", "tree.safetensors")
-INDEX_FILES = ("doc_leaves.npy", "doc_embeddings.npy", "documents.json")
+INDEX_FILES = ("index.faiss", "doc_leaves.npy", "doc_embeddings.npy", "documents.json")
+LEGACY_INDEX_FILES = INDEX_FILES[1:]  # before the Faiss index: rebuilt from these on load
 
 
 def _read_index(path: Path, num_leaves: int, dim: int):
@@ -121,50 +135,95 @@ class EHIModel:
 
     # ---- routing and search ------------------------------------------------------------
     def route(self, emb: np.ndarray, beam: int) -> np.ndarray:
-        """Top-``beam`` leaves per row, best first (N, min(beam, L))."""
-        dev = next(self.tree.parameters()).device
-        self.tree.eval()
-        leaves, _ = self.tree.beam_search(torch.from_numpy(np.asarray(emb, dtype=np.float32)).to(dev), beam)
-        return leaves.cpu().numpy()
+        """Top-``beam`` leaves per row, best first (N, min(beam, L)); routed in numpy from a
+        snapshot of the tree's weights, re-taken whenever they changed."""
+        version = tuple(p._version for p in self.tree.parameters()) + (id(self.tree),)
+        if getattr(self, "_router_version", None) != version:
+            self._router, self._router_version = self.tree.router(), version
+        return self._router.beam_search(emb, beam)[0]
 
-    def build_index(self, doc_emb: np.ndarray, doc_ids: list[str], doc_titles: list[str] | None = None) -> LeafIndex:
-        """Store each document in its top-d2l leaves."""
-        leaves = self.route(doc_emb, self.config.index.d2l)
-        self.index = LeafIndex(leaves, doc_emb, self.tree.num_leaves)
+    def build_index(
+        self, doc_emb: np.ndarray, doc_ids: list[str], doc_titles: list[str] | None = None, codec: str | None = None
+    ) -> LeafIndex:
+        """Store each document (final embeddings) in its top-d2l leaves, encoded with the
+        config's codec (or ``codec``)."""
+        ic = self.config.index
+        leaves = self.route(doc_emb, ic.d2l)
+        self.index = LeafIndex(leaves, doc_emb, self.tree.num_leaves, codec or ic.codec, ic.pq_m, ic.rerank, self.config.train.seed)
         self.doc_ids = list(doc_ids)
         self.doc_titles = list(doc_titles) if doc_titles is not None else [""] * len(doc_ids)
         return self.index
 
-    def add_documents(self, ids: list[str], titles: list[str], emb: np.ndarray) -> None:
-        """Route new documents (final embeddings) into their leaves; no retraining."""
+    def set_index_options(self, d2l=None, codec=None, pq_m=None, rerank=None) -> None:
+        """Change how the next index is built (saved in the config); checked at once."""
+        ic = self.config.index
+        for name, v in (("d2l", d2l), ("codec", codec), ("pq_m", pq_m), ("rerank", rerank)):
+            if v is not None:
+                setattr(ic, name, v)
+        self.config.validate()
+        if self.index is not None and rerank is not None:
+            self.index.rerank = ic.rerank
+
+    def embed_corpus(self, corpus, desc: str = "corpus") -> np.ndarray:
+        return self.encoder.embed_all(self.encoder.features(corpus.documents(), f"encoding {desc}"), desc=f"embedding {desc}")
+
+    def index_corpus(self, corpus, d2l: int | None = None, codec: str | None = None, pq_m: int | None = None, rerank: int | None = None) -> None:
+        """Encode and index a whole corpus (``data.Corpus``), replacing any index; the budget
+        calibration is re-measured with documents standing in for queries."""
+        self.set_index_options(d2l, codec, pq_m, rerank)
+        self.build_index(self.embed_corpus(corpus), corpus.ids, corpus.titles)
+        self.corpus_fingerprint = corpus.fingerprint()
+        self.recalibrate()
+
+    def add_corpus(self, corpus) -> None:
+        """Encode new documents and route them into their leaves (no retraining)."""
         if self.index is None:
             raise ValueError("the model has no index to add to")
+        self._check_new_ids(corpus.ids)
+        self.add_documents(corpus.ids, corpus.titles, self.embed_corpus(corpus, "new documents"))
+
+    def _check_new_ids(self, ids) -> None:
         known = set(self.doc_ids)
         clash = [i for i in ids if i in known]
         if clash:
             raise ValueError(f"{len(clash)} document ids are already indexed (first: {clash[0]!r})")
-        leaves = self.route(emb, self.config.index.d2l)
-        self.index = LeafIndex(
-            np.concatenate([self.index.doc_leaves, leaves]), np.concatenate([self.index.embeddings, emb]), self.tree.num_leaves
-        )
+
+    def add_documents(self, ids: list[str], titles: list[str], emb: np.ndarray) -> None:
+        """Route new documents (final embeddings) into their leaves; no retraining. The budget
+        calibration is re-measured, since leaves grew."""
+        if self.index is None:
+            raise ValueError("the model has no index to add to")
+        self._check_new_ids(ids)
+        self.index.add(emb, self.route(emb, self.index.d2l))
         self.doc_ids = self.doc_ids + list(ids)
         self.doc_titles = self.doc_titles + list(titles)
         self.corpus_fingerprint = _chain_fingerprint(self.corpus_fingerprint, "add", ids)
+        self.recalibrate()
 
     def remove_documents(self, ids: list[str]) -> int:
-        """Drop documents by id; returns how many were indexed."""
+        """Drop documents by id; returns how many were indexed (0: nothing changed)."""
         if self.index is None:
             raise ValueError("the model has no index to remove from")
         drop = set(ids)
         keep = np.array([d not in drop for d in self.doc_ids], dtype=bool)
         removed = int((~keep).sum())
+        if removed == 0:
+            return 0
         if removed == len(keep):
             raise ValueError("removing every document would leave an empty index")
-        self.index = LeafIndex(self.index.doc_leaves[keep], self.index.embeddings[keep], self.tree.num_leaves)
+        self.index = self.index.keep(np.flatnonzero(keep))
         self.doc_ids = [d for d, k in zip(self.doc_ids, keep) if k]
         self.doc_titles = [t for t, k in zip(self.doc_titles, keep) if k]
         self.corpus_fingerprint = _chain_fingerprint(self.corpus_fingerprint, "remove", sorted(drop))
+        self.recalibrate()
         return removed
+
+    def recalibrate(self, sample: int = 2000, seed: int = 0) -> None:
+        """Budget -> beam re-measured after the corpus changed, documents standing in for
+        queries (training queries are not kept with the model)."""
+        emb = self.index.vectors
+        rows = np.sort(np.random.default_rng(seed).choice(len(emb), size=min(sample, len(emb)), replace=False))
+        self.calibrate(emb[rows])
 
     def visited_fraction(self, query_emb: np.ndarray, beam: int) -> float:
         """Mean fraction of the corpus the queries visit at ``beam`` (the budget measure)."""
@@ -180,39 +239,59 @@ class EHIModel:
         return self.beam_calibration
 
     def beam_for_budget(self, budget: float) -> int:
-        """Largest calibrated beam whose mean fraction visited is <= budget (at least 1)."""
-        if not 0 < budget <= 1:
-            raise ValueError(f"budget must be in (0, 1], got {budget}")
-        if not self.beam_calibration:
-            raise ValueError("this model has no beam calibration; pass beam= instead of budget=")
-        ok = [int(b) for b, f in self.beam_calibration if f <= budget + 1e-12]
-        return max(ok) if ok else 1
+        """The beam that visits ``budget`` of the corpus under the budget rule (budget.py)."""
+        return calibrated_width(self.beam_calibration, budget)
 
-    def search_embeddings(self, q_emb: np.ndarray, k: int, beam: int):
+    def resolve_beam(self, beam: int | None = None, budget: float | None = None) -> int:
+        """The beam a search uses: ``beam``, or the one for ``budget``, or the default budget."""
+        return resolve_width(self.tree.num_leaves, self.beam_calibration, beam, budget)
+
+    def search_embeddings(self, q_emb: np.ndarray, k: int, beam: int, allowed: np.ndarray | None = None):
+        """Search final query embeddings (Q, d); ``allowed`` restricts to these document rows."""
         leaves = self.route(q_emb, beam)
-        return self.index.search(q_emb, leaves, k), leaves
+        return self.index.search(q_emb, leaves, k, allowed), leaves
 
-    def search(self, queries: str | list[str], k: int = 10, beam: int | None = None, budget: float | None = None):
-        """Search raw query texts. Give ``beam`` (leaves visited) or ``budget`` (fraction)."""
-        if self.index is None:
-            raise ValueError("the model has no index; build one first")
-        single = isinstance(queries, str)
-        texts = [check_query(q) for q in ([queries] if single else list(queries))]
-        if beam is None:
-            beam = self.beam_for_budget(budget) if budget is not None else 1
-        if beam < 1:
-            raise ValueError("beam must be >= 1")
-        q = self.encoder.encode(texts)
-        res, leaves = self.search_embeddings(q, k, beam)
+    def rows_of(self, ids) -> np.ndarray:
+        """Index rows of document ids; ValueError naming an id that is not indexed."""
+        pos = {d: i for i, d in enumerate(self.doc_ids)}
+        missing = [i for i in ids if i not in pos]
+        if missing:
+            raise ValueError(f"{len(missing)} ids are not indexed (first: {missing[0]!r})")
+        return np.array(sorted({pos[i] for i in ids}), dtype=np.int64)
+
+    def to_hits(self, res, leaves: np.ndarray, queries=None, k: int | None = None, offset: int = 0) -> list[Hits]:
+        """Rows ``offset ..`` of a search result as ``Hits``, one per query (top ``k``)."""
+        n = len(queries) if queries is not None else len(res.indices) - offset
         out = []
-        for i in range(len(texts)):
+        for i in range(offset, offset + n):
             hits = [
                 Hit(self.doc_ids[j], float(s), self.doc_titles[j])
-                for j, s in zip(res.indices[i], res.scores[i])
+                for j, s in zip(res.indices[i, :k], res.scores[i, :k])
                 if j >= 0
             ]
-            out.append(Hits(hits, int(res.visited[i]), float(res.visited[i] / self.index.num_docs), leaves[i].tolist()))
-        return out[0] if single else out
+            q = None if queries is None else queries[i - offset]
+            out.append(Hits(hits, int(res.visited[i]), float(res.visited[i] / self.index.num_docs), leaves[i].tolist(), q))
+        return out
+
+    def search(
+        self, queries: str | list[str], k: int = 10, beam: int | None = None, budget: float | None = None, ids: list[str] | None = None
+    ) -> list[Hits]:
+        """Search raw query texts; one ``Hits`` per query, in order (a single string is a list
+        of one). Give ``beam`` (leaves visited) or ``budget`` (fraction of the corpus); by
+        default search visits ``budget.DEFAULT_BUDGET`` of it. ``ids``: only these documents
+        may be returned (a filter applied inside the scan)."""
+        if self.index is None:
+            raise ValueError("the model has no index; build one first")
+        texts = [check_query(q) for q in ([queries] if isinstance(queries, str) else list(queries))]
+        if not texts:
+            return []
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        beam = self.resolve_beam(beam, budget)
+        allowed = None if ids is None else self.rows_of(ids)
+        q = self.encoder.encode(texts)
+        res, leaves = self.search_embeddings(q, k, beam, allowed)
+        return self.to_hits(res, leaves, texts, k)
 
     # ---- persistence -------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -221,8 +300,7 @@ class EHIModel:
             save_file({k: v.contiguous().cpu() for k, v in self.encoder.trainable_state().items()}, str(tmp / "encoder.safetensors"))
             save_file({k: v.detach().contiguous().cpu() for k, v in self.tree.state_dict().items()}, str(tmp / "tree.safetensors"))
             if self.index is not None:
-                np.save(tmp / "doc_leaves.npy", self.index.doc_leaves)
-                np.save(tmp / "doc_embeddings.npy", self.index.embeddings)
+                self.index.write(tmp)
                 (tmp / "documents.json").write_text(json.dumps({"ids": self.doc_ids, "titles": self.doc_titles}))
 
         meta = {
@@ -236,11 +314,14 @@ class EHIModel:
         return write_artifact(path, write, meta)
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu") -> "EHIModel":
+    def load(cls, path: str | Path, device: str = "cpu", mmap: bool = False) -> "EHIModel":
+        """Open a saved model. With ``mmap`` the index and the float vectors are mapped from
+        disk, read-only: opening costs no memory up front (for search and serving)."""
         path = Path(path)
         manifest = read_manifest(path, required=MODEL_FILES)
         indexed = [f for f in INDEX_FILES if f in manifest["files"]]
-        if indexed and len(indexed) != len(INDEX_FILES):
+        legacy = "index.faiss" not in indexed and len(indexed) == len(LEGACY_INDEX_FILES)
+        if indexed and len(indexed) != len(INDEX_FILES) and not legacy:
             missing = sorted(set(INDEX_FILES) - set(indexed))
             raise ArtifactError(f"{path / 'manifest.json'}: lists part of an index but not {', '.join(missing)}")
         try:
@@ -279,7 +360,17 @@ class EHIModel:
         )
         if indexed:
             leaves, emb, ids, titles = _read_index(path, tree.num_leaves, encoder.dim)
-            model.index = LeafIndex(leaves, emb, tree.num_leaves)
+            ic = config.index
+            if legacy:  # saved before the Faiss index: rebuilt (and written on the next save)
+                model.index = LeafIndex(leaves, np.asarray(emb), tree.num_leaves, ic.codec, ic.pq_m, ic.rerank)
+            else:
+                try:
+                    model.index = LeafIndex.read(path, leaves, emb if mmap else np.asarray(emb), tree.num_leaves, mmap=mmap)
+                except ValueError as e:
+                    raise ArtifactError(f"{path / 'index.faiss'}: {e}") from None
+                if model.index.codec != ic.codec:
+                    raise ArtifactError(f"{path / 'index.faiss'}: holds {model.index.codec} codes but config.json says {ic.codec}")
+                model.index.rerank = ic.rerank
             model.doc_ids, model.doc_titles = ids, titles
         encoder.eval()
         tree.eval()

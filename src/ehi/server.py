@@ -156,27 +156,14 @@ class Batcher:
             res, leaves = model.search_embeddings(emb[rows], k, beam)
             r = 0
             for i in members:
-                item, hits = batch[i], []
-                for _ in item.texts:
-                    hits.append(
-                        {
-                            "hits": [
-                                {"id": model.doc_ids[j], "title": model.doc_titles[j], "score": float(s)}
-                                for j, s in zip(res.indices[r, : item.k], res.scores[r, : item.k])
-                                if j >= 0
-                            ],
-                            "leaves": leaves[r].tolist(),
-                            "visited": int(res.visited[r]),
-                            "fraction_visited": float(res.visited[r] / model.index.num_docs),
-                        }
-                    )
-                    r += 1
-                out[i] = hits
+                item = batch[i]
+                out[i] = [h.to_dict() for h in model.to_hits(res, leaves, item.texts, item.k, offset=r)]
+                r += len(item.texts)
         return out
 
 
 def create_app(model_dir: str | Path, max_batch: int = 64, max_wait_ms: float = 2.0) -> FastAPI:
-    model = EHIModel.load(model_dir)
+    model = EHIModel.load(model_dir, mmap=True)  # read-only, mapped: no copy of the index in memory
     if model.index is None:
         raise ValueError(f"{model_dir}: the model has no index; run 'ehi index build' first")
     if model.encoder.precomputed:
@@ -227,17 +214,11 @@ def create_app(model_dir: str | Path, max_batch: int = 64, max_wait_ms: float = 
     async def search(req: SearchRequest) -> dict:
         t = time.perf_counter()
         texts = [req.query] if isinstance(req.query, str) else list(req.query)
-        if req.beam is not None:
-            if req.beam > model.tree.num_leaves:
-                raise HTTPException(422, f"beam {req.beam} exceeds the tree's {model.tree.num_leaves} leaves")
-            beam = req.beam
-        elif req.budget is not None:
-            beam = model.beam_for_budget(req.budget)
-        else:
-            beam = model.beam_for_budget(0.1) if model.beam_calibration else 1
+        try:
+            beam = model.resolve_beam(req.beam, req.budget)  # the API's rule and default
+        except ValueError as e:
+            raise HTTPException(422, str(e)) from None
         results = await batcher.submit(texts, req.k, beam)
-        for q, r in zip(texts, results):
-            r["query"] = q
         return {
             "results": results if isinstance(req.query, list) else results[:1],
             "beam": beam,

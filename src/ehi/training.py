@@ -415,6 +415,25 @@ class Trainer:
             return EHIModel(self.config, self.encoder, self.tree, validation=self.validation_report())
         return self.build_model()
 
+    def run(self, out_dir: str | Path | None = None, resume: bool = False, progress: bool = True, log=None) -> EHIModel:
+        """What ``train()`` and ``ehi train`` do: continue from the checkpoint beside ``out_dir``
+        if asked, fit, and save the model to ``out_dir`` (the main process only)."""
+        if resume:
+            if out_dir is None:
+                raise ValueError("resume needs out_dir")
+            ckpt = checkpoint_path(out_dir)
+            if not (ckpt / "manifest.json").exists():
+                raise ValueError(f"--resume: no checkpoint at {ckpt}")
+            done = self.resume(ckpt)
+            if log:
+                log(f"resuming after epoch {done} of {self.config.train.epochs}")
+        model = self.fit(out_dir, progress=progress)
+        model.training_timings = self.timings
+        model.training_history = self.history
+        if out_dir is not None and is_main():
+            model.save(out_dir)
+        return model
+
     def _run(self, epochs: int, out_dir, progress: bool, on_epoch) -> None:
         tc = self.config.train
         pairs = self.train_set.pairs
@@ -590,13 +609,4 @@ def train(
     """Train EHI on a dataset's ``split`` qrels; save the model to ``out_dir`` if given.
     With ``resume``, continue from the checkpoint beside ``out_dir``."""
     trainer = Trainer(config or EHIConfig(), dataset, split, query_ids)
-    if resume:
-        if out_dir is None:
-            raise ValueError("resume needs out_dir")
-        trainer.resume(checkpoint_path(out_dir))
-    model = trainer.fit(out_dir, progress=progress)
-    model.training_timings = trainer.timings
-    model.training_history = trainer.history
-    if out_dir is not None:
-        model.save(out_dir)
-    return model
+    return trainer.run(out_dir, resume=resume, progress=progress)

@@ -145,6 +145,10 @@ class Tree(nn.Module):
             scores = top.values
         return path_to_leaf(paths, self.B), scores
 
+    def router(self) -> "NumpyRouter":
+        """A copy of the weights that routes in numpy: inference without torch's per-call cost."""
+        return NumpyRouter(self)
+
     @torch.no_grad()
     def leaf_log_probs(self, e: torch.Tensor) -> torch.Tensor:
         """Exact log-probability of every leaf (N, B^H) by enumeration; for tests and small trees."""
@@ -213,6 +217,74 @@ class Tree(nn.Module):
         for level in self.levels:
             in_dim = level.W.shape[0]
             level.W.copy_(torch.randn(level.W.shape, generator=g) / in_dim**0.5)
+
+
+class NumpyRouter:
+    """``Tree.beam_search`` in numpy, for search: the same level computation (a one-hot
+    selects rows of U; the embedding's part is shared by a row's prefixes), one batched
+    product per level, the top ``beam`` nodes kept per level."""
+
+    def __init__(self, tree: Tree):
+        self.B, self.H, self.num_leaves = tree.B, tree.H, tree.num_leaves
+        self.U = [lv.U.detach().cpu().numpy().astype(np.float32) for lv in tree.levels]
+        self.W = [lv.W.detach().cpu().numpy().astype(np.float32) for lv in tree.levels]
+        self.dim = tree.dim
+
+    @staticmethod
+    def _log_softmax(z: np.ndarray) -> np.ndarray:
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    @staticmethod
+    def _top(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` columns per row, best first (ties: lower index first, as a stable sort)."""
+        if k < x.shape[1]:
+            part = np.argpartition(-x, k - 1, axis=1)[:, :k]
+            vals = np.take_along_axis(x, part, 1)
+            order = np.lexsort((part, -vals), axis=1)
+            idx = np.take_along_axis(part, order, 1)
+        else:
+            idx = np.argsort(-x, axis=1, kind="stable")
+        return idx, np.take_along_axis(x, idx, 1)
+
+    def beam_search(self, e: np.ndarray, beam: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        """(leaves (N, k), log-probs (N, k)), k = min(beam, B^H), best first."""
+        if beam < 1:
+            raise ValueError("beam must be >= 1")
+        e = np.ascontiguousarray(e, dtype=np.float32)
+        k = min(beam, self.num_leaves)
+        leaves = np.empty((len(e), k), dtype=np.int64)
+        scores = np.empty((len(e), k), dtype=np.float32)
+        chunk = max(1, min(chunk, (1 << 22) // (k * (self.dim + self.H * self.B))))
+        for s in range(0, len(e), chunk):
+            leaves[s : s + chunk], scores[s : s + chunk] = self._beam(e[s : s + chunk], beam)
+        return leaves, scores
+
+    def _beam(self, e: np.ndarray, beam: int):
+        n, B = len(e), self.B
+        scores = np.zeros((n, 1), dtype=np.float32)
+        paths = np.zeros((n, 1, 0), dtype=np.int64)
+        for h in range(self.H):
+            U, W = self.U[h], self.W[h]
+            K = scores.shape[1]
+            pre = (e @ U[h * B :])[:, None, :]  # (n, 1, in)
+            if h == 0:
+                z = e[:, None, :] + np.maximum(pre, 0)
+                logits = z @ W
+            else:
+                rows = paths[:, :, ::-1] + np.arange(h) * B
+                pre = pre + U[rows].sum(2)
+                x_oh = np.zeros((n, K, h * B), dtype=np.float32)
+                np.put_along_axis(x_oh, rows, 1.0, axis=2)
+                z_oh = x_oh + np.maximum(pre[..., : h * B], 0)
+                z_e = e[:, None, :] + np.maximum(pre[..., h * B :], 0)
+                logits = z_oh @ W[: h * B] + z_e @ W[h * B :]
+            cand = (scores[:, :, None] + self._log_softmax(logits)).reshape(n, K * B)
+            idx, scores = self._top(cand, min(beam, K * B))
+            parent, child = idx // B, idx % B
+            paths = np.concatenate([np.take_along_axis(paths, parent[:, :, None], 1), child[:, :, None]], axis=2)
+        weights = B ** np.arange(self.H - 1, -1, -1)
+        return (paths * weights).sum(-1), scores
 
 
 def load_balance_penalty(level_probs: list[torch.Tensor]) -> torch.Tensor:

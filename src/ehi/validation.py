@@ -76,7 +76,7 @@ class Validator:
         """``d_emb``: the corpus under the model's encoder (the caller embeds it once per epoch)."""
         enc = model.encoder
         q_emb = enc.embed_all(self.feats)
-        model.build_index(d_emb, self.doc_ids, self.titles)
+        model.build_index(d_emb, self.doc_ids, self.titles, codec="flat")  # routing is judged, not codes
         # beam 1 measured too: a budget it exceeds is scored on the line from (0, 0) to it, so
         # trees whose narrowest search visits a little more than a budget still compare fairly
         rows = {r.budget: r for r in ehi_curve("EHI", model, q_emb, self.query_ids, self.qrels, self.budgets)}
