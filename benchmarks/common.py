@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path  # noqa: F401
 
 
 def write_json(path: str | Path, data) -> None:
     """Write the results beside the printed table (atomically: a partial file never shows)."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(out)
+    from ehi.artifacts import write_file_atomic
+
+    out = write_file_atomic(path, json.dumps(data, indent=2))
     print(f"wrote {out}")
 
 

@@ -1,12 +1,17 @@
-"""Search speed on SciFact: EHI against Faiss IndexIVFFlat with as many lists as EHI has leaves.
+"""Search speed and index size on SciFact: EHI against Faiss IndexIVFFlat / IndexIVFPQ with as
+many lists as EHI has leaves, same run.
 
-Both get the same query embeddings (encoding is the same cost for both and is left out);
-EHI's time includes routing through the tree. Widths are chosen so that each method visits
-about 10 % and about 2 % of the corpus (the shared budget rule). QPS is measured in the same
-process, the two methods interleaved, several repetitions, median reported; batched over all
-queries and one query at a time, with 1 and 2 threads.
+Every method gets the same query embeddings (encoding is the same cost for all and is left
+out); EHI's time includes routing through the tree. Widths are chosen so that each method
+visits about 2 % and about 10 % of the corpus (the shared budget rule). Reported per budget
+and thread count (1, 2): single-query latency p50 / p99 over ``--single`` queries, and
+batched QPS over all queries (median of ``--reps`` interleaved repetitions, so that machine
+noise hits all alike). A third row scans *EHI's own leaves* with plain Faiss
+(``search_preassigned`` given the leaves EHI's beam chose, routing excluded): the floor EHI's
+Python layer is measured against. Then, per codec of EHI's index (flat, sq8, pq, pq with
+exact re-rank) against Faiss IVFPQ: bytes of the index and Recall@100 on the test claims.
 
-    python benchmarks/search_speed.py --data ../shared/datasets/scifact --out reports/search_speed.json
+    python benchmarks/search_speed.py --model runs/scifact --out reports/search_speed.json
 """
 
 from __future__ import annotations
@@ -16,25 +21,30 @@ import statistics
 import time
 
 import faiss
-import torch
+import numpy as np
 from threadpoolctl import threadpool_limits
 
 from common import write_json
 from ehi.baselines import IVFBaseline
+from ehi.budget import WidthSearch
 from ehi.config import EHIConfig
 from ehi.data import load_beir
-from ehi.budget import WidthSearch
+from ehi.evaluation import make_run, measure
 from ehi.model import EHIModel
 from ehi.training import train
 
 
-def timed(fn, reps: int) -> list[float]:
+def timed_each(fn, n: int) -> list[float]:
     out = []
-    for _ in range(reps):
+    for i in range(n):
         t = time.perf_counter()
-        fn()
+        fn(i)
         out.append(time.perf_counter() - t)
     return out
+
+
+def pct(xs, p) -> float:
+    return float(np.percentile(np.asarray(xs) * 1000, p))
 
 
 def main() -> None:
@@ -42,73 +52,104 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/datasets/scifact")
     ap.add_argument("--model", help="trained model directory (default: train one with the defaults)")
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--single", type=int, default=200, help="queries timed one at a time")
+    ap.add_argument("--single", type=int, default=300, help="queries timed one at a time, per repetition")
     ap.add_argument("--out", default="reports/search_speed.json")
     args = ap.parse_args()
 
     ds = load_beir(args.data)
     model = EHIModel.load(args.model) if args.model else train(ds, EHIConfig(), progress=False)
     qids = sorted(ds.queries)
-    q = model.encoder.embed_all(model.encoder.features([ds.queries[i] for i in qids], "encoding queries"))
-    d = model.index.embeddings
+    q = np.ascontiguousarray(model.encoder.embed_all(model.encoder.features([ds.queries[i] for i in qids], "encoding queries")))
+    d = np.ascontiguousarray(model.index.vectors, dtype=np.float32)
     L = model.tree.num_leaves
     ivf = IVFBaseline(d, L, seed=0)
+    plain = model.index.ivf  # EHI's leaves as a plain Faiss index, for the floor
 
     ehi_w = WidthSearch(lambda w: model.visited_fraction(q, w), L)
     ivf_w = WidthSearch(lambda w: ivf.visited_fraction(q, w), L)
-    results = {"queries": len(q), "documents": len(d), "leaves": L, "budgets": {}}
-    for budget in (0.10, 0.02):
+    results = {"queries": len(q), "documents": len(d), "leaves": L, "faiss": faiss.__version__, "budgets": {}}
+    for budget in (0.02, 0.10):
         bw, iw = ehi_w.largest_within(budget), ivf_w.largest_within(budget)
         row = {"ehi_beam": bw, "ivf_nprobe": iw, "ehi_visited": ehi_w.fraction(bw), "ivf_visited": ivf_w.fraction(iw)}
+        ehi_leaves = model.route(q, bw)
         for threads in (1, 2):
-            torch.set_num_threads(threads)
             faiss.omp_set_num_threads(threads)
-            limits = threadpool_limits(limits=threads)  # numpy's BLAS (EHI scans leaves with it)
+            limits = threadpool_limits(limits=threads)
             ivf.index.nprobe = iw
+            params = faiss.SearchParametersIVF()
+            params.nprobe = bw
 
-            def ehi_batch():
-                model.search_embeddings(q, 100, bw)
-
-            def ivf_batch():
-                ivf.index.search(q, 100)
-
-            def ehi_single():
-                for i in range(args.single):
-                    model.search_embeddings(q[i : i + 1], 100, bw)
-
-            def ivf_single():
-                for i in range(args.single):
-                    ivf.index.search(q[i : i + 1], 100)
-
-            ehi_batch(), ivf_batch()  # warm-up
-            tb = {"ehi": [], "ivf": []}
-            ts = {"ehi": [], "ivf": []}
-            for _ in range(args.reps):  # interleaved, so that machine noise hits both alike
-                tb["ehi"] += timed(ehi_batch, 1)
-                tb["ivf"] += timed(ivf_batch, 1)
-                ts["ehi"] += timed(ehi_single, 1)
-                ts["ivf"] += timed(ivf_single, 1)
-            qps = {m: len(q) / statistics.median(v) for m, v in tb.items()}
-            lat = {m: 1000 * statistics.median(v) / args.single for m, v in ts.items()}
-            limits.restore_original_limits()
-            row[f"threads={threads}"] = {
-                "batched_qps": qps,
-                "batched_qps_ratio_ehi_over_ivf": qps["ehi"] / qps["ivf"],
-                "single_query_ms": lat,
-                "single_query_qps_ratio_ehi_over_ivf": lat["ivf"] / lat["ehi"],
+            methods = {
+                "ehi": (lambda i: model.search_embeddings(q[i : i + 1], 100, bw), lambda: model.search_embeddings(q, 100, bw)),
+                "faiss_ivfflat": (lambda i: ivf.index.search(q[i : i + 1], 100), lambda: ivf.index.search(q, 100)),
+                "faiss_on_ehi_leaves": (
+                    lambda i: plain.search_preassigned(q[i : i + 1], 100, ehi_leaves[i : i + 1], None),
+                    lambda: plain.search_preassigned(q, 100, ehi_leaves, None),
+                ),
             }
+            plain.nprobe = bw
+            for single, batch in methods.values():  # warm-up
+                batch(), single(0)
+            lat = {m: [] for m in methods}
+            bat = {m: [] for m in methods}
+            for _ in range(args.reps):  # interleaved
+                for m, (single, batch) in methods.items():
+                    lat[m] += timed_each(single, args.single)
+                    t = time.perf_counter()
+                    batch()
+                    bat[m].append(time.perf_counter() - t)
+            limits.restore_original_limits()
+            r = {
+                m: {"p50_ms": pct(lat[m], 50), "p99_ms": pct(lat[m], 99), "batched_qps": len(q) / statistics.median(bat[m])}
+                for m in methods
+            }
+            r["latency_ratio_ehi_over_ivfflat"] = r["ehi"]["p50_ms"] / r["faiss_ivfflat"]["p50_ms"]
+            r["qps_ratio_ehi_over_ivfflat"] = r["ehi"]["batched_qps"] / r["faiss_ivfflat"]["batched_qps"]
+            row[f"threads={threads}"] = r
         results["budgets"][f"{budget:g}"] = row
+    faiss.omp_set_num_threads(2)
 
-    print(f"SciFact search speed: {len(q)} queries, {len(d)} documents, {L} leaves/lists, k=100 (median of {args.reps})")
-    print(f"{'budget':>7} {'thr':>4} {'EHI visited':>12} {'IVF visited':>12} {'EHI QPS':>9} {'IVF QPS':>9} {'ratio':>6} {'EHI ms/q':>9} {'IVF ms/q':>9} {'ratio':>6}")
+    # ---- codecs: bytes and recall at ~10 % visited -----------------------------------------
+    test = ds.split("test")
+    tq = [i for i in qids if i in test]
+    pos = {i: n for n, i in enumerate(qids)}
+    rows = np.array([pos[i] for i in tq], dtype=np.int64)
+    qrels = {i: test[i] for i in tq}
+    raw = len(d) * d.shape[1] * 4
+    codecs = {}
+    bw = ehi_w.largest_within(0.10)
+    variants = {"flat": ("flat", 0, 0), "sq8": ("sq8", 0, 0), "pq48": ("pq", 48, 0), "pq48+rerank200": ("pq", 48, 200)}
+    for name, (codec, m, rr) in variants.items():
+        model.config.index.codec, model.config.index.pq_m, model.config.index.rerank = codec, m, rr
+        model.build_index(d, model.doc_ids, model.doc_titles)
+        res, _ = model.search_embeddings(q[rows], 100, bw)
+        r100 = measure(qrels, make_run(tq, res.indices, res.scores, model.doc_ids))["R@100"]
+        codecs[name] = {"bytes": model.index.nbytes(), "x_raw": model.index.nbytes() / raw, "R@100": r100}
+    pq = faiss.IndexIVFPQ(faiss.IndexFlatIP(d.shape[1]), d.shape[1], L, 48, 8, faiss.METRIC_INNER_PRODUCT)
+    pq.train(d)
+    pq.add(d)
+    pq.nprobe = ivf_w.largest_within(0.10)
+    D, I = pq.search(q[rows], 100)
+    ivf.index.nprobe = pq.nprobe
+    D2, I2 = ivf.index.search(q[rows], 100)
+    codecs["faiss IVFFlat"] = {"bytes": raw + L * d.shape[1] * 4 + len(d) * 8, "R@100": measure(qrels, make_run(tq, I2, D2, model.doc_ids))["R@100"]}
+    codecs["faiss IVFPQ48"] = {"bytes": len(d) * (48 + 8) + L * d.shape[1] * 4, "R@100": measure(qrels, make_run(tq, I, D, model.doc_ids))["R@100"]}
+    for v in codecs.values():
+        v["x_raw"] = v["bytes"] / raw
+    results["codecs_at_10pct"] = codecs
+
+    print(f"SciFact search: {len(q)} queries, {len(d)} documents, {L} leaves/lists, k=100, encoding excluded")
+    print(f"{'budget':>6} {'thr':>3} {'method':<20} {'visited':>8} {'p50 ms':>8} {'p99 ms':>8} {'QPS':>8}")
     for b, row in results["budgets"].items():
         for threads in (1, 2):
             r = row[f"threads={threads}"]
-            print(
-                f"{100 * float(b):>6.0f}% {threads:>4} {100 * row['ehi_visited']:>11.1f}% {100 * row['ivf_visited']:>11.1f}% "
-                f"{r['batched_qps']['ehi']:>9.0f} {r['batched_qps']['ivf']:>9.0f} {r['batched_qps_ratio_ehi_over_ivf']:>6.2f} "
-                f"{r['single_query_ms']['ehi']:>9.3f} {r['single_query_ms']['ivf']:>9.3f} {r['single_query_qps_ratio_ehi_over_ivf']:>6.2f}"
-            )
+            for m in ("ehi", "faiss_ivfflat", "faiss_on_ehi_leaves"):
+                vis = row["ivf_visited"] if m == "faiss_ivfflat" else row["ehi_visited"]
+                print(f"{100 * float(b):>5.0f}% {threads:>3} {m:<20} {100 * vis:>7.1f}% {r[m]['p50_ms']:>8.3f} {r[m]['p99_ms']:>8.3f} {r[m]['batched_qps']:>8.0f}")
+            print(f"{'':>11} EHI / IVFFlat: latency {r['latency_ratio_ehi_over_ivfflat']:.2f}x, QPS {r['qps_ratio_ehi_over_ivfflat']:.2f}x")
+    print(f"\ncodecs at ~10 % visited (test claims): {'bytes':>10} {'x raw':>6} {'R@100':>6}")
+    for name, c in codecs.items():
+        print(f"  {name:<36} {c['bytes']:>10,} {c['x_raw']:>6.3f} {c['R@100']:>6.1f}")
     write_json(args.out, results)
 
 

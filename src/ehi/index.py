@@ -59,59 +59,65 @@ class LeafIndex:
         rerank: int = 0,
         seed: int = 0,
     ):
-        if codec not in CODECS:
-            raise ValueError(f"unknown codec {codec!r}: use one of {', '.join(CODECS)}")
         doc_leaves = _i64(doc_leaves)
         if doc_leaves.ndim == 1:
             doc_leaves = doc_leaves[:, None]
         embeddings = np.asarray(embeddings)
         if embeddings.ndim != 2 or embeddings.shape[0] != doc_leaves.shape[0]:
             raise ValueError("one embedding per document is required")
+        self._setup(num_leaves, embeddings.shape[1], doc_leaves.shape[1], codec, pq_m, rerank)
         if doc_leaves.size and (doc_leaves.min() < 0 or doc_leaves.max() >= num_leaves):
             raise ValueError("leaf id out of range")
-        d = embeddings.shape[1]
+        self._make_ivf(leaf_centroids(doc_leaves, embeddings, num_leaves), embeddings, seed)
+        self.add(embeddings, doc_leaves)
+
+    @classmethod
+    def empty(
+        cls, num_leaves: int, dim: int, d2l: int, centroids: np.ndarray, train: np.ndarray,
+        codec: str = "flat", pq_m: int = 0, rerank: int = 0, seed: int = 0,
+    ) -> "LeafIndex":
+        """An index to fill chunk by chunk with ``add`` (corpora larger than memory twice
+        over): ``centroids`` are the leaves' mean documents (``leaf_centroids`` summed over
+        the chunks), ``train`` a sample the codec learns from (unused by ``flat``)."""
+        out = object.__new__(cls)
+        out._setup(num_leaves, dim, d2l, codec, pq_m, rerank)
+        out._make_ivf(_f32(centroids), train, seed)
+        return out
+
+    # ---- construction ---------------------------------------------------------------------
+    def _setup(self, num_leaves: int, d: int, d2l: int, codec: str, pq_m: int, rerank: int) -> None:
+        if codec not in CODECS:
+            raise ValueError(f"unknown codec {codec!r}: use one of {', '.join(CODECS)}")
         self.num_leaves, self.codec, self.rerank = num_leaves, codec, int(rerank)
-        self.pq_m = int(pq_m) if codec == "pq" else 0
-        if codec == "pq":
-            self.pq_m = self.pq_m or _default_pq_m(d)
-            if d % self.pq_m:
-                raise ValueError(f"pq_m {self.pq_m} must divide the embedding size {d}")
-        self.doc_leaves = doc_leaves
-        self._chunks = [embeddings]
-        self._vectors: np.ndarray | None = embeddings
+        self.pq_m = (int(pq_m) or _default_pq_m(d)) if codec == "pq" else 0
+        if codec == "pq" and d % self.pq_m:
+            raise ValueError(f"pq_m {self.pq_m} must divide the embedding size {d}")
+        self.doc_leaves = np.zeros((0, d2l), dtype=np.int64)
+        # float vectors kept beside the codes only where the codes are not them (sq8, pq):
+        # flat lists hold the vectors themselves and ``vectors`` reads them back
+        self._chunks: list[np.ndarray] = []
+        self._vectors: np.ndarray | None = None
         self.read_only = False
-        self.ivf = self._new_ivf(d, self._centroids(doc_leaves, embeddings, num_leaves))
+        self._sizes = np.zeros(num_leaves, dtype=np.int64)
+        self._members = self._pad = None
+
+    def _make_ivf(self, centroids: np.ndarray, train: np.ndarray, seed: int) -> None:
+        d, L, ip = centroids.shape[1], self.num_leaves, faiss.METRIC_INNER_PRODUCT
+        self.quantizer = faiss.IndexFlatIP(d)
+        self.quantizer.add(centroids)
+        self.centroids = centroids
+        if self.codec == "flat":
+            self.ivf = faiss.IndexIVFFlat(self.quantizer, d, L, ip)
+        elif self.codec == "sq8":
+            self.ivf = faiss.IndexIVFScalarQuantizer(self.quantizer, d, L, faiss.ScalarQuantizer.QT_8bit, ip, False)
+        else:
+            self.ivf = faiss.IndexIVFPQ(self.quantizer, d, L, self.pq_m, 8, ip)  # residual codes: coarse scores given
+            self.ivf.pq.cp.seed = seed  # deterministic training
         if not self.ivf.is_trained:
-            train = _f32(embeddings)
+            train = _f32(train)
             if len(train) > 100_000:  # enough for any codec here; training cost stays bounded
                 train = train[np.sort(np.random.default_rng(seed).choice(len(train), 100_000, replace=False))]
             self.ivf.train(train)
-        self._sizes = np.zeros(num_leaves, dtype=np.int64)
-        self._members = None
-        self._add(0, embeddings, doc_leaves)
-
-    # ---- construction ---------------------------------------------------------------------
-    @staticmethod
-    def _centroids(doc_leaves: np.ndarray, emb: np.ndarray, num_leaves: int) -> np.ndarray:
-        """Each leaf's mean document (unit length; zero for an empty leaf)."""
-        c = np.zeros((num_leaves, emb.shape[1]), dtype=np.float64)
-        for j in range(doc_leaves.shape[1]):
-            np.add.at(c, doc_leaves[:, j], emb)
-        return _f32(_normalised(c))
-
-    def _new_ivf(self, d: int, centroids: np.ndarray):
-        self.quantizer = faiss.IndexFlatIP(d)
-        self.quantizer.add(centroids)
-        L, ip = self.num_leaves, faiss.METRIC_INNER_PRODUCT
-        if self.codec == "flat":
-            ivf = faiss.IndexIVFFlat(self.quantizer, d, L, ip)
-        elif self.codec == "sq8":
-            ivf = faiss.IndexIVFScalarQuantizer(self.quantizer, d, L, faiss.ScalarQuantizer.QT_8bit, ip, False)
-        else:
-            ivf = faiss.IndexIVFPQ(self.quantizer, d, L, self.pq_m, 8, ip)  # residual codes: coarse scores given
-            ivf.pq.cp.seed = 0  # deterministic training
-        self.centroids = centroids
-        return ivf
 
     def _add(self, start: int, x: np.ndarray, leaves: np.ndarray) -> None:
         """Rows ``start ..`` into their leaves' lists: O(new rows)."""
@@ -123,7 +129,7 @@ class LeafIndex:
             # reference to ids before the call, and the array can be freed under Faiss
             self.ivf.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(a))
             self._sizes += np.bincount(a, minlength=self.num_leaves)
-        self._members = None
+        self._members = self._pad = None
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -139,8 +145,9 @@ class LeafIndex:
             raise ValueError("leaf id out of range")
         start = self.num_docs
         self._add(start, embeddings, leaves)
-        self.doc_leaves = np.concatenate([self.doc_leaves, leaves])
-        self._chunks.append(np.asarray(embeddings))
+        self.doc_leaves = np.concatenate([self.doc_leaves, leaves]) if start else leaves
+        if self.codec != "flat":
+            self._chunks.append(np.asarray(embeddings))
         self._vectors = None
 
     def keep(self, rows: np.ndarray) -> "LeafIndex":
@@ -151,7 +158,7 @@ class LeafIndex:
         out.__dict__.update(self.__dict__)
         out.doc_leaves = self.doc_leaves[rows]
         vecs = np.asarray(self.vectors[rows])
-        out._chunks, out._vectors = [vecs], vecs
+        out._chunks, out._vectors = ([vecs] if self.codec != "flat" else []), None
         out.ivf = faiss.clone_index(self.ivf)  # trained state kept, lists emptied below
         out.quantizer = faiss.downcast_index(out.ivf.quantizer)
         out.ivf.reset()
@@ -174,11 +181,25 @@ class LeafIndex:
 
     @property
     def vectors(self) -> np.ndarray:
-        """Row-order float embeddings (no copy unless documents were added since)."""
-        if self._vectors is None:
-            self._vectors = np.concatenate(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
-            self._chunks = [self._vectors]
+        """Row-order float embeddings: memory-mapped after loading; for sq8/pq the kept
+        float copy; for flat read back from the lists (a fresh array; not kept)."""
+        if self._vectors is not None:
+            return self._vectors
+        if self.codec == "flat":
+            return self._read_flat_lists()
+        self._vectors = np.concatenate(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
+        self._chunks = [self._vectors]
         return self._vectors
+
+    def _read_flat_lists(self) -> np.ndarray:
+        out = np.empty((self.num_docs, self.dim), dtype=np.float32)
+        inv = self.ivf.invlists
+        for lst in np.flatnonzero(self._sizes):
+            n = inv.list_size(int(lst))
+            ids = faiss.rev_swig_ptr(inv.get_ids(int(lst)), n)
+            codes = faiss.rev_swig_ptr(inv.get_codes(int(lst)), n * inv.code_size)
+            out[ids] = np.frombuffer(codes, dtype=np.float32).reshape(n, self.dim)
+        return out
 
     embeddings = vectors  # the name earlier versions used
 
@@ -195,9 +216,9 @@ class LeafIndex:
         """Distinct documents in each row's leaves (Q, beta); -1 entries are no leaf."""
         leaves = _i64(leaves)
         leaves = leaves.reshape(len(leaves), -1)
-        sizes = np.where(leaves >= 0, self._sizes[np.maximum(leaves, 0)], 0)
         if self.d2l == 1:
-            return sizes.sum(1)  # a document lives in one leaf: sizes add up
+            # a document lives in one leaf: sizes add up (-1 reads the trailing 0)
+            return self._sizes_pad()[leaves].sum(1)
         # documents x queries overlap counts of a sparse product; its non-zeros per column
         # are the distinct documents each query visits
         from scipy.sparse import csr_matrix
@@ -206,6 +227,11 @@ class LeafIndex:
         r, c = np.nonzero(leaves >= 0)
         visits = csr_matrix((np.ones(len(r), dtype=np.int32), (leaves[r, c], r)), shape=(self.num_leaves, len(leaves)))
         return np.asarray((docs_in @ visits).astype(bool).sum(0)).ravel().astype(np.int64)
+
+    def _sizes_pad(self) -> np.ndarray:
+        if self._pad is None:
+            self._pad = np.append(self._sizes, 0)
+        return self._pad
 
     def _membership(self):
         """(N, L) sparse: which leaves hold each document."""
@@ -229,37 +255,49 @@ class LeafIndex:
         fetch = k * self.d2l
         if self.codec == "pq" and self.rerank:
             fetch = max(fetch, self.rerank)
-        fetch = max(1, min(fetch, max(int(visited.max(initial=0)) * self.d2l, 1)))
         D = np.empty((nq, fetch), dtype=np.float32)
         I = np.empty((nq, fetch), dtype=np.int64)
         if nq:
-            params = faiss.SearchParametersIVF()
-            params.nprobe = beta
+            sel = None
             if allowed is not None:
                 sel_ids = _i64(allowed)
-                params.sel = sel = faiss.IDSelectorBatch(len(sel_ids), faiss.swig_ptr(sel_ids))  # noqa: F841 (kept alive)
+                sel = faiss.IDSelectorBatch(len(sel_ids), faiss.swig_ptr(sel_ids))
+            params = self._params(beta, sel)
             # residual codes add each leaf's coarse score <q, centroid>; flat ignores it
             coarse = self._coarse(q, leaves)
             self.ivf.search_preassigned_c(
                 nq, faiss.swig_ptr(q), fetch, faiss.swig_ptr(leaves), faiss.swig_ptr(coarse),
                 faiss.swig_ptr(D), faiss.swig_ptr(I), False, params,
             )
-        D = np.where(I >= 0, D, -np.inf).astype(np.float32)
+        if nq and I[:, -1].min() < 0:  # rows are sorted: a short one ends in -1
+            D[I < 0] = -np.inf
         if self.codec == "pq" and self.rerank:
             D, I = self._rerank(q, I)
         if self.d2l > 1:
             D, I = _dedupe(D, I)
-        idx = np.full((nq, k), -1, dtype=np.int64)
-        scores = np.full((nq, k), -np.inf, dtype=np.float32)
-        kk = min(k, I.shape[1])
-        idx[:, :kk], scores[:, :kk] = I[:, :kk], D[:, :kk]
+        if fetch != k:
+            D, I = np.ascontiguousarray(D[:, :k]), np.ascontiguousarray(I[:, :k])
         if allowed is not None:
             visited = np.minimum(visited, len(allowed))
-        return SearchResult(idx, scores, visited)
+        return SearchResult(I, D, visited)
+
+    def _params(self, beta: int, sel=None):
+        """Faiss search parameters for a beam width (kept: building one costs a SWIG call)."""
+        if sel is not None:
+            p = faiss.SearchParametersIVF()
+            p.nprobe, p.sel = beta, sel
+            p._sel = sel  # kept alive with the parameters
+            return p
+        cache = self.__dict__.setdefault("_param_cache", {})
+        if beta not in cache:
+            p = faiss.SearchParametersIVF()
+            p.nprobe = beta
+            cache[beta] = p
+        return cache[beta]
 
     def _coarse(self, q: np.ndarray, leaves: np.ndarray) -> np.ndarray:
         if self.codec != "pq":
-            return np.zeros(leaves.shape, dtype=np.float32)
+            return np.zeros(leaves.shape, dtype=np.float32)  # read by nothing: no residuals
         return _f32(np.einsum("qd,qbd->qb", q, self.centroids[np.maximum(leaves, 0)]))
 
     def _rerank(self, q: np.ndarray, I: np.ndarray):
@@ -307,7 +345,7 @@ class LeafIndex:
         out.rerank = 0
         out.doc_leaves = doc_leaves
         out._chunks, out._vectors = [vectors], vectors
-        out._sizes, out._members, out.read_only = sizes, None, mmap
+        out._sizes, out._members, out._pad, out.read_only = sizes, None, None, mmap
         return out
 
     def leaf_stats(self, query_leaves: np.ndarray | None = None) -> dict:
@@ -330,6 +368,18 @@ class LeafIndex:
             "expected_per_leaf": float((p * sizes).sum()),
             "ideal_per_leaf": self.num_docs * self.d2l / self.num_leaves,
         }
+
+
+def leaf_centroids(doc_leaves: np.ndarray, emb: np.ndarray, num_leaves: int, normalise: bool = True) -> np.ndarray:
+    """Each leaf's mean document (unit length; zero for an empty leaf). With ``normalise``
+    False: the sums, to add up over chunks and normalise once."""
+    from scipy.sparse import csr_matrix
+
+    doc_leaves = _i64(doc_leaves).reshape(len(emb), -1)
+    n, d2l = doc_leaves.shape
+    member = csr_matrix((np.ones(n * d2l), (doc_leaves.ravel(), np.repeat(np.arange(n), d2l))), shape=(num_leaves, n))
+    c = np.asarray(member @ np.asarray(emb, dtype=np.float64))
+    return _f32(_normalised(c)) if normalise else c
 
 
 def _default_pq_m(d: int) -> int:

@@ -137,10 +137,13 @@ class EHIModel:
     def route(self, emb: np.ndarray, beam: int) -> np.ndarray:
         """Top-``beam`` leaves per row, best first (N, min(beam, L)); routed in numpy from a
         snapshot of the tree's weights, re-taken whenever they changed."""
-        version = tuple(p._version for p in self.tree.parameters()) + (id(self.tree),)
+        params = getattr(self, "_router_params", None)
+        if params is None or params[0] is not self.tree:
+            params = self._router_params = (self.tree, list(self.tree.parameters()))
+        version = [p._version for p in params[1]]
         if getattr(self, "_router_version", None) != version:
             self._router, self._router_version = self.tree.router(), version
-        return self._router.beam_search(emb, beam)[0]
+        return self._router.leaves(emb, beam)
 
     def build_index(
         self, doc_emb: np.ndarray, doc_ids: list[str], doc_titles: list[str] | None = None, codec: str | None = None

@@ -230,6 +230,14 @@ class NumpyRouter:
         self.W = [lv.W.detach().cpu().numpy().astype(np.float32) for lv in tree.levels]
         self.dim = tree.dim
 
+    def _children_index(self):
+        if getattr(self, "_wq", None) is None:
+            import faiss
+
+            self._wq = faiss.IndexFlatIP(self.W[0].shape[0])
+            self._wq.add(np.ascontiguousarray(self.W[0].T))
+        return self._wq
+
     @staticmethod
     def _log_softmax(z: np.ndarray) -> np.ndarray:
         z = z - z.max(-1, keepdims=True)
@@ -238,7 +246,9 @@ class NumpyRouter:
     @staticmethod
     def _top(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` columns per row, best first (ties: lower index first, as a stable sort)."""
-        if k < x.shape[1]:
+        if k == 1:
+            idx = x.argmax(1)[:, None]
+        elif k < x.shape[1]:
             part = np.argpartition(-x, k - 1, axis=1)[:, :k]
             vals = np.take_along_axis(x, part, 1)
             order = np.lexsort((part, -vals), axis=1)
@@ -246,6 +256,29 @@ class NumpyRouter:
         else:
             idx = np.argsort(-x, axis=1, kind="stable")
         return idx, np.take_along_axis(x, idx, 1)
+
+    def leaves(self, e: np.ndarray, beam: int) -> np.ndarray:
+        """The top ``beam`` leaves only (N, k): search's path, with the least work per call."""
+        if self.H == 1 and beam >= 1:
+            e = np.ascontiguousarray(e, dtype=np.float32)
+            z = e @ self.U[0]
+            np.maximum(z, 0, out=z)
+            z += e
+            # log-softmax shifts a row by a constant: the arg-max order of the logits is the same,
+            # so the last level is a maximum-inner-product search over W's columns, which a
+            # batch hands to Faiss (its blocked GEMM + heap beats numpy's product + partition)
+            k = min(beam, self.num_leaves)
+            if len(z) >= 16:
+                return self._children_index().search(z, k)[1]
+            x = z @ self.W[0]
+            if k == 1:
+                return x.argmax(1)[:, None]
+            out = np.empty((len(x), k), dtype=np.int64)
+            for i, row in enumerate(x):  # fewer than 16 rows: plain indexing beats the along-axis helpers
+                part = np.argpartition(row, -k)[-k:] if k < len(row) else np.arange(k)
+                out[i] = part[np.argsort(-row[part], kind="stable")]
+            return out
+        return self.beam_search(e, beam)[0]
 
     def beam_search(self, e: np.ndarray, beam: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
         """(leaves (N, k), log-probs (N, k)), k = min(beam, B^H), best first."""
