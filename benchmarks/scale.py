@@ -1,12 +1,15 @@
-"""1M-vector scale benchmark: EHI (H=2, B=32 -> 1,024 leaves) against Faiss IVFFlat(1024).
+"""1M-vector scale benchmark: EHI (default B=1024, H=1) against Faiss IVFFlat / IVFPQ with as many lists.
 
 A synthetic clustered corpus of N x 384 float32 vectors, generated chunk by chunk from a seed
 (never stored), with queries drawn near their positive document. Both methods train on a
 sample (EHI: adapter + tree on 20k training pairs plus a 100k-document sample, bring-your-
 own-embedding mode; IVF: k-means on the same sample) and then index the full corpus
 streaming. Reported: train + build time, peak memory of the build (peak RSS during the build
-minus RSS before it, against the raw float32 corpus), batched single-thread QPS (interleaved
-repetitions, median) and Recall@100 at 1 % and 5 % of the corpus visited.
+minus RSS before it, against the raw float32 corpus), batched QPS at 1 and 2 threads
+(interleaved repetitions, median) and Recall@100 at 1 % and 5 % of the corpus visited; the
+widths at which IVFFlat matches EHI's recall at 1 % (speed at equal recall); the time to add
+1 % more documents against the full build; and per codec of EHI's index (flat, sq8, pq with
+exact re-rank) against Faiss IVFPQ: bytes and Recall@100.
 
     python benchmarks/scale.py --out reports/scale.json            # N = 1,000,000
     python benchmarks/scale.py --docs 100000 --out reports/scale-100k.json
@@ -24,12 +27,13 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from common import write_json
 from ehi.config import EHIConfig
 from ehi.data import Corpus, Dataset
-from ehi.evaluation import WidthSearch
-from ehi.index import LeafIndex
+from ehi.budget import WidthSearch
+from ehi.index import LeafIndex, leaf_centroids
 from ehi.training import Trainer
 
 DIM = 384
@@ -100,11 +104,35 @@ def recall_at_100(found: np.ndarray, positives: np.ndarray) -> float:
     return 100.0 * float(np.mean([p in row for p, row in zip(positives, found)]))
 
 
+def build_streaming(model, corpus, L, codec, sample_x, args, upto: int | None = None) -> LeafIndex:
+    """Route the corpus chunk by chunk (summing each leaf's documents for its centroid), then
+    add it chunk by chunk: the corpus is never held whole beside the index."""
+    n = corpus.n if upto is None else upto
+    parts, sums = [], np.zeros((L, DIM))
+    for s, x in corpus.chunks():
+        if s >= n:
+            break
+        x = model.encoder.embed_vectors(x[: n - s])
+        lv = model.route(x, 1)
+        parts.append(lv)
+        sums += leaf_centroids(lv, x, L, normalise=False)
+    leaves = np.concatenate(parts)
+    cents = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+    index = LeafIndex.empty(L, DIM, 1, cents, model.encoder.embed_vectors(sample_x[:50_000]), codec, args.pq_m, args.rerank)
+    for s, x in corpus.chunks():
+        if s >= n:
+            break
+        index.add(model.encoder.embed_vectors(x[: n - s]), leaves[s : s + len(x[: n - s])])
+    return index
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--docs", type=int, default=1_000_000)
-    ap.add_argument("--branching", type=int, default=32)
-    ap.add_argument("--height", type=int, default=2)
+    ap.add_argument("--branching", type=int, default=1024)
+    ap.add_argument("--height", type=int, default=1)
+    ap.add_argument("--pq-m", type=int, default=48)
+    ap.add_argument("--rerank", type=int, default=200)
     ap.add_argument("--train-pairs", type=int, default=20_000)
     ap.add_argument("--sample", type=int, default=100_000, help="documents both methods train on")
     ap.add_argument("--test-queries", type=int, default=2_000)
@@ -155,10 +183,7 @@ def main() -> None:
     del trainer, ds
     release_memory()
     t = time.perf_counter()
-    leaves = np.concatenate([model.route(model.encoder.embed_vectors(x), 1)[:, 0] for _, x in corpus.chunks()])
-    model.index = LeafIndex.from_chunks(
-        leaves, L, DIM, ((s, model.encoder.embed_vectors(x)) for s, x in corpus.chunks())
-    )
+    model.index = build_streaming(model, corpus, L, "flat", sample_x, args)
     ehi_build = time.perf_counter() - t
     ehi_peak = _status("VmHWM") - rss0
     st = model.index.leaf_stats()
@@ -182,49 +207,117 @@ def main() -> None:
     sizes = np.array([ivf.invlists.list_size(i) for i in range(L)])
     out["ivf"] = {"train_seconds": ivf_train, "build_seconds": ivf_build, "peak_gib": ivf_peak, "list_max": int(sizes.max()), "list_empty": int((sizes == 0).sum())}
     print(f"IVF: train {ivf_train:.0f}s, build {ivf_build:.0f}s, peak +{ivf_peak:.2f} GiB", flush=True)
+    sample_x_for_codecs = sample_x[:50_000].copy()
     del sample_x
 
-    # ---- budgets, recall and single-thread QPS, interleaved ------------------------------------
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
+    # ---- budgets, recall and QPS (1 and 2 threads), interleaved ---------------------------------
     q_ehi = model.encoder.embed_vectors(test_q)
     ehi_w = WidthSearch(lambda w: model.visited_fraction(q_ehi, w), L)
     ivf_w = WidthSearch(lambda w: float(sizes[quantizer.search(test_q, w)[1]].sum(1).mean() / args.docs), L)
+
+    def ivf_recall(nprobe):
+        ivf.nprobe = nprobe
+        return recall_at_100(ivf.search(test_q, 100)[1], test_pos)
+
     out["budgets"] = {}
     for budget in (0.01, 0.05):
         bw, iw = ehi_w.largest_within(budget), ivf_w.largest_within(budget)
-        ivf.nprobe = iw
         res, _ = model.search_embeddings(q_ehi, 100, bw)
-        _, ivf_idx = ivf.search(test_q, 100)
-        te, ti = [], []
-        for _ in range(args.reps):
-            t = time.perf_counter()
-            model.search_embeddings(q_ehi, 100, bw)
-            te.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            ivf.search(test_q, 100)
-            ti.append(time.perf_counter() - t)
         row = {
             "ehi_beam": bw, "ivf_nprobe": iw,
             "ehi_visited": ehi_w.fraction(bw), "ivf_visited": ivf_w.fraction(iw),
             "ehi_recall@100": recall_at_100(res.indices, test_pos),
-            "ivf_recall@100": recall_at_100(ivf_idx, test_pos),
-            "ehi_qps": len(test_q) / statistics.median(te), "ivf_qps": len(test_q) / statistics.median(ti),
+            "ivf_recall@100": ivf_recall(iw),
         }
-        row["qps_ratio_ehi_over_ivf"] = row["ehi_qps"] / row["ivf_qps"]
+        # the narrowest IVF search that recalls as much as EHI does here: speed at equal recall
+        eq = iw
+        while eq < L and ivf_recall(eq) < row["ehi_recall@100"]:
+            eq = min(L, eq + 1 if eq < 16 else int(eq * 1.1) + 1)
+        row["ivf_nprobe_equal_recall"], row["ivf_recall_equal"] = eq, ivf_recall(eq)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            faiss.omp_set_num_threads(threads)
+            limits = threadpool_limits(limits=threads)  # numpy's BLAS too (EHI routes with it)
+            te, ti, tq = [], [], []
+            for _ in range(args.reps):
+                t = time.perf_counter()
+                model.search_embeddings(q_ehi, 100, bw)
+                te.append(time.perf_counter() - t)
+                ivf.nprobe = iw
+                t = time.perf_counter()
+                ivf.search(test_q, 100)
+                ti.append(time.perf_counter() - t)
+                ivf.nprobe = eq
+                t = time.perf_counter()
+                ivf.search(test_q, 100)
+                tq.append(time.perf_counter() - t)
+            limits.restore_original_limits()
+            n = len(test_q)
+            row[f"threads={threads}"] = {
+                "ehi_qps": n / statistics.median(te), "ivf_qps": n / statistics.median(ti), "ivf_qps_equal_recall": n / statistics.median(tq),
+            }
+            r = row[f"threads={threads}"]
+            r["qps_ratio_same_visited"] = r["ehi_qps"] / r["ivf_qps"]
+            r["qps_ratio_equal_recall"] = r["ehi_qps"] / r["ivf_qps_equal_recall"]
         out["budgets"][f"{budget:g}"] = row
+    faiss.omp_set_num_threads(2)
+
+    # ---- incremental add: 1 % more documents against the full build --------------------------
+    extra = Corpus1M(args.docs // 100, seed=args.seed + 1)
+    ext = [x for _, x in extra.chunks()]
+    t = time.perf_counter()
+    for x in ext:  # embed, route, append to the lists: O(new documents)
+        e = model.encoder.embed_vectors(x)
+        model.index.add(e, model.route(e, 1))
+    out["add_1pct_seconds"] = time.perf_counter() - t
+    out["add_1pct_over_build"] = out["add_1pct_seconds"] / ehi_build
+
+    # ---- codecs: bytes and recall at 1 % visited (EHI's leaves; re-rank from float vectors) ----
+    bw = out["budgets"]["0.01"]["ehi_beam"]
+    codecs = {"flat": {"bytes": model.index.nbytes(), "R@100": out["budgets"]["0.01"]["ehi_recall@100"]}}
+    del model.index
+    release_memory()
+    for codec, rerank in (("sq8", 0), ("pq", args.rerank), ("pq", 0)):
+        args_c = argparse.Namespace(**{**vars(args), "rerank": rerank})
+        t = time.perf_counter()
+        idx = build_streaming(model, corpus, L, codec, sample_x_for_codecs, args_c)
+        build_s = time.perf_counter() - t
+        res = idx.search(q_ehi, model.route(q_ehi, bw), 100)
+        name = codec if codec != "pq" else f"pq{idx.pq_m}" + (f"+rerank{rerank}" if rerank else "")
+        codecs[name] = {"bytes": idx.nbytes(), "R@100": recall_at_100(res.indices, test_pos), "build_seconds": build_s}
+        del idx
+        release_memory()
+    pq = faiss.IndexIVFPQ(faiss.IndexFlatIP(DIM), DIM, L, args.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
+    pq.cp.seed = args.seed
+    pq.train(sample_x_for_codecs)
+    for _, x in corpus.chunks():
+        pq.add(x)
+    pq.nprobe = out["budgets"]["0.01"]["ivf_nprobe"]
+    codecs[f"faiss IVFPQ{args.pq_m}"] = {"bytes": pq.ntotal * (pq.code_size + 8) + L * DIM * 4, "R@100": recall_at_100(pq.search(test_q, 100)[1], test_pos)}
+    codecs["faiss IVFFlat"] = {"bytes": args.docs * (DIM * 4 + 8) + L * DIM * 4, "R@100": out["budgets"]["0.01"]["ivf_recall@100"]}
+    raw = args.docs * DIM * 4
+    for c in codecs.values():
+        c["x_raw"] = c["bytes"] / raw
+    out["codecs_at_1pct"] = codecs
 
     print(f"\n{args.docs:,} x {DIM} float32 ({raw_gib:.2f} GiB raw), {L} leaves / lists, {len(test_q)} queries, 1 thread")
     print(f"{'method':<8} {'train s':>8} {'build s':>8} {'peak GiB':>9} {'x raw':>6}")
     for m in ("ehi", "ivf"):
         r = out[m]
         print(f"{m.upper():<8} {r['train_seconds']:>8.0f} {r['build_seconds']:>8.0f} {r['peak_gib']:>9.2f} {r['peak_gib'] / raw_gib:>6.2f}")
-    print(f"\n{'budget':>7} {'EHI vis':>8} {'IVF vis':>8} {'EHI R@100':>10} {'IVF R@100':>10} {'EHI QPS':>8} {'IVF QPS':>8} {'ratio':>6}")
+    print(f"\n{'budget':>7} {'EHI vis':>8} {'IVF vis':>8} {'EHI R@100':>10} {'IVF R@100':>10} {'thr':>4} {'EHI QPS':>8} {'IVF QPS':>8} {'ratio':>6}  {'IVF nprobe, R@100, QPS at equal recall':>40} {'ratio':>6}")
     for b, r in out["budgets"].items():
-        print(
-            f"{100 * float(b):>6.0f}% {100 * r['ehi_visited']:>7.2f}% {100 * r['ivf_visited']:>7.2f}% "
-            f"{r['ehi_recall@100']:>10.1f} {r['ivf_recall@100']:>10.1f} {r['ehi_qps']:>8.0f} {r['ivf_qps']:>8.0f} {r['qps_ratio_ehi_over_ivf']:>6.2f}"
-        )
+        for threads in (1, 2):
+            x = r[f"threads={threads}"]
+            print(
+                f"{100 * float(b):>6.0f}% {100 * r['ehi_visited']:>7.2f}% {100 * r['ivf_visited']:>7.2f}% "
+                f"{r['ehi_recall@100']:>10.1f} {r['ivf_recall@100']:>10.1f} {threads:>4} {x['ehi_qps']:>8.0f} {x['ivf_qps']:>8.0f} {x['qps_ratio_same_visited']:>6.2f}  "
+                f"{r['ivf_nprobe_equal_recall']:>22} {r['ivf_recall_equal']:>6.1f} {x['ivf_qps_equal_recall']:>10.0f} {x['qps_ratio_equal_recall']:>6.2f}"
+            )
+    print(f"\nadd 1 % more documents: {out['add_1pct_seconds']:.2f}s = {100 * out['add_1pct_over_build']:.1f} % of the full build ({ehi_build:.0f}s)")
+    print(f"\ncodecs at 1 % visited: {'bytes':>14} {'x raw':>6} {'R@100':>6}")
+    for name, c in out["codecs_at_1pct"].items():
+        print(f"  {name:<20} {c['bytes']:>14,} {c['x_raw']:>6.3f} {c['R@100']:>6.1f}")
     write_json(args.out, out)
 
 

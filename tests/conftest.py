@@ -29,6 +29,20 @@ TOPICS = {
 }
 
 
+def tiny_config(branching: int = 6, epochs: int = 3, **train):
+    """The small training setup the tests share: B leaves, a few epochs, batches of 16."""
+    from ehi.config import EHIConfig
+
+    cfg = EHIConfig()
+    cfg.tree.branching = branching
+    cfg.train.epochs = epochs
+    cfg.train.batch_size = 16
+    cfg.train.refresh_every = 2
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
 def write_beir(root: Path, n_per_topic: int = 10, seed: int = 0) -> Path:
     """A small BEIR folder: documents about six topics, one query per document (graded qrels)."""
     rng = random.Random(seed)

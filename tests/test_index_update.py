@@ -53,3 +53,49 @@ def test_adding_an_existing_id_is_refused(model_dir, tmp_path, capsys):
     corpus.write_text(json.dumps({"_id": "music-1", "text": "x"}) + "\n")
     assert main(["index", "add", str(model_dir), str(corpus)]) == 2
     assert "already indexed" in capsys.readouterr().err
+
+
+def test_compressed_index_built_by_the_cli_is_saved_searched_and_reloaded(model_dir, tiny_beir, tmp_path, capsys):
+    out = tmp_path / "pq"
+    args = ["index", "build", str(model_dir), "--data", str(tiny_beir), "--codec", "pq", "--pq-m", "8", "--rerank", "60", "--out", str(out)]
+    assert main(args) == 0
+    flat, pq = EHIModel.load(model_dir), EHIModel.load(out, mmap=True)
+    assert pq.index.codec == "pq" and pq.config.index.rerank == 60 and (out / "index.faiss").exists()
+    assert pq.index.nbytes() < flat.index.nbytes() / 4
+    q = "guitar chord melody music"
+    a, b = flat.search(q, k=5, beam=4)[0], pq.search(q, k=5, beam=4)[0]
+    # every candidate re-ranked from the float vectors: the flat index's exact ranking
+    assert [h.doc_id for h in a.hits] == [h.doc_id for h in b.hits]
+    assert [h.score for h in a.hits] == pytest.approx([h.score for h in b.hits], abs=1e-5)
+    with pytest.raises(ValueError, match="read-only"):
+        pq.add_documents(["x"], [""], pq.encoder.encode(["a new document"]))
+    assert main(["index", "build", str(model_dir), "--data", str(tiny_beir), "--codec", "pq", "--pq-m", "7", "--out", str(tmp_path / "bad")]) == 2
+    assert "must divide" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_a_model_saved_before_the_faiss_index_still_loads(model_dir, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(model_dir, old)
+    (old / "index.faiss").unlink()
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["files"].pop("index.faiss")
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    q = "oven flour bake sauce"
+    want = EHIModel.load(model_dir).search(q, k=5, beam=2)[0]
+    got = EHIModel.load(old).search(q, k=5, beam=2)[0]
+    assert [h.doc_id for h in got.hits] == [h.doc_id for h in want.hits]
+
+
+def test_search_can_be_restricted_to_document_ids(model_dir, tmp_path, capsys):
+    m = EHIModel.load(model_dir)
+    allowed = ["music-1", "cooking-2", "finance-3"]
+    hits = m.search("guitar chord melody music", k=10, beam=m.tree.num_leaves, ids=allowed)[0].hits
+    assert [h.doc_id for h in hits][0] == "music-1" and {h.doc_id for h in hits} == set(allowed)
+    with pytest.raises(ValueError, match="not indexed"):
+        m.search("music", ids=["nope"])
+    ids = tmp_path / "ids.txt"
+    ids.write_text("cooking-2\nfinance-3\n")
+    assert main(["search", str(model_dir), "guitar chord", "--beam", "4", "--ids", str(ids), "--json"]) == 0
+    assert {h["id"] for h in json.loads(capsys.readouterr().out)[0]["hits"]} == {"cooking-2", "finance-3"}

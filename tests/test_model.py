@@ -2,21 +2,12 @@ import numpy as np
 import pytest
 
 from ehi.artifacts import ArtifactError
-from ehi.config import EHIConfig
 from ehi.data import load_beir
 from ehi.model import EHIModel
 from ehi.training import Trainer, train
 
 
-def tiny_config(**train_overrides):
-    cfg = EHIConfig()
-    cfg.tree.branching = 6
-    cfg.train.epochs = 3
-    cfg.train.batch_size = 16
-    cfg.train.refresh_every = 2
-    for k, v in train_overrides.items():
-        setattr(cfg.train, k, v)
-    return cfg
+from conftest import tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -205,3 +205,11 @@ def test_cli_api_and_server_share_one_default_width_and_result_shape(model_dir, 
         assert [(h["id"], h["title"]) for h in got["hits"]] == [(h["id"], h["title"]) for h in want["hits"]]
         assert [h["score"] for h in got["hits"]] == pytest.approx([h["score"] for h in want["hits"]], abs=1e-5)
     assert server["beam"] == len(api[0].leaves)
+
+
+def test_a_filtered_request_returns_only_its_ids_and_unknown_ids_are_422(client):
+    r = client.post("/search", json={"query": "guitar chord melody", "k": 5, "beam": 6, "ids": ["cooking-1", "music-2"]})
+    assert r.status_code == 200
+    assert {h["id"] for h in r.json()["results"][0]["hits"]} == {"cooking-1", "music-2"}
+    r = client.post("/search", json={"query": "guitar", "ids": ["no-such-doc"]})
+    assert r.status_code == 422 and "not indexed" in r.text

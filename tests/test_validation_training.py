@@ -11,16 +11,11 @@ from ehi.model import EHIModel
 from ehi.training import Trainer, checkpoint_path, train
 from ehi.validation import holdout
 
+from conftest import tiny_config
+
 
 def config(**train):
-    cfg = EHIConfig()
-    cfg.tree.branching = 6
-    cfg.train.epochs = 4
-    cfg.train.batch_size = 16
-    cfg.train.refresh_every = 2
-    for k, v in train.items():
-        setattr(cfg.train, k, v)
-    return cfg
+    return tiny_config(epochs=train.pop("epochs", 4), **train)
 
 
 def test_holdout_is_disjoint_seeded_and_never_the_training_split(tiny_beir):

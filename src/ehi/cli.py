@@ -449,11 +449,21 @@ def run(args: argparse.Namespace) -> int:
     from .data import DataError
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    quiet = getattr(args, "no_progress", False)
+    before = os.environ.get("EHI_NO_PROGRESS")
+    if quiet:  # inner bars too (encoding, embedding), for this command only
+        os.environ["EHI_NO_PROGRESS"] = "1"
     try:
         COMMANDS[args.command](args)
     except (DataError, ArtifactError, ValueError) as e:
         print(f"ehi {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if quiet:
+            if before is None:
+                os.environ.pop("EHI_NO_PROGRESS", None)
+            else:
+                os.environ["EHI_NO_PROGRESS"] = before
     return 0
 
 

@@ -87,6 +87,11 @@ def texts_fingerprint(texts: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def quiet() -> bool:
+    """No progress bars (``--no-progress`` sets ``EHI_NO_PROGRESS=1`` for the command)."""
+    return os.environ.get("EHI_NO_PROGRESS", "") not in ("", "0")
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("EHI_CACHE_DIR", Path.home() / ".cache" / "ehi" / "features"))
 
@@ -204,6 +209,7 @@ class Encoder(nn.Module):
         config.validate()
         self.config = config
         self.device_name = device
+        self.progress = True  # bars for long encodes; Trainer.fit(progress=False) turns them off
         self.precomputed = config.model_name == PRECOMPUTED
         self.st = None if self.precomputed else load_sentence_transformer(config.model_name, device, config.max_seq_length)
         self.dim = config.dim if self.precomputed else self.st.get_embedding_dimension()
@@ -344,7 +350,7 @@ class Encoder(nn.Module):
         bs = self.config.encode_batch_size
         was_training = self.transformer.training
         self.transformer.eval()
-        for s in tqdm(range(0, len(texts), bs), desc=desc, disable=len(texts) <= 256):
+        for s in tqdm(range(0, len(texts), bs), desc=desc, disable=len(texts) <= 256 or quiet() or not self.progress):
             idx = order[s : s + bs]
             tok = self._tokenize([texts[i] for i in idx])
             x = self._lower(tok)
@@ -395,7 +401,7 @@ class Encoder(nn.Module):
         n = len(rows)
         bs = batch_size if feats.dense is not None else self.config.encode_batch_size
         out = np.empty((n, self.dim), dtype=np.float32)
-        for s in tqdm(range(0, n, bs), desc=desc or "embedding", disable=desc is None or n <= bs):
+        for s in tqdm(range(0, n, bs), desc=desc or "embedding", disable=desc is None or n <= bs or quiet() or not self.progress):
             out[s : s + bs] = self.embed(feats, rows[s : s + bs]).cpu().numpy()
         self.train(was)
         return out

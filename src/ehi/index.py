@@ -20,6 +20,9 @@ import faiss
 import numpy as np
 
 CODECS = ("flat", "sq8", "pq")
+# search_preassigned's own threading: Faiss's default (0) splits work only in IndexIVF.search,
+# so a pre-assigned batch would run on one thread; 3 splits it over queries
+PARALLEL_OVER_QUERIES = 3
 
 
 @dataclass
@@ -111,13 +114,20 @@ class LeafIndex:
         elif self.codec == "sq8":
             self.ivf = faiss.IndexIVFScalarQuantizer(self.quantizer, d, L, faiss.ScalarQuantizer.QT_8bit, ip, False)
         else:
-            self.ivf = faiss.IndexIVFPQ(self.quantizer, d, L, self.pq_m, 8, ip)  # residual codes: coarse scores given
+            # one-byte codes; a corpus too small for 256 centroids per sub-quantizer gets fewer bits
+            nbits = int(min(8, max(1, np.floor(np.log2(max(len(train), 2))))))
+            self.ivf = faiss.IndexIVFPQ(self.quantizer, d, L, self.pq_m, nbits, ip)  # residual codes: coarse scores given
             self.ivf.pq.cp.seed = seed  # deterministic training
+            self.ivf.pq.cp.min_points_per_centroid = 1  # no warning for small corpora
+        self.ivf.parallel_mode = PARALLEL_OVER_QUERIES
         if not self.ivf.is_trained:
             train = _f32(train)
             if len(train) > 100_000:  # enough for any codec here; training cost stays bounded
                 train = train[np.sort(np.random.default_rng(seed).choice(len(train), 100_000, replace=False))]
-            self.ivf.train(train)
+            try:
+                self.ivf.train(train)
+            except RuntimeError as e:
+                raise ValueError(f"cannot train the {self.codec} codec: {str(e).splitlines()[-1][:200]}") from None
 
     def _add(self, start: int, x: np.ndarray, leaves: np.ndarray) -> None:
         """Rows ``start ..`` into their leaves' lists: O(new rows)."""
@@ -338,6 +348,7 @@ class LeafIndex:
             raise ValueError("its lists do not hold the documents doc_leaves.npy assigns")
         out = object.__new__(cls)
         out.ivf, out.quantizer = ivf, faiss.downcast_index(ivf.quantizer)
+        ivf.parallel_mode = PARALLEL_OVER_QUERIES
         out.centroids = out.quantizer.reconstruct_n(0, num_leaves)
         out.num_leaves = num_leaves
         out.codec = "flat" if isinstance(ivf, faiss.IndexIVFFlat) else ("sq8" if isinstance(ivf, faiss.IndexIVFScalarQuantizer) else "pq")

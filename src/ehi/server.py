@@ -36,6 +36,7 @@ class SearchRequest(BaseModel):
     k: int = Field(10, ge=1, le=1000)
     budget: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="fraction of the corpus to visit")
     beam: int | None = Field(None, ge=1, description="leaves to visit")
+    ids: list[str] | None = Field(None, min_length=1, max_length=100_000, description="only these documents may be returned")
 
     @field_validator("query")
     @classmethod
@@ -80,6 +81,7 @@ class _Pending:
     k: int
     beam: int
     future: asyncio.Future = field(repr=False)
+    allowed: np.ndarray | None = None  # document rows a filtered request may return
 
 
 class Batcher:
@@ -101,9 +103,9 @@ class Batcher:
             self.task.cancel()
         self.pool.shutdown(wait=False)
 
-    async def submit(self, texts: list[str], k: int, beam: int):
+    async def submit(self, texts: list[str], k: int, beam: int, allowed: np.ndarray | None = None):
         fut = asyncio.get_running_loop().create_future()
-        await self.queue.put(_Pending(texts, k, beam, fut))
+        await self.queue.put(_Pending(texts, k, beam, fut, allowed))
         return await fut
 
     async def _run(self) -> None:
@@ -149,11 +151,14 @@ class Batcher:
         emb = model.encoder.encode(texts)
         out: list[list[dict] | None] = [None] * len(batch)
         starts = np.cumsum([0] + [len(item.texts) for item in batch])
-        for beam in sorted({item.beam for item in batch}):
-            members = [i for i, item in enumerate(batch) if item.beam == beam]
+        # one search per beam width for unfiltered requests; a filtered one searches alone
+        groups = [[i for i, item in enumerate(batch) if item.beam == beam and item.allowed is None] for beam in sorted({item.beam for item in batch})]
+        groups = [g for g in groups if g] + [[i] for i, item in enumerate(batch) if item.allowed is not None]
+        for members in groups:
+            beam, allowed = batch[members[0]].beam, batch[members[0]].allowed
             rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in members])
             k = max(batch[i].k for i in members)
-            res, leaves = model.search_embeddings(emb[rows], k, beam)
+            res, leaves = model.search_embeddings(emb[rows], k, beam, allowed)
             r = 0
             for i in members:
                 item = batch[i]
@@ -216,9 +221,10 @@ def create_app(model_dir: str | Path, max_batch: int = 64, max_wait_ms: float = 
         texts = [req.query] if isinstance(req.query, str) else list(req.query)
         try:
             beam = model.resolve_beam(req.beam, req.budget)  # the API's rule and default
+            allowed = None if req.ids is None else model.rows_of(req.ids)
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
-        results = await batcher.submit(texts, req.k, beam)
+        results = await batcher.submit(texts, req.k, beam, allowed)
         return {
             "results": results if isinstance(req.query, list) else results[:1],
             "beam": beam,

@@ -398,6 +398,7 @@ class Trainer:
     ) -> EHIModel:
         """Train; then index the training corpus, unless ``build_index`` is False (the caller
         indexes another corpus, e.g. streaming)."""
+        self.encoder.progress = progress
         if self.stage == "select":
             if self.validator is not None and self.start_epoch == 0 and not self.validation:
                 self._validate(0, progress)
