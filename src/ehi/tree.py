@@ -230,13 +230,19 @@ class NumpyRouter:
         self.W = [lv.W.detach().cpu().numpy().astype(np.float32) for lv in tree.levels]
         self.dim = tree.dim
 
-    def _children_index(self):
-        if getattr(self, "_wq", None) is None:
+    def _faiss_level(self):
+        """Level 0 as Faiss objects: x -> x U (a LinearTransform) and W's columns to search."""
+        if getattr(self, "_fl", None) is None:
             import faiss
 
-            self._wq = faiss.IndexFlatIP(self.W[0].shape[0])
-            self._wq.add(np.ascontiguousarray(self.W[0].T))
-        return self._wq
+            d = self.U[0].shape[0]
+            u = faiss.LinearTransform(d, d, False)
+            faiss.copy_array_to_vector(np.ascontiguousarray(self.U[0].T).ravel(), u.A)
+            u.is_trained = True
+            wq = faiss.IndexFlatIP(d)
+            wq.add(np.ascontiguousarray(self.W[0].T))
+            self._fl = (u, wq)
+        return self._fl
 
     @staticmethod
     def _log_softmax(z: np.ndarray) -> np.ndarray:
@@ -261,15 +267,19 @@ class NumpyRouter:
         """The top ``beam`` leaves only (N, k): search's path, with the least work per call."""
         if self.H == 1 and beam >= 1:
             e = np.ascontiguousarray(e, dtype=np.float32)
+            k = min(beam, self.num_leaves)
+            if len(e) >= 16:
+                # a batch runs on Faiss's BLAS and thread pool, the one the leaf scan then uses:
+                # numpy's own BLAS threads would compete with it for the cores. log-softmax
+                # shifts a row by a constant, so the leaves are the top inner products with W
+                u, wq = self._faiss_level()
+                z = u.apply(e)
+                np.maximum(z, 0, out=z)
+                z += e
+                return wq.search(z, k)[1]
             z = e @ self.U[0]
             np.maximum(z, 0, out=z)
             z += e
-            # log-softmax shifts a row by a constant: the arg-max order of the logits is the same,
-            # so the last level is a maximum-inner-product search over W's columns, which a
-            # batch hands to Faiss (its blocked GEMM + heap beats numpy's product + partition)
-            k = min(beam, self.num_leaves)
-            if len(z) >= 16:
-                return self._children_index().search(z, k)[1]
             x = z @ self.W[0]
             if k == 1:
                 return x.argmax(1)[:, None]
