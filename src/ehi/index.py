@@ -171,6 +171,7 @@ class LeafIndex:
         out._chunks, out._vectors = ([vecs] if self.codec != "flat" else []), None
         out.ivf = faiss.clone_index(self.ivf)  # trained state kept, lists emptied below
         out.quantizer = faiss.downcast_index(out.ivf.quantizer)
+        out.ivf.parallel_mode = PARALLEL_OVER_QUERIES
         out.ivf.reset()
         out._sizes = np.zeros(self.num_leaves, dtype=np.int64)
         out._add(0, vecs, out.doc_leaves)
