@@ -8,7 +8,7 @@ from ehi.tree import Tree, leaf_to_path, load_balance_penalty, path_to_leaf
 
 def make_tree(B, H, d=8, seed=0):
     torch.manual_seed(seed)
-    tree = Tree(d, TreeConfig(branching=B, height=H))
+    tree = Tree(d, TreeConfig(branching=B, height=H, conditioning="one-hot"))
     # a non-trivial U so that F(x) = x + ReLU(U^T x) matters
     with torch.no_grad():
         for level in tree.levels:
@@ -108,7 +108,7 @@ def test_kmeans_init_is_a_soft_ivf():
 def test_hierarchical_kmeans_init_routes_to_nearest_residual_centroids():
     rng = np.random.default_rng(2)
     x = _blobs(30, rng.standard_normal((9, 12)))
-    tree = Tree(12, TreeConfig(branching=3, height=2))
+    tree = Tree(12, TreeConfig(branching=3, height=2, conditioning="one-hot"))
     tree.init_kmeans(x, seed=0)
     r = tree.route(torch.from_numpy(x))
     sizes = np.bincount(r.leaf.numpy(), minlength=9)
@@ -140,3 +140,52 @@ def test_numpy_router_routes_like_the_tree(B, H, beam):
     leaves, scores = tree.router().beam_search(x.numpy(), beam)
     assert np.array_equal(leaves, want_leaves.numpy())
     assert np.allclose(scores, want_scores.numpy(), atol=1e-5)
+
+
+def make_node_tree(B, H, d=16, seed=0):
+    torch.manual_seed(seed)
+    tree = Tree(d, TreeConfig(branching=B, height=H, conditioning="per-node"))
+    with torch.no_grad():
+        for level in tree.levels:
+            level.U.normal_(0, 0.5)
+    return tree
+
+
+@pytest.mark.parametrize("B,H", [(3, 2), (2, 3), (4, 2)])
+def test_per_node_full_beam_equals_enumeration_and_numpy_routes_alike(B, H):
+    tree = make_node_tree(B, H)
+    x = torch.randn(50, 16)
+    leaves, scores = tree.beam_search(x, tree.num_leaves)
+    brute = tree.leaf_log_probs(x)
+    assert torch.allclose(scores, brute.gather(1, leaves), atol=1e-5)
+    assert torch.allclose(scores, brute.sort(1, descending=True).values, atol=1e-5)
+    for beam in (1, 3, tree.num_leaves):
+        want_l, want_s = tree.beam_search(x, beam)
+        got_l, got_s = tree.router().beam_search(x.numpy(), beam)
+        assert np.array_equal(got_l, want_l.numpy()) and np.allclose(got_s, want_s.numpy(), atol=1e-5)
+    # route() follows the arg-max path, each level with its own node's classifier
+    r = tree.route(x)
+    assert torch.equal(r.leaf, tree.beam_search(x, 1)[0][:, 0])
+    assert torch.allclose(r.path_embedding.reshape(50, H, B).sum(-1)[:, 0], torch.ones(50))
+
+
+def test_per_node_init_is_hierarchical_kmeans():
+    """At step 0 a deep per-node tree routes every document like hierarchical k-means: to the
+    nearest centroid among its own cell's children, level after level."""
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((16, 16)).astype(np.float32)
+    x = (np.repeat(centers, 25, 0) + 0.05 * rng.standard_normal((400, 16))).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    tree = Tree(16, TreeConfig(branching=4, height=2, conditioning="per-node"))
+    tree.init_kmeans(x, seed=0)
+    with torch.no_grad():
+        for level in tree.levels:
+            level.U.zero_()
+    leaves = tree.route(torch.from_numpy(x)).leaf.numpy()
+    assert len(np.unique(leaves)) >= 12  # k-means in every cell: the leaves are used
+    W0 = tree.levels[0].W.detach().numpy()
+    top = (x @ W0).argmax(1)
+    for j in range(4):  # level 2 splits only within its cell, with that cell's own centroids
+        rows = top == j
+        W1 = tree.levels[1].W[j].detach().numpy()
+        assert np.array_equal(leaves[rows], j * 4 + (x[rows] @ W1).argmax(1))

@@ -17,7 +17,9 @@ Scope = Literal["adapter", "top-k", "full"]
 Init = Literal["kmeans", "random"]
 NegativesFrom = Literal["tree", "exact"]
 Codec = Literal["flat", "sq8", "pq"]
+Conditioning = Literal["per-node", "one-hot"]
 SCOPES, INITS, NEGATIVES_FROM, CODECS = get_args(Scope), get_args(Init), get_args(NegativesFrom), get_args(Codec)
+CONDITIONINGS = get_args(Conditioning)
 
 
 @dataclass
@@ -53,6 +55,13 @@ class TreeConfig:
     # softmax temperature of the k-means initialisation: W = centroids / temperature
     temperature: float = 0.1
     kmeans_iters: int = 25
+    # how a level below the first knows the path above (H > 1; one level is the same either way):
+    # per-node = one B-way classifier per node (a (B^h, d, B) weight tensor gathered by the
+    # prefix), initialised by hierarchical k-means; one-hot = the paper's shared classifier fed
+    # [o(i^{h-1}); ...; o(i^1); e] (kept for comparison; README "Depth")
+    conditioning: Conditioning = "per-node"
+    # search keeps max(beam, upper_beam) nodes at the levels above the leaves (H > 1)
+    upper_beam: int = 0
 
     @property
     def num_leaves(self) -> int:
@@ -80,6 +89,10 @@ class TreeConfig:
             raise ValueError(f"tree init must be one of {INITS}, got {self.init!r}")
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0")
+        if self.upper_beam < 0:
+            raise ValueError("upper_beam must be >= 0")
+        if self.conditioning not in CONDITIONINGS:
+            raise ValueError(f"tree conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
 
 
 @dataclass

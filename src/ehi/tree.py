@@ -29,6 +29,25 @@ class Level(nn.Module):
         return F.log_softmax(z @ self.W, dim=-1)
 
 
+class NodeLevel(nn.Module):
+    """Level h >= 1 of a per-node tree: one B-way classifier for each of the B^h nodes above,
+    all reading ``F(e; U_h)``; a prefix selects its node's weights, so each cell of the level
+    above is split along its own directions."""
+
+    def __init__(self, dim: int, nodes: int, branching: int, u_scale: float = 1e-3):
+        super().__init__()
+        self.U = nn.Parameter(torch.randn(dim, dim) * (u_scale / dim**0.5))
+        self.W = nn.Parameter(torch.randn(nodes, dim, branching) / dim**0.5)
+
+    def logp(self, e: torch.Tensor, node: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities over the children of ``node`` (...,) for rows ``e`` (n, d):
+        node (n,) -> (n, B); node (n, K) -> (n, K, B)."""
+        z = e + F.relu(e @ self.U)
+        if node.dim() == 1:
+            return F.log_softmax(torch.einsum("nd,ndb->nb", z, self.W[node]), dim=-1)
+        return F.log_softmax(torch.einsum("nd,nkdb->nkb", z, self.W[node]), dim=-1)
+
+
 @dataclass
 class Routing:
     """Arg-max routing of a batch, as training follows it."""
@@ -66,7 +85,12 @@ class Tree(nn.Module):
         self.config = config
         self.dim = dim
         self.B, self.H = config.branching, config.height
-        self.levels = nn.ModuleList(Level(dim + h * self.B, self.B) for h in range(self.H))
+        self.per_node = config.conditioning == "per-node"
+        # level 0 has one node and no path above it: the same module in both conditionings
+        self.levels = nn.ModuleList(
+            NodeLevel(dim, self.B**h, self.B) if self.per_node and h else Level(dim + (0 if self.per_node else h * self.B), self.B)
+            for h in range(self.H)
+        )
 
     @property
     def num_leaves(self) -> int:
@@ -85,13 +109,18 @@ class Tree(nn.Module):
         prefix = torch.ones(n, 1, device=e.device, dtype=e.dtype)
         path = torch.empty(n, 0, dtype=torch.long, device=e.device)
         parts, probs = [], []
-        for level in self.levels:
-            p = level(self._level_input(e, path)).exp()
+        node = torch.zeros(n, dtype=torch.long, device=e.device)
+        for h, level in enumerate(self.levels):
+            if self.per_node and h:
+                p = level.logp(e, node).exp()
+            else:
+                p = level(self._level_input(e, path)).exp()
             parts.append(prefix * p)
             probs.append(p)
             i = p.argmax(-1, keepdim=True)
             prefix = prefix * p.gather(1, i)
             path = torch.cat([path, i], dim=1)
+            node = node * self.B + i[:, 0]
         return Routing(torch.cat(parts, dim=1), path, probs)
 
     @torch.no_grad()
@@ -102,8 +131,9 @@ class Tree(nn.Module):
         """
         if beam < 1:
             raise ValueError("beam must be >= 1")
-        # bound the (rows x beam x input) intermediates
-        chunk = max(1, min(chunk, (1 << 22) // (min(beam, self.num_leaves) * (self.dim + self.H * self.B))))
+        # bound the (rows x beam x input) intermediates (per-node: the gathered weights)
+        per_row = min(beam, self.num_leaves) * (self.dim * self.B if self.per_node and self.H > 1 else self.dim + self.H * self.B)
+        chunk = max(1, min(chunk, (1 << 22) // per_row))
         outs = [self._beam(e[s : s + chunk], beam) for s in range(0, e.shape[0], chunk)]
         if not outs:
             k = min(beam, self.num_leaves)
@@ -118,6 +148,8 @@ class Tree(nn.Module):
         prefixes of a row."""
         level, B = self.levels[h], self.B
         n, K = paths.shape[:2]
+        if self.per_node and h:
+            return level.logp(e, path_to_leaf(paths, B))
         pre = (e @ level.U[h * B :])[:, None, :]  # (n, 1, in)
         if h == 0:
             z = e[:, None, :] + F.relu(pre)
@@ -156,6 +188,11 @@ class Tree(nn.Module):
         total = torch.zeros(e.shape[0], self.num_leaves, device=e.device, dtype=e.dtype)
         for h, level in enumerate(self.levels):
             prefix = paths[:, :h]
+            if self.per_node and h:
+                node = path_to_leaf(prefix, self.B)[None].expand(e.shape[0], -1)
+                logp = level.logp(e, node)
+                total = total + logp.gather(2, paths[None, :, h : h + 1].expand(e.shape[0], -1, 1)).squeeze(2)
+                continue
             x = self._level_input(e[:, None, :].expand(-1, self.num_leaves, -1), prefix.expand(e.shape[0], -1, -1))
             logp = level(x.reshape(-1, x.shape[-1])).reshape(e.shape[0], self.num_leaves, self.B)
             total = total + logp.gather(2, paths[None, :, h : h + 1].expand(e.shape[0], -1, 1)).squeeze(2)
@@ -175,6 +212,8 @@ class Tree(nn.Module):
         T = self.config.temperature
         if n < self.B:
             raise ValueError(f"k-means needs at least B={self.B} documents, got {n}")
+        if self.per_node:
+            return self._init_hierarchical(x, seed, verbose)
         codebooks: list[np.ndarray] = []
         assign: list[np.ndarray] = []
         resid = x.copy()
@@ -211,11 +250,45 @@ class Tree(nn.Module):
             assign.append(a)
             resid = resid - means[a]
 
+    def _init_hierarchical(self, x: np.ndarray, seed: int, verbose: bool) -> None:
+        """Per-node tree at step 0 = hierarchical spherical k-means: every node's classifier
+        holds the k-means centroids of the documents routed into it (divided by the
+        temperature), so each level's arg-max is the nearest centroid among that cell's."""
+        import faiss
+
+        B, T, n, d = self.B, self.config.temperature, x.shape[0], x.shape[1]
+        rng = np.random.default_rng(seed)
+        node = np.zeros(n, dtype=np.int64)
+        for h, level in enumerate(self.levels):
+            nodes = B**h
+            W = np.zeros((nodes, d, B), dtype=np.float32)
+            child = np.zeros(n, dtype=np.int64)
+            order = np.argsort(node, kind="stable")
+            bounds = np.searchsorted(node[order], np.arange(nodes + 1))
+            for j in range(nodes):
+                rows = order[bounds[j] : bounds[j + 1]]
+                X = x[rows]
+                if len(X) >= B:
+                    km = faiss.Kmeans(d, B, niter=self.config.kmeans_iters, seed=seed + h * 7919 + j, spherical=True,
+                                      verbose=verbose, min_points_per_centroid=1)
+                    km.train(X)
+                    C = km.centroids
+                else:  # fewer documents than children: each gets one; the rest point nowhere useful
+                    C = rng.standard_normal((B, d)).astype(np.float32)
+                    C[: len(X)] = X
+                    C /= np.linalg.norm(C, axis=1, keepdims=True)
+                W[j] = C.T / T
+                if len(X):
+                    child[rows] = (X @ C.T).argmax(1)
+            w = torch.from_numpy(W if h else W[0])
+            level.W.copy_(w.to(level.W.device))
+            node = node * B + child
+
     @torch.no_grad()
     def init_random(self, seed: int = 0) -> None:
         g = torch.Generator().manual_seed(seed)
         for level in self.levels:
-            in_dim = level.W.shape[0]
+            in_dim = level.W.shape[-2]
             level.W.copy_(torch.randn(level.W.shape, generator=g) / in_dim**0.5)
 
 
@@ -229,6 +302,7 @@ class NumpyRouter:
         self.U = [lv.U.detach().cpu().numpy().astype(np.float32) for lv in tree.levels]
         self.W = [lv.W.detach().cpu().numpy().astype(np.float32) for lv in tree.levels]
         self.dim = tree.dim
+        self.per_node = tree.per_node
 
     def _faiss_level(self):
         """Level 0 as Faiss objects: x -> x U (a LinearTransform) and W's columns to search."""
@@ -263,8 +337,9 @@ class NumpyRouter:
             idx = np.argsort(-x, axis=1, kind="stable")
         return idx, np.take_along_axis(x, idx, 1)
 
-    def leaves(self, e: np.ndarray, beam: int) -> np.ndarray:
-        """The top ``beam`` leaves only (N, k): search's path, with the least work per call."""
+    def leaves(self, e: np.ndarray, beam: int, upper: int = 0) -> np.ndarray:
+        """The top ``beam`` leaves only (N, k): search's path, with the least work per call.
+        ``upper``: nodes kept at the levels above the leaves (at least ``beam``)."""
         if self.H == 1 and beam >= 1:
             e = np.ascontiguousarray(e, dtype=np.float32)
             k = min(beam, self.num_leaves)
@@ -288,32 +363,41 @@ class NumpyRouter:
                 part = np.argpartition(row, -k)[-k:] if k < len(row) else np.arange(k)
                 out[i] = part[np.argsort(-row[part], kind="stable")]
             return out
-        return self.beam_search(e, beam)[0]
+        return self.beam_search(e, beam, upper=upper)[0]
 
-    def beam_search(self, e: np.ndarray, beam: int, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-        """(leaves (N, k), log-probs (N, k)), k = min(beam, B^H), best first."""
+    def beam_search(self, e: np.ndarray, beam: int, chunk: int = 4096, upper: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(leaves (N, k), log-probs (N, k)), k = min(beam, B^H), best first; the levels above
+        the leaves keep max(beam, ``upper``) nodes (a wider search above costs little and
+        saves queries from a wrong turn high up)."""
         if beam < 1:
             raise ValueError("beam must be >= 1")
         e = np.ascontiguousarray(e, dtype=np.float32)
+        k = min(max(beam, upper), self.num_leaves)
+        per_row = k * (self.dim * self.B if self.per_node and self.H > 1 else self.dim + self.H * self.B)
+        chunk = max(1, min(chunk, (1 << 22) // per_row))
         k = min(beam, self.num_leaves)
         leaves = np.empty((len(e), k), dtype=np.int64)
         scores = np.empty((len(e), k), dtype=np.float32)
-        chunk = max(1, min(chunk, (1 << 22) // (k * (self.dim + self.H * self.B))))
         for s in range(0, len(e), chunk):
-            leaves[s : s + chunk], scores[s : s + chunk] = self._beam(e[s : s + chunk], beam)
+            leaves[s : s + chunk], scores[s : s + chunk] = self._beam(e[s : s + chunk], beam, max(beam, upper))
         return leaves, scores
 
-    def _beam(self, e: np.ndarray, beam: int):
+    def _beam(self, e: np.ndarray, beam: int, upper: int | None = None):
         n, B = len(e), self.B
         scores = np.zeros((n, 1), dtype=np.float32)
         paths = np.zeros((n, 1, 0), dtype=np.int64)
         for h in range(self.H):
             U, W = self.U[h], self.W[h]
             K = scores.shape[1]
-            pre = (e @ U[h * B :])[:, None, :]  # (n, 1, in)
+            pre = (e @ U[0 if self.per_node else h * B :])[:, None, :]  # (n, 1, in)
             if h == 0:
                 z = e[:, None, :] + np.maximum(pre, 0)
                 logits = z @ W
+            elif self.per_node:
+                # each prefix's own classifier: gathered by node, one batched product
+                z = e + np.maximum(pre[:, 0], 0)
+                weights = B ** np.arange(h - 1, -1, -1)
+                logits = np.einsum("nd,nkdb->nkb", z, W[(paths * weights).sum(-1)], optimize=True)
             else:
                 rows = paths[:, :, ::-1] + np.arange(h) * B
                 pre = pre + U[rows].sum(2)
@@ -323,7 +407,8 @@ class NumpyRouter:
                 z_e = e[:, None, :] + np.maximum(pre[..., h * B :], 0)
                 logits = z_oh @ W[: h * B] + z_e @ W[h * B :]
             cand = (scores[:, :, None] + self._log_softmax(logits)).reshape(n, K * B)
-            idx, scores = self._top(cand, min(beam, K * B))
+            keep = beam if h == self.H - 1 or upper is None else upper
+            idx, scores = self._top(cand, min(keep, K * B))
             parent, child = idx // B, idx % B
             paths = np.concatenate([np.take_along_axis(paths, parent[:, :, None], 1), child[:, :, None]], axis=2)
         weights = B ** np.arange(self.H - 1, -1, -1)
