@@ -67,3 +67,14 @@ def test_cache_info_and_clear(cache, capsys):
     assert main(["cache", "clear"]) == 0
     assert "deleted 3 files" in capsys.readouterr().out
     assert list(cache.iterdir()) == []
+
+
+def test_files_written_atomically_get_ordinary_permissions(tmp_path):
+    from ehi.artifacts import write_file_atomic
+
+    umask = os.umask(0o022)
+    try:
+        p = write_file_atomic(tmp_path / "out" / "results.json", "{}")
+    finally:
+        os.umask(umask)
+    assert p.read_text() == "{}" and (p.stat().st_mode & 0o777) == 0o644

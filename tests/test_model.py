@@ -111,3 +111,24 @@ def test_tree_gradient_to_the_encoder_can_be_cut(tiny_beir):
     moved = Trainer(tiny_config(epochs=2, lambda_siamese=0.0, weight_decay=0.0), load_beir(tiny_beir))
     moved.fit(progress=False)
     assert float(moved.encoder.adapter.weight.detach().abs().max()) > 0.0
+
+
+def test_a_deep_model_saved_before_per_node_trees_loads_as_one_hot(tiny_beir, tmp_path):
+    import json
+
+    cfg = tiny_config(epochs=1)
+    cfg.tree.branching, cfg.tree.height, cfg.tree.conditioning = 3, 2, "one-hot"
+    out = tmp_path / "old"
+    model = train(load_beir(tiny_beir), cfg, out_dir=out, progress=False)
+    raw = json.loads((out / "config.json").read_text())
+    del raw["tree"]["conditioning"]  # what an older ehi wrote
+    from ehi.artifacts import sha256_file
+
+    (out / "config.json").write_text(json.dumps(raw))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"]["config.json"] = sha256_file(out / "config.json")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    back = EHIModel.load(out)
+    assert back.config.tree.conditioning == "one-hot"
+    q = "guitar chord melody"
+    assert [h.doc_id for h in back.search(q, k=5, beam=3)[0].hits] == [h.doc_id for h in model.search(q, k=5, beam=3)[0].hits]

@@ -55,6 +55,9 @@ def write_file_atomic(path: str | Path, write: Callable[[object], None] | str | 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # a plain file's permissions, not mkstemp's 0600
         with os.fdopen(fd, "wb") as fh:
             if callable(write):
                 write(fh)

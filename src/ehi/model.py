@@ -328,7 +328,11 @@ class EHIModel:
             missing = sorted(set(INDEX_FILES) - set(indexed))
             raise ArtifactError(f"{path / 'manifest.json'}: lists part of an index but not {', '.join(missing)}")
         try:
-            config = EHIConfig.from_dict(json.loads((path / "config.json").read_text())).validate()
+            raw = json.loads((path / "config.json").read_text())
+            if isinstance(raw, dict) and isinstance(raw.get("tree"), dict):
+                # saved before per-node trees existed: its deeper levels are the one-hot kind
+                raw["tree"].setdefault("conditioning", "one-hot")
+            config = EHIConfig.from_dict(raw).validate()
         except (ValueError, TypeError) as e:
             raise ArtifactError(f"{path / 'config.json'}: invalid config ({e})") from None
         encoder = Encoder(config.encoder, device=device)
