@@ -144,7 +144,7 @@ def test_numpy_router_routes_like_the_tree(B, H, beam):
 
 def make_node_tree(B, H, d=16, seed=0):
     torch.manual_seed(seed)
-    tree = Tree(d, TreeConfig(branching=B, height=H, conditioning="per-node"))
+    tree = Tree(d, TreeConfig(branching=B, height=H, conditioning="per-node", leaf_rank="path"))
     with torch.no_grad():
         for level in tree.levels:
             level.U.normal_(0, 0.5)
@@ -176,7 +176,7 @@ def test_per_node_init_is_hierarchical_kmeans():
     centers = rng.standard_normal((16, 16)).astype(np.float32)
     x = (np.repeat(centers, 25, 0) + 0.05 * rng.standard_normal((400, 16))).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    tree = Tree(16, TreeConfig(branching=4, height=2, conditioning="per-node"))
+    tree = Tree(16, TreeConfig(branching=4, height=2, conditioning="per-node", node_init="top-down"))
     tree.init_kmeans(x, seed=0)
     with torch.no_grad():
         for level in tree.levels:
@@ -189,3 +189,24 @@ def test_per_node_init_is_hierarchical_kmeans():
         rows = top == j
         W1 = tree.levels[1].W[j].detach().numpy()
         assert np.array_equal(leaves[rows], j * 4 + (x[rows] @ W1).argmax(1))
+
+
+def test_bottom_up_tree_ranked_by_leaf_with_every_cell_expanded_routes_like_flat_kmeans():
+    """Bottom-up start: the leaves are flat k-means centroids, grouped into balanced cells; a
+    search that expands every cell and ranks leaves by their own score is the flat tree's."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((600, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    tree = Tree(16, TreeConfig(branching=4, height=2, conditioning="per-node", node_init="bottom-up", leaf_rank="leaf"))
+    tree.init_kmeans(x, seed=0)
+    with torch.no_grad():
+        for level in tree.levels:
+            level.U.zero_()
+    W1 = tree.levels[1].W.detach().numpy()  # (4 cells, d, 4 leaves)
+    leaf_centroids = np.concatenate([W1[j].T for j in range(4)])  # leaf j*4+k
+    assert np.allclose(np.linalg.norm(leaf_centroids * tree.config.temperature, axis=1), 1, atol=1e-5)
+    flat = (x @ leaf_centroids.T).argmax(1)
+    got = tree.router().leaves(x, 1, upper=4)[:, 0]
+    assert np.array_equal(got, flat)
+    # every cell holds exactly B leaves: the grouping is balanced by construction
+    assert W1.shape == (4, 16, 4)

@@ -18,8 +18,10 @@ Init = Literal["kmeans", "random"]
 NegativesFrom = Literal["tree", "exact"]
 Codec = Literal["flat", "sq8", "pq"]
 Conditioning = Literal["per-node", "one-hot"]
+NodeInit = Literal["bottom-up", "top-down"]
+LeafRank = Literal["leaf", "path"]
 SCOPES, INITS, NEGATIVES_FROM, CODECS = get_args(Scope), get_args(Init), get_args(NegativesFrom), get_args(Codec)
-CONDITIONINGS = get_args(Conditioning)
+CONDITIONINGS, NODE_INITS, LEAF_RANKS = get_args(Conditioning), get_args(NodeInit), get_args(LeafRank)
 
 
 @dataclass
@@ -60,8 +62,20 @@ class TreeConfig:
     # prefix), initialised by hierarchical k-means; one-hot = the paper's shared classifier fed
     # [o(i^{h-1}); ...; o(i^1); e] (kept for comparison; README "Depth")
     conditioning: Conditioning = "per-node"
-    # search keeps max(beam, upper_beam) nodes at the levels above the leaves (H > 1)
+    # per-node k-means start: bottom-up = flat k-means leaves grouped into balanced cells of B
+    # (a deep tree whose leaves are a flat tree's); top-down = each cell's children k-means'd
+    # inside it (benchmarks/hierarchy_cells.py measures both)
+    node_init: NodeInit = "bottom-up"
+    # search keeps max(beam, upper_beam) nodes at the levels above the leaves (H > 1; 0 = auto:
+    # B/2 for per-node trees ranked by leaf) and ranks the leaves under them by their own score
+    # (leaf) or by the path probability (path, the paper's); measured in README "Depth"
     upper_beam: int = 0
+    leaf_rank: LeafRank = "leaf"
+
+    def search_upper_beam(self) -> int:
+        if self.upper_beam or self.height == 1:
+            return self.upper_beam
+        return -(-self.branching // 2) if self.conditioning == "per-node" and self.leaf_rank == "leaf" else 0
 
     @property
     def num_leaves(self) -> int:
@@ -91,6 +105,8 @@ class TreeConfig:
             raise ValueError("temperature must be > 0")
         if self.upper_beam < 0:
             raise ValueError("upper_beam must be >= 0")
+        if self.node_init not in NODE_INITS or self.leaf_rank not in LEAF_RANKS:
+            raise ValueError(f"node_init must be one of {NODE_INITS} and leaf_rank one of {LEAF_RANKS}")
         if self.conditioning not in CONDITIONINGS:
             raise ValueError(f"tree conditioning must be one of {CONDITIONINGS}, got {self.conditioning!r}")
 

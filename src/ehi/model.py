@@ -143,7 +143,7 @@ class EHIModel:
         version = [p._version for p in params[1]]
         if getattr(self, "_router_version", None) != version:
             self._router, self._router_version = self.tree.router(), version
-        return self._router.leaves(emb, beam, self.config.tree.upper_beam)
+        return self._router.leaves(emb, beam, self.config.tree.search_upper_beam())
 
     def build_index(
         self, doc_emb: np.ndarray, doc_ids: list[str], doc_titles: list[str] | None = None, codec: str | None = None

@@ -212,6 +212,8 @@ class Tree(nn.Module):
         T = self.config.temperature
         if n < self.B:
             raise ValueError(f"k-means needs at least B={self.B} documents, got {n}")
+        if self.per_node and self.config.node_init == "bottom-up":
+            return self._init_bottom_up(x, seed, verbose)
         if self.per_node:
             return self._init_hierarchical(x, seed, verbose)
         codebooks: list[np.ndarray] = []
@@ -249,6 +251,34 @@ class Tree(nn.Module):
             codebooks.append(means.astype(np.float32))
             assign.append(a)
             resid = resid - means[a]
+
+    def _init_bottom_up(self, x: np.ndarray, seed: int, verbose: bool) -> None:
+        """Per-node tree at step 0 whose leaves are flat spherical k-means over all documents
+        (B^H centroids), grouped level by level into balanced cells of B by k-means over the
+        centroids: ranked by their own score with every cell expanded, its leaves route like
+        the flat tree's."""
+        B, H, T, d = self.B, self.H, self.config.temperature, x.shape[1]
+        if x.shape[0] < self.num_leaves:
+            return self._init_hierarchical(x, seed, verbose)  # too few documents for B^H means
+        cents = _spherical_kmeans(x, self.num_leaves, self.config.kmeans_iters, seed, verbose)
+        # groups[h][j] = the B node indices (at level h + 1) under node j of level h
+        groups, level_cents = [], [cents]
+        for h in range(H - 1, 0, -1):
+            c = level_cents[0]
+            g = _balanced_groups(c, B**h, B, seed + h)
+            members = np.stack([np.flatnonzero(g == j) for j in range(B**h)])
+            parent = np.stack([c[m].mean(0) for m in members])
+            parent /= np.maximum(np.linalg.norm(parent, axis=1, keepdims=True), 1e-12)
+            groups.insert(0, members)
+            level_cents.insert(0, parent)
+        # number the nodes top-down: node j of level h + 1 is (parent index) * B + (slot)
+        order = [np.arange(B)]  # level-0 children in their original order
+        for h in range(1, H):
+            order.append(np.concatenate([groups[h - 1][j] for j in order[h - 1]]))
+        for h, level in enumerate(self.levels):
+            kids = level_cents[h][order[h]].reshape(B**h, B, d)  # children of each node, in slot order
+            W = np.transpose(kids, (0, 2, 1)) / T
+            level.W.copy_(torch.from_numpy(np.ascontiguousarray(W if h else W[0], dtype=np.float32)).to(level.W.device))
 
     def _init_hierarchical(self, x: np.ndarray, seed: int, verbose: bool) -> None:
         """Per-node tree at step 0 = hierarchical spherical k-means: every node's classifier
@@ -303,6 +333,7 @@ class NumpyRouter:
         self.W = [lv.W.detach().cpu().numpy().astype(np.float32) for lv in tree.levels]
         self.dim = tree.dim
         self.per_node = tree.per_node
+        self.rank_by_leaf = tree.per_node and tree.config.leaf_rank == "leaf"
 
     def _faiss_level(self):
         """Level 0 as Faiss objects: x -> x U (a LinearTransform) and W's columns to search."""
@@ -406,13 +437,38 @@ class NumpyRouter:
                 z_oh = x_oh + np.maximum(pre[..., : h * B], 0)
                 z_e = e[:, None, :] + np.maximum(pre[..., h * B :], 0)
                 logits = z_oh @ W[: h * B] + z_e @ W[h * B :]
-            cand = (scores[:, :, None] + self._log_softmax(logits)).reshape(n, K * B)
+            if self.rank_by_leaf and h == self.H - 1 and h:
+                cand = logits.reshape(n, K * B)  # the leaves under the kept nodes, by their own score
+            else:
+                cand = (scores[:, :, None] + self._log_softmax(logits)).reshape(n, K * B)
             keep = beam if h == self.H - 1 or upper is None else upper
             idx, scores = self._top(cand, min(keep, K * B))
             parent, child = idx // B, idx % B
             paths = np.concatenate([np.take_along_axis(paths, parent[:, :, None], 1), child[:, :, None]], axis=2)
         weights = B ** np.arange(self.H - 1, -1, -1)
         return (paths * weights).sum(-1), scores
+
+
+def _spherical_kmeans(x: np.ndarray, k: int, iters: int, seed: int, verbose: bool = False) -> np.ndarray:
+    import faiss
+
+    km = faiss.Kmeans(x.shape[1], k, niter=iters, seed=seed, spherical=True, verbose=verbose, min_points_per_centroid=1)
+    km.train(np.ascontiguousarray(x, dtype=np.float32))
+    c = km.centroids
+    return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+
+
+def _balanced_groups(points: np.ndarray, groups: int, size: int, seed: int) -> np.ndarray:
+    """A cell for each point, exactly ``size`` per cell: spherical k-means, then the most
+    similar (point, cell) pairs first while the cell has room."""
+    sim = points @ _spherical_kmeans(points, groups, 25, seed).T
+    cell = np.full(len(points), -1, dtype=np.int64)
+    room = np.full(groups, size, dtype=np.int64)
+    for f in np.argsort(-sim, axis=None, kind="stable"):
+        i, g = divmod(int(f), groups)
+        if cell[i] < 0 and room[g] > 0:
+            cell[i], room[g] = g, room[g] - 1
+    return cell
 
 
 def load_balance_penalty(level_probs: list[torch.Tensor]) -> torch.Tensor:
