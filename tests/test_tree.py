@@ -210,3 +210,17 @@ def test_bottom_up_tree_ranked_by_leaf_with_every_cell_expanded_routes_like_flat
     assert np.array_equal(got, flat)
     # every cell holds exactly B leaves: the grouping is balanced by construction
     assert W1.shape == (4, 16, 4)
+
+
+@pytest.mark.parametrize("beam,upper", [(1, 2), (3, 2), (5, 4), (16, 0)])
+def test_two_level_search_on_faiss_equals_the_numpy_beam(beam, upper):
+    """Search runs a (B, 2) leaf-ranked tree as a Faiss IVF over the leaves' classifiers; it
+    must pick the leaves the plain beam search picks."""
+    torch.manual_seed(0)
+    tree = Tree(16, TreeConfig(branching=4, height=2, conditioning="per-node", leaf_rank="leaf"))
+    with torch.no_grad():
+        for level in tree.levels:
+            level.U.normal_(0, 0.5)
+    x = np.random.default_rng(0).standard_normal((40, 16)).astype(np.float32)
+    r = tree.router()
+    assert np.array_equal(r.leaves(x, beam, upper), r.beam_search(x, beam, upper=upper)[0])

@@ -394,7 +394,47 @@ class NumpyRouter:
                 part = np.argpartition(row, -k)[-k:] if k < len(row) else np.arange(k)
                 out[i] = part[np.argsort(-row[part], kind="stable")]
             return out
+        if self.rank_by_leaf and self.H == 2:
+            return self._two_level_leaves(np.ascontiguousarray(e, dtype=np.float32), beam, upper)
         return self.beam_search(e, beam, upper=upper)[0]
+
+    def _two_level_leaves(self, e: np.ndarray, beam: int, upper: int) -> np.ndarray:
+        """A per-node (B, 2) tree ranked by leaf, on Faiss: the top ``upper`` cells by the root
+        classifier, then the leaves' classifiers as an IVF whose lists are the cells, searched
+        in exactly those cells (no weights gathered or copied; C++ scan and top-k)."""
+        import faiss
+
+        B, L = self.B, self.num_leaves
+        if getattr(self, "_cells", None) is None:
+            root = faiss.IndexFlatIP(self.dim)
+            root.add(np.ascontiguousarray(self.W[0].T))
+            q = faiss.IndexFlatIP(self.dim)
+            q.add(np.ascontiguousarray(self.W[0].T))  # unused: cells are chosen by the root above
+            cells = faiss.IndexIVFFlat(q, self.dim, B, faiss.METRIC_INNER_PRODUCT)
+            x = np.ascontiguousarray(np.transpose(self.W[1], (0, 2, 1)).reshape(L, self.dim))  # leaf j*B+k
+            ids = np.arange(L, dtype=np.int64)
+            lists = ids // B
+            cells.add_core(L, faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+            cells.parallel_mode = 3
+            self._cells = (root, cells)
+        root, cells = self._cells
+        k_cells = min(max(beam, upper, 1), B)
+        z0 = e @ self.U[0]
+        np.maximum(z0, 0, out=z0)
+        z0 += e
+        top = root.search(z0, k_cells)[1]
+        z1 = e @ self.U[1]
+        np.maximum(z1, 0, out=z1)
+        z1 += e
+        params = faiss.SearchParametersIVF()
+        params.nprobe = k_cells
+        k = min(beam, L)
+        D = np.empty((len(e), k), dtype=np.float32)
+        I = np.empty((len(e), k), dtype=np.int64)
+        coarse = np.zeros(top.shape, dtype=np.float32)
+        cells.search_preassigned_c(len(e), faiss.swig_ptr(z1), k, faiss.swig_ptr(top), faiss.swig_ptr(coarse),
+                                   faiss.swig_ptr(D), faiss.swig_ptr(I), False, params)
+        return I
 
     def beam_search(self, e: np.ndarray, beam: int, chunk: int = 4096, upper: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(leaves (N, k), log-probs (N, k)), k = min(beam, B^H), best first; the levels above
