@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 
-import faiss
 import numpy as np
 
 from common import write_json
 from ehi.config import EncoderConfig
 from ehi.data import load_beir
 from ehi.encoder import Encoder
+from ehi.tree import balanced_groups, spherical_kmeans
 from generalization import CORPORA, split_queries
 
 T = 0.1  # the tree's k-means temperature
@@ -32,24 +32,6 @@ T = 0.1  # the tree's k-means temperature
 def log_softmax(z):
     z = z - z.max(-1, keepdims=True)
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def kmeans(x, k, seed):
-    km = faiss.Kmeans(x.shape[1], k, niter=25, seed=seed, spherical=True, min_points_per_centroid=1)
-    km.train(np.ascontiguousarray(x))
-    c = km.centroids
-    return c / np.linalg.norm(c, axis=1, keepdims=True)
-
-
-def balanced_groups(points, groups, size, seed):
-    """Each point to one of ``groups`` cells of exactly ``size``: k-means, then greedy by similarity."""
-    sim = points @ kmeans(points, groups, seed).T
-    grp, count = -np.ones(len(points), dtype=int), np.zeros(groups, dtype=int)
-    for f in np.argsort(-sim, axis=None):
-        i, g = divmod(int(f), groups)
-        if grp[i] < 0 and count[g] < size:
-            grp[i], count[g] = g, count[g] + 1
-    return grp
 
 
 def main() -> None:
@@ -72,14 +54,14 @@ def main() -> None:
             return float(np.mean(q_leaf[pairs[:, 0]] == d_leaf[pairs[:, 1]]))
 
         res = {}
-        C = kmeans(D, B * B, 0)
+        C = spherical_kmeans(D, B * B, 25, 0)
         res["flat k-means"] = same((Q @ C.T).argmax(1), (D @ C.T).argmax(1))
-        top = kmeans(D, B, 0)
+        top = spherical_kmeans(D, B, 25, 0)
         cd, cq = (D @ top.T).argmax(1), (Q @ top.T).argmax(1)
         res["top-level cell only"] = same(cq, cd)
         ld, lq = np.zeros(len(D), int), np.zeros(len(Q), int)
         for j in range(B):
-            sub = kmeans(D[cd == j], B, j + 1) if (cd == j).sum() >= B else top[[j] * B]
+            sub = spherical_kmeans(D[cd == j], B, 25, j + 1) if (cd == j).sum() >= B else top[[j] * B]
             ld[cd == j] = j * B + (D[cd == j] @ sub.T).argmax(1)
             lq[cq == j] = j * B + (Q[cq == j] @ sub.T).argmax(1)
         res["hierarchical k-means, greedy"] = same(lq, ld)

@@ -117,8 +117,7 @@ def build_streaming(model, corpus, L, codec, sample_x, args, upto: int | None = 
         parts.append(lv)
         sums += leaf_centroids(lv, x, L, normalise=False)
     leaves = np.concatenate(parts)
-    cents = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
-    index = LeafIndex.empty(L, DIM, 1, cents, model.encoder.embed_vectors(sample_x[:50_000]), codec, args.pq_m, args.rerank)
+    index = LeafIndex.empty(L, DIM, 1, sums, model.encoder.embed_vectors(sample_x[:50_000]), codec, args.pq_m, args.rerank)
     for s, x in corpus.chunks():
         if s >= n:
             break

@@ -6,9 +6,10 @@ from ehi.config import TreeConfig
 from ehi.tree import Tree, leaf_to_path, load_balance_penalty, path_to_leaf
 
 
-def make_tree(B, H, d=8, seed=0):
+def make_tree(B, H, d=8, seed=0, **tree_config):
+    """A tree with a non-trivial U; the paper's one-hot conditioning unless told otherwise."""
     torch.manual_seed(seed)
-    tree = Tree(d, TreeConfig(branching=B, height=H, conditioning="one-hot"))
+    tree = Tree(d, TreeConfig(branching=B, height=H, **{"conditioning": "one-hot", **tree_config}))
     # a non-trivial U so that F(x) = x + ReLU(U^T x) matters
     with torch.no_grad():
         for level in tree.levels:
@@ -142,18 +143,9 @@ def test_numpy_router_routes_like_the_tree(B, H, beam):
     assert np.allclose(scores, want_scores.numpy(), atol=1e-5)
 
 
-def make_node_tree(B, H, d=16, seed=0):
-    torch.manual_seed(seed)
-    tree = Tree(d, TreeConfig(branching=B, height=H, conditioning="per-node", leaf_rank="path"))
-    with torch.no_grad():
-        for level in tree.levels:
-            level.U.normal_(0, 0.5)
-    return tree
-
-
 @pytest.mark.parametrize("B,H", [(3, 2), (2, 3), (4, 2)])
 def test_per_node_full_beam_equals_enumeration_and_numpy_routes_alike(B, H):
-    tree = make_node_tree(B, H)
+    tree = make_tree(B, H, d=16, conditioning="per-node", leaf_rank="path")
     x = torch.randn(50, 16)
     leaves, scores = tree.beam_search(x, tree.num_leaves)
     brute = tree.leaf_log_probs(x)
@@ -216,11 +208,7 @@ def test_bottom_up_tree_ranked_by_leaf_with_every_cell_expanded_routes_like_flat
 def test_two_level_search_on_faiss_equals_the_numpy_beam(beam, upper):
     """Search runs a (B, 2) leaf-ranked tree as a Faiss IVF over the leaves' classifiers; it
     must pick the leaves the plain beam search picks."""
-    torch.manual_seed(0)
-    tree = Tree(16, TreeConfig(branching=4, height=2, conditioning="per-node", leaf_rank="leaf"))
-    with torch.no_grad():
-        for level in tree.levels:
-            level.U.normal_(0, 0.5)
+    tree = make_tree(4, 2, d=16, conditioning="per-node", leaf_rank="leaf")
     x = np.random.default_rng(0).standard_normal((40, 16)).astype(np.float32)
     r = tree.router()
     assert np.array_equal(r.leaves(x, beam, upper), r.beam_search(x, beam, upper=upper)[0])

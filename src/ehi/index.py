@@ -80,11 +80,12 @@ class LeafIndex:
         codec: str = "flat", pq_m: int = 0, rerank: int = 0, seed: int = 0,
     ) -> "LeafIndex":
         """An index to fill chunk by chunk with ``add`` (corpora larger than memory twice
-        over): ``centroids`` are the leaves' mean documents (``leaf_centroids`` summed over
-        the chunks), ``train`` a sample the codec learns from (unused by ``flat``)."""
+        over): ``centroids`` are the leaves' document sums or means (``leaf_centroids(...,
+        normalise=False)`` added up over the chunks; scaled to unit length here), ``train`` a
+        sample the codec learns from (unused by ``flat``)."""
         out = object.__new__(cls)
         out._setup(num_leaves, dim, d2l, codec, pq_m, rerank)
-        out._make_ivf(_f32(centroids), train, seed)
+        out._make_ivf(_f32(_normalised(np.asarray(centroids))), train, seed)
         return out
 
     # ---- construction ---------------------------------------------------------------------

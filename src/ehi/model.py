@@ -185,8 +185,16 @@ class EHIModel:
         self._check_new_ids(corpus.ids)
         self.add_documents(corpus.ids, corpus.titles, self.embed_corpus(corpus, "new documents"))
 
+    def _rows_by_id(self) -> dict[str, int]:
+        """Document id -> index row, built once per ``doc_ids`` list (every change replaces
+        the list), so that filtered searches do not rebuild it per request."""
+        cached = getattr(self, "_row_map", None)
+        if cached is None or cached[0] is not self.doc_ids:
+            cached = self._row_map = (self.doc_ids, {d: i for i, d in enumerate(self.doc_ids)})
+        return cached[1]
+
     def _check_new_ids(self, ids) -> None:
-        known = set(self.doc_ids)
+        known = self._rows_by_id()
         clash = [i for i in ids if i in known]
         if clash:
             raise ValueError(f"{len(clash)} document ids are already indexed (first: {clash[0]!r})")
@@ -256,7 +264,7 @@ class EHIModel:
 
     def rows_of(self, ids) -> np.ndarray:
         """Index rows of document ids; ValueError naming an id that is not indexed."""
-        pos = {d: i for i, d in enumerate(self.doc_ids)}
+        pos = self._rows_by_id()
         missing = [i for i in ids if i not in pos]
         if missing:
             raise ValueError(f"{len(missing)} ids are not indexed (first: {missing[0]!r})")

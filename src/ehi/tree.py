@@ -260,12 +260,12 @@ class Tree(nn.Module):
         B, H, T, d = self.B, self.H, self.config.temperature, x.shape[1]
         if x.shape[0] < self.num_leaves:
             return self._init_hierarchical(x, seed, verbose)  # too few documents for B^H means
-        cents = _spherical_kmeans(x, self.num_leaves, self.config.kmeans_iters, seed, verbose)
+        cents = spherical_kmeans(x, self.num_leaves, self.config.kmeans_iters, seed, verbose)
         # groups[h][j] = the B node indices (at level h + 1) under node j of level h
         groups, level_cents = [], [cents]
         for h in range(H - 1, 0, -1):
             c = level_cents[0]
-            g = _balanced_groups(c, B**h, B, seed + h)
+            g = balanced_groups(c, B**h, B, seed + h)
             members = np.stack([np.flatnonzero(g == j) for j in range(B**h)])
             parent = np.stack([c[m].mean(0) for m in members])
             parent /= np.maximum(np.linalg.norm(parent, axis=1, keepdims=True), 1e-12)
@@ -284,8 +284,6 @@ class Tree(nn.Module):
         """Per-node tree at step 0 = hierarchical spherical k-means: every node's classifier
         holds the k-means centroids of the documents routed into it (divided by the
         temperature), so each level's arg-max is the nearest centroid among that cell's."""
-        import faiss
-
         B, T, n, d = self.B, self.config.temperature, x.shape[0], x.shape[1]
         rng = np.random.default_rng(seed)
         node = np.zeros(n, dtype=np.int64)
@@ -299,10 +297,7 @@ class Tree(nn.Module):
                 rows = order[bounds[j] : bounds[j + 1]]
                 X = x[rows]
                 if len(X) >= B:
-                    km = faiss.Kmeans(d, B, niter=self.config.kmeans_iters, seed=seed + h * 7919 + j, spherical=True,
-                                      verbose=verbose, min_points_per_centroid=1)
-                    km.train(X)
-                    C = km.centroids
+                    C = spherical_kmeans(X, B, self.config.kmeans_iters, seed + h * 7919 + j, verbose)
                 else:  # fewer documents than children: each gets one; the rest point nowhere useful
                     C = rng.standard_normal((B, d)).astype(np.float32)
                     C[: len(X)] = X
@@ -335,19 +330,32 @@ class NumpyRouter:
         self.per_node = tree.per_node
         self.rank_by_leaf = tree.per_node and tree.config.leaf_rank == "leaf"
 
+    def _features(self, e: np.ndarray, h: int) -> np.ndarray:
+        """``F(e; U_h) = e + ReLU(e U_h)`` for a level that reads the embedding alone."""
+        z = e @ self.U[h]
+        np.maximum(z, 0, out=z)
+        z += e
+        return z
+
+    def _root_index(self):
+        """The root's classifier columns as a Faiss inner-product index (its top children)."""
+        if getattr(self, "_root", None) is None:
+            import faiss
+
+            self._root = faiss.IndexFlatIP(self.dim)
+            self._root.add(np.ascontiguousarray(self.W[0].T))
+        return self._root
+
     def _faiss_level(self):
-        """Level 0 as Faiss objects: x -> x U (a LinearTransform) and W's columns to search."""
-        if getattr(self, "_fl", None) is None:
+        """Level 0 as Faiss objects: x -> x U (a LinearTransform) and the root's columns."""
+        if getattr(self, "_u", None) is None:
             import faiss
 
             d = self.U[0].shape[0]
-            u = faiss.LinearTransform(d, d, False)
-            faiss.copy_array_to_vector(np.ascontiguousarray(self.U[0].T).ravel(), u.A)
-            u.is_trained = True
-            wq = faiss.IndexFlatIP(d)
-            wq.add(np.ascontiguousarray(self.W[0].T))
-            self._fl = (u, wq)
-        return self._fl
+            self._u = faiss.LinearTransform(d, d, False)
+            faiss.copy_array_to_vector(np.ascontiguousarray(self.U[0].T).ravel(), self._u.A)
+            self._u.is_trained = True
+        return self._u, self._root_index()
 
     @staticmethod
     def _log_softmax(z: np.ndarray) -> np.ndarray:
@@ -383,10 +391,7 @@ class NumpyRouter:
                 np.maximum(z, 0, out=z)
                 z += e
                 return wq.search(z, k)[1]
-            z = e @ self.U[0]
-            np.maximum(z, 0, out=z)
-            z += e
-            x = z @ self.W[0]
+            x = self._features(e, 0) @ self.W[0]
             if k == 1:
                 return x.argmax(1)[:, None]
             out = np.empty((len(x), k), dtype=np.int64)
@@ -404,28 +409,23 @@ class NumpyRouter:
         in exactly those cells (no weights gathered or copied; C++ scan and top-k)."""
         import faiss
 
+        from .index import PARALLEL_OVER_QUERIES
+
         B, L = self.B, self.num_leaves
+        root = self._root_index()
         if getattr(self, "_cells", None) is None:
-            root = faiss.IndexFlatIP(self.dim)
-            root.add(np.ascontiguousarray(self.W[0].T))
-            q = faiss.IndexFlatIP(self.dim)
-            q.add(np.ascontiguousarray(self.W[0].T))  # unused: cells are chosen by the root above
-            cells = faiss.IndexIVFFlat(q, self.dim, B, faiss.METRIC_INNER_PRODUCT)
+            # the root is the IVF's quantizer too, though search hands it the cells already chosen
+            cells = faiss.IndexIVFFlat(root, self.dim, B, faiss.METRIC_INNER_PRODUCT)
             x = np.ascontiguousarray(np.transpose(self.W[1], (0, 2, 1)).reshape(L, self.dim))  # leaf j*B+k
             ids = np.arange(L, dtype=np.int64)
             lists = ids // B
             cells.add_core(L, faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
-            cells.parallel_mode = 3
-            self._cells = (root, cells)
-        root, cells = self._cells
+            cells.parallel_mode = PARALLEL_OVER_QUERIES
+            self._cells = cells
+        cells = self._cells
         k_cells = min(max(beam, upper, 1), B)
-        z0 = e @ self.U[0]
-        np.maximum(z0, 0, out=z0)
-        z0 += e
-        top = root.search(z0, k_cells)[1]
-        z1 = e @ self.U[1]
-        np.maximum(z1, 0, out=z1)
-        z1 += e
+        top = root.search(self._features(e, 0), k_cells)[1]
+        z1 = self._features(e, 1)
         params = faiss.SearchParametersIVF()
         params.nprobe = k_cells
         k = min(beam, L)
@@ -443,8 +443,8 @@ class NumpyRouter:
         if beam < 1:
             raise ValueError("beam must be >= 1")
         e = np.ascontiguousarray(e, dtype=np.float32)
-        k = min(max(beam, upper), self.num_leaves)
-        per_row = k * (self.dim * self.B if self.per_node and self.H > 1 else self.dim + self.H * self.B)
+        width = min(max(beam, upper), self.num_leaves)  # nodes a row carries through the levels
+        per_row = width * (self.dim * self.B if self.per_node and self.H > 1 else self.dim + self.H * self.B)
         chunk = max(1, min(chunk, (1 << 22) // per_row))
         k = min(beam, self.num_leaves)
         leaves = np.empty((len(e), k), dtype=np.int64)
@@ -489,7 +489,8 @@ class NumpyRouter:
         return (paths * weights).sum(-1), scores
 
 
-def _spherical_kmeans(x: np.ndarray, k: int, iters: int, seed: int, verbose: bool = False) -> np.ndarray:
+def spherical_kmeans(x: np.ndarray, k: int, iters: int, seed: int, verbose: bool = False) -> np.ndarray:
+    """Unit-length k-means centroids (every initialisation and benchmark uses this one)."""
     import faiss
 
     km = faiss.Kmeans(x.shape[1], k, niter=iters, seed=seed, spherical=True, verbose=verbose, min_points_per_centroid=1)
@@ -498,10 +499,10 @@ def _spherical_kmeans(x: np.ndarray, k: int, iters: int, seed: int, verbose: boo
     return c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
 
 
-def _balanced_groups(points: np.ndarray, groups: int, size: int, seed: int) -> np.ndarray:
+def balanced_groups(points: np.ndarray, groups: int, size: int, seed: int) -> np.ndarray:
     """A cell for each point, exactly ``size`` per cell: spherical k-means, then the most
     similar (point, cell) pairs first while the cell has room."""
-    sim = points @ _spherical_kmeans(points, groups, 25, seed).T
+    sim = points @ spherical_kmeans(points, groups, 25, seed).T
     cell = np.full(len(points), -1, dtype=np.int64)
     room = np.full(groups, size, dtype=np.int64)
     for f in np.argsort(-sim, axis=None, kind="stable"):
