@@ -16,6 +16,7 @@ _PUBLIC = {
     "train": "ehi.training",
     "Trainer": "ehi.training",
     "tune": "ehi.tuning",
+    "train_unsupervised": "ehi.unsupervised",
     "evaluate_model": "ehi.evaluation",
     "run_benchmark": "ehi.benchmark",
 }

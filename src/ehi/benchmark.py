@@ -81,19 +81,20 @@ class SeedRun:
     validation: dict | None = None  # EHI's validated-training report (curve, kept epoch)
 
 
-def index_curves(prefix, q_emb, d_emb, nlist, seed, qids, doc_ids, qrels, budgets, k=100, scann=True):
-    """Exact search, Faiss-IVF and ScaNN over one set of embeddings."""
+def index_curves(prefix, q_emb, d_emb, nlist, seed, qids, doc_ids, qrels, budgets, k=100, scann=True, truth=None):
+    """Exact search, Faiss-IVF and ScaNN over one set of embeddings (``truth``: its exact
+    neighbours, for neighbour recall)."""
     from .baselines import ScaNNBaseline
 
-    rows = [exact_row(f"{prefix} + exact", q_emb, d_emb, qids, doc_ids, qrels, k)]
-    ivf_rows, ivf = ivf_curve(f"{prefix} + Faiss-IVF", q_emb, d_emb, nlist, seed, qids, doc_ids, qrels, budgets, k)
+    rows = [exact_row(f"{prefix} + exact", q_emb, d_emb, qids, doc_ids, qrels, k, truth)]
+    ivf_rows, ivf = ivf_curve(f"{prefix} + Faiss-IVF", q_emb, d_emb, nlist, seed, qids, doc_ids, qrels, budgets, k, truth)
     rows += ivf_rows
     sizes = {f"{prefix} + Faiss-IVF": ivf.list_sizes.tolist()}
     if scann:
         sc = ScaNNBaseline(d_emb, nlist, seed)
         rows += budget_curve(
             f"{prefix} + ScaNN", nlist, lambda w: sc.visited_fraction(q_emb, w),
-            lambda w: sc.search(q_emb, k, w)[:2], qids, doc_ids, qrels, budgets,
+            lambda w: sc.search(q_emb, k, w)[:2], qids, doc_ids, qrels, budgets, truth,
         )
     return rows, sizes
 
@@ -139,6 +140,42 @@ def run_seed(dataset: Dataset, config: EHIConfig, seed: int, split: str, budgets
             m, q_emb = train(apply_overrides(config, ABLATIONS[step]), step)
             out.rows += ehi_curve(f"EHI ({step})", m, q_emb, qids, qrels, budgets)
         out.timings[f"evaluate {step}"] = time.perf_counter() - t - out.timings.get(f"train {step}", 0.0)
+    return out
+
+
+def run_seed_unsupervised(dataset: Dataset, config: EHIConfig, seed: int, split: str, budgets, progress=True) -> SeedRun:
+    """Unsupervised EHI against Faiss-IVF and ScaNN over the same (frozen) encoder. Evaluated:
+    the split's queries when it has qrels (pseudo-queries: every other query, else document
+    spans), otherwise every query (pseudo-queries: document spans), never trained on."""
+    from .evaluation import exact_neighbours_of, has_qrels
+    from .unsupervised import train_unsupervised
+
+    out = SeedRun(seed)
+    if has_qrels(dataset, split):
+        qids = sorted(dataset.relevant(split))
+        qrels = {q: dataset.split(split)[q] for q in qids}
+    else:
+        qids, qrels = sorted(q for q, text in dataset.queries.items() if text.strip()), None
+    held = set(qids)
+    others = [q for q in dataset.queries if q not in held]
+    t = time.perf_counter()
+    model, _ = train_unsupervised(
+        dataset, apply_overrides(config, {"train.seed": seed}), source="queries" if others else "documents",
+        query_ids=others or None, progress=False,
+    )
+    out.timings["train EHI"] = time.perf_counter() - t
+    out.validation = model.validation
+    enc = model.encoder
+    q_emb = enc.embed_all(enc.features([dataset.queries[q] for q in qids], "encoding queries"))
+    d_emb = model.index.embeddings
+    truth = exact_neighbours_of(q_emb, d_emb)
+    t = time.perf_counter()
+    out.rows += ehi_curve("EHI", model, q_emb, qids, qrels, budgets, truth=truth)
+    rows, sizes = index_curves("encoder", q_emb, d_emb, model.tree.num_leaves, seed, qids, model.doc_ids, qrels, budgets, truth=truth)
+    out.rows += rows
+    out.leaf_sizes["EHI"] = model.index.leaf_sizes().tolist()
+    out.leaf_sizes.update(sizes)
+    out.timings["evaluate"] = time.perf_counter() - t
     return out
 
 
@@ -223,10 +260,15 @@ def own_encoder_gap(aggregate_cells: list[dict], budgets, ehi: str = "EHI", othe
 
 
 def _fmt(cell: dict | None, measure: str = "R@100") -> str:
-    if cell is None:
+    if cell is None or measure not in cell["metrics"]:
         return "—"
     m = cell["metrics"][measure]
     return f"{m['mean']:.1f} ± {m['std']:.1f}" if cell["seeds"] > 1 else f"{m['mean']:.1f}"
+
+
+NEIGHBOUR_MEASURES = ("NR@10", "NR@100")
+NEIGHBOUR_NOTE = ("neighbour recall NR@k: the share of the exact top-k under the method's encoder found in its top k "
+                  "(what ANN benchmarks report as recall)")
 
 
 def write_report(results: dict, out: Path) -> None:
@@ -235,27 +277,42 @@ def write_report(results: dict, out: Path) -> None:
     budgets = results["budgets"]
     methods = list(dict.fromkeys(c["method"] for c in agg))
     by = {(c["method"], c["budget"]): c for c in agg}
+    unsupervised = results.get("unsupervised", False)
+    judged = any("R@100" in c["metrics"] for c in agg)
+    curves = (list(NEIGHBOUR_MEASURES) if unsupervised else []) + (["R@100"] if judged else [])
     lines = [
-        f"# ehi benchmark: {results['dataset']} ({results['split']} split)",
+        f"# ehi benchmark: {results['dataset']} ({results['split']} split)" + (", unsupervised" if unsupervised else ""),
         "",
         f"Command: `{results['command']}`",
         "",
         f"{results['seeds']} seeds, mean ± std. Budget rule: {BUDGET_RULE}; "
         "a cell is empty when even the narrowest search exceeds the budget.",
-        "",
-        "## Recall@100 against the fraction of the corpus visited",
-        "",
-        "| method | " + " | ".join(f"≤{100 * b:g}%" for b in budgets) + " |",
-        "|---|" + "---|" * len(budgets),
     ]
-    for m in methods:
-        if by.get((m, None)):
-            continue
-        lines.append(f"| {m} | " + " | ".join(_fmt(by.get((m, b))) for b in budgets) + " |")
-    lines += ["", "Exact search (100 % visited):", "", "| method | " + " | ".join(REPORT_MEASURES) + " |", "|---|" + "---|" * len(REPORT_MEASURES)]
+    if unsupervised:
+        lines += ["", f"Unsupervised: EHI trained without qrels ({results.get('pseudo_queries', '')}); {NEIGHBOUR_NOTE}."]
+    for measure in curves:
+        lines += [
+            "",
+            f"## {measure} against the fraction of the corpus visited",
+            "",
+            "| method | " + " | ".join(f"≤{100 * b:g}%" for b in budgets) + " |",
+            "|---|" + "---|" * len(budgets),
+        ]
+        for m in methods:
+            if by.get((m, None)):
+                continue
+            lines.append(f"| {m} | " + " | ".join(_fmt(by.get((m, b)), measure) for b in budgets) + " |")
+    exact_measures = [x for x in REPORT_MEASURES if judged] + (list(NEIGHBOUR_MEASURES) if unsupervised else [])
+    lines += ["", "Exact search (100 % visited):", "", "| method | " + " | ".join(exact_measures) + " |", "|---|" + "---|" * len(exact_measures)]
     for m in methods:
         if (m, None) in by:
-            lines.append(f"| {m} | " + " | ".join(_fmt(by[(m, None)], x) for x in REPORT_MEASURES) + " |")
+            lines.append(f"| {m} | " + " | ".join(_fmt(by[(m, None)], x) for x in exact_measures) + " |")
+    if unsupervised:
+        lines += ["", "Wall time (s, summed over seeds): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings"].items()), ""]
+        write_file_atomic(out / "report.md", "\n".join(lines))
+        plot_recall(agg, out / "recall_vs_visited.png", results["dataset"], "NR@100")
+        plot_leaf_sizes(results["leaf_sizes"], out / "leaf_sizes.png")
+        return
     for b in [b for b in (0.05, 0.1, 0.2) if b in budgets]:
         lines += ["", f"## All measures at ≤{100 * b:g}% visited (mean fraction visited in brackets)", "",
                   "| method | visited | " + " | ".join(REPORT_MEASURES) + " |", "|---|---|" + "---|" * len(REPORT_MEASURES)]
@@ -297,7 +354,7 @@ def write_report(results: dict, out: Path) -> None:
     plot_leaf_sizes(results["leaf_sizes"], out / "leaf_sizes.png")
 
 
-def plot_recall(agg: list[dict], path: Path, title: str) -> None:
+def plot_recall(agg: list[dict], path: Path, title: str, measure: str = "R@100") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -309,21 +366,21 @@ def plot_recall(agg: list[dict], path: Path, title: str) -> None:
     for m, colour in zip(methods, colours):
         cells = sorted((c for c in agg if c["method"] == m and c["budget"] is not None), key=lambda c: c["budget"])
         x = [100 * c["fraction_visited"]["mean"] for c in cells]
-        y = [c["metrics"]["R@100"]["mean"] for c in cells]
-        e = [c["metrics"]["R@100"]["std"] for c in cells]
+        y = [c["metrics"][measure]["mean"] for c in cells]
+        e = [c["metrics"][measure]["std"] for c in cells]
         style = "-" if m == "EHI" else ("--" if m.startswith("DE") else ":")
         ax.errorbar(x, y, yerr=e, marker="o", ms=3, capsize=2, ls=style, lw=2.2 if m == "EHI" else 1.2, label=m, color=colour)
-    exact = [c for c in agg if c["budget"] is None and c["method"] in ("DE + exact", "EHI encoder + exact")]
-    for c in sorted(exact, key=lambda c: c["metrics"]["R@100"]["mean"]):
-        y = c["metrics"]["R@100"]["mean"]
+    exact = [c for c in agg if c["budget"] is None and c["method"] in ("DE + exact", "EHI encoder + exact") and measure in c["metrics"]]
+    for c in sorted(exact, key=lambda c: c["metrics"][measure]["mean"]):
+        y = c["metrics"][measure]["mean"]
         ax.axhline(y, color="grey", lw=0.8, ls="-.")
-        top = y == max(e["metrics"]["R@100"]["mean"] for e in exact)
+        top = y == max(e["metrics"][measure]["mean"] for e in exact)
         ax.annotate(f"{c['method']} {y:.1f}", (0.01, y), xycoords=("axes fraction", "data"),
                     va="bottom" if top else "top", fontsize=7, color="grey")
     ax.set_xscale("log")
     ax.set_xlabel("fraction of the corpus visited (%)")
-    ax.set_ylabel("Recall@100 (%)")
-    ax.set_title(f"{title}: Recall@100 against fraction visited")
+    ax.set_ylabel(f"{measure} (%)")
+    ax.set_title(f"{title}: {measure} against fraction visited")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}%"))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
@@ -339,7 +396,7 @@ def plot_leaf_sizes(sizes: dict[str, list[int]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    keys = [k for k in ("EHI", "DE + Faiss-IVF", "EHI encoder + Faiss-IVF") if k in sizes]
+    keys = [k for k in ("EHI", "DE + Faiss-IVF", "EHI encoder + Faiss-IVF", "encoder + Faiss-IVF") if k in sizes]
     top = max(max(sizes[k]) for k in keys)
     bins = np.linspace(0, top + 1, 30)
     for k in keys:
@@ -363,16 +420,32 @@ def run_benchmark(
     ablations=(),
     command: str = "",
     progress: bool = True,
+    unsupervised: bool = False,
 ) -> dict:
+    """Every method, ``seeds`` times, written to ``out`` (results.json, report.md, plots).
+    ``unsupervised``: EHI trained without qrels (``config`` defaults to the unsupervised one)
+    against Faiss-IVF and ScaNN over the same encoder, neighbour recall beside R@100."""
+    if unsupervised:
+        from .unsupervised import unsupervised_config
+
+        config = config or unsupervised_config()
+        if ablations:
+            raise ValueError("ablations are for supervised training")
     config = (config or EHIConfig()).validate()
     unknown = [a for a in ablations if a not in ABLATIONS]
     if unknown:
         raise ValueError(f"unknown ablation(s) {unknown}; choose from {sorted(ABLATIONS)}")
-    if not dataset.relevant(split):
+    from .evaluation import has_qrels
+
+    if (not unsupervised or has_qrels(dataset, split)) and not dataset.relevant(split):
         raise ValueError(f"split {split!r} has no query with a relevant document")
     out = Path(out)
     t0 = time.perf_counter()
-    runs = [run_seed(dataset, config, seed, split, budgets, ablations, progress) for seed in range(seeds)]
+    if unsupervised:
+        runs = [run_seed_unsupervised(dataset, config, seed, split, budgets, progress)
+                for seed in tqdm(range(seeds), desc="seeds", disable=not progress)]
+    else:
+        runs = [run_seed(dataset, config, seed, split, budgets, ablations, progress) for seed in range(seeds)]
     timings: dict[str, float] = {}
     for r in runs:
         for k, v in r.timings.items():
@@ -404,7 +477,10 @@ def run_benchmark(
         },
         "timings": timings,
         "aggregate": aggregate(runs),
-        "significance": significance(runs, budgets),
+        "significance": significance(runs, budgets) if not unsupervised else [],
+        "unsupervised": unsupervised,
+        "pseudo_queries": ("unlabelled queries of the dataset other than the evaluated ones, else document spans; "
+                           "each paired with its exact top-100 under the frozen encoder") if unsupervised else None,
         "own_encoder_gap": [],
         "leaf_sizes": runs[0].leaf_sizes,
         "runs": [

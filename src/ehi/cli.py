@@ -73,7 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--query-embeddings", help="(Q, d) float .npy of the queries")
     t.add_argument("--pairs", help="qrels TSV over embedding rows (query row, document row, score)")
     t.add_argument("--out", required=True, help="model directory to write")
-    t.add_argument("--split", default="train", help="qrels split to train on (default: train)")
+    t.add_argument("--split", help="qrels split to train on (default: train); with --unsupervised: only this split's queries are pseudo-queries (its judgements are not read)")
+    t.add_argument("--unsupervised", action="store_true",
+                   help="no qrels: pseudo-queries (unlabelled queries, else document spans; or --query-embeddings, else documents) learn to reach their exact neighbours")
+    t.add_argument("--pseudo-queries", choices=["auto", "queries", "documents"], default="auto",
+                   help="--unsupervised: what stands in for queries (default auto: the dataset's queries if any, else document spans)")
+    t.add_argument("--neighbours", type=_positive, default=100, help="--unsupervised: exact neighbours per pseudo-query (default 100)")
     t.add_argument("--config", help="JSON file with config overrides, same layout as a saved config.json")
     t.add_argument("--epochs", type=int)
     t.add_argument("--batch-size", type=int)
@@ -170,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--config", help="JSON file with config overrides for EHI (and so for the DE baseline)")
     b.add_argument("--budgets", type=_budget, nargs="+")
     b.add_argument("--ablation", action="append", default=[], choices=sorted(ABLATIONS), help="add an EHI ablation row (repeatable)")
+    b.add_argument("--unsupervised", action="store_true", help="EHI trained without qrels against Faiss-IVF and ScaNN; neighbour recall beside R@100")
     b.add_argument("--device", type=_device, help="cpu, cuda, ... (training)")
     b.add_argument("--no-progress", action="store_true")
     return p
@@ -178,7 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _config_from_args(args):
     from .config import EHIConfig
 
-    cfg = EHIConfig()
+    if getattr(args, "unsupervised", False):  # its defaults, then the user's --config and flags
+        from .unsupervised import unsupervised_config
+
+        cfg = unsupervised_config()
+    else:
+        cfg = EHIConfig()
     if args.config:
         try:
             cfg = EHIConfig.from_dict(json.loads(Path(args.config).read_text()))
@@ -236,6 +247,9 @@ def cmd_train(args) -> None:
     # before any work: never replace a user's file or folder, nor a model without --overwrite
     check_target(args.out, overwrite=args.overwrite)
     check_target(checkpoint_path(args.out), overwrite=True)
+    if args.unsupervised:
+        return _train_unsupervised(args, cfg)
+    args.split = args.split or "train"
     byo = [args.doc_embeddings, args.query_embeddings, args.pairs]
     if any(byo):
         if not all(byo) or args.data:
@@ -269,6 +283,56 @@ def cmd_train(args) -> None:
     if args.evaluate and d_emb is None:
         rows = evaluate_model(model, ds, "test")
         print(f"\nSciFact-style evaluation on split 'test'; budget rule: {BUDGET_RULE}\n")
+        print(format_table(rows))
+
+
+def _train_unsupervised(args, cfg) -> None:
+    from .data import embeddings_dataset, load_beir
+    from .distributed import is_main
+    from .evaluation import BUDGET_RULE, evaluate_model, format_table, has_qrels
+    from .training import leaf_report
+    from .unsupervised import train_unsupervised
+
+    if args.pairs:
+        raise ValueError("--pairs are labels: --unsupervised trains without them")
+    if args.doc_embeddings:
+        if args.data:
+            raise ValueError("--doc-embeddings and --data: give one")
+        d_emb = _load_matrix(args.doc_embeddings, "--doc-embeddings")
+        q_emb = _load_matrix(args.query_embeddings, "--query-embeddings") if args.query_embeddings else None
+        if q_emb is not None and q_emb.shape[1] != d_emb.shape[1]:
+            raise ValueError(f"--query-embeddings {args.query_embeddings}: dimension {q_emb.shape[1]}, documents have {d_emb.shape[1]}")
+        ds, query_ids = embeddings_dataset(len(d_emb)), None
+    elif args.query_embeddings:
+        raise ValueError("--query-embeddings needs --doc-embeddings")
+    elif not args.data:
+        raise ValueError("give --data, or --doc-embeddings (and optionally --query-embeddings)")
+    else:
+        d_emb = q_emb = None
+        ds = load_beir(args.data)
+        query_ids = None
+        if args.split:  # only the ids of the split's queries; its judgements are not used
+            query_ids = sorted(q for q in ds.split(args.split) if q in ds.queries)
+            if not query_ids:
+                raise ValueError(f"--split {args.split}: none of its query ids is in {ds.root / 'queries.jsonl'}")
+    t0 = time.perf_counter()
+    model, trainer = train_unsupervised(
+        ds, cfg, args.out, source=args.pseudo_queries, query_ids=query_ids, neighbours=args.neighbours,
+        doc_embeddings=d_emb, query_embeddings=q_emb, progress=not args.no_progress and is_main(), resume=args.resume,
+        log_fn=print,
+    )
+    if not is_main():
+        return
+    print(f"saved {args.out}  ({len(trainer.train_set.query_ids)} pseudo-queries trained on, {len(ds.corpus)} documents)")
+    print("time (peak RSS): " + ", ".join(f"{k} {v:.1f}s ({trainer.peak_rss[k]:.2f} GiB)" for k, v in trainer.timings.items())
+          + f"; total {time.perf_counter() - t0:.1f}s")
+    print(leaf_report(model, model.encoder.embed_all(trainer.q_feats)))
+    if model.validation:
+        print(f"validation (neighbour recall of held-out pseudo-queries) on {model.validation['held_out']}: {model.validation['why']}")
+    if args.evaluate and d_emb is None:
+        rows = evaluate_model(model, ds, "test")
+        what = "qrels and neighbour recall" if has_qrels(ds, "test") else "neighbour recall (no test qrels)"
+        print(f"\nevaluation on split 'test' ({what}); budget rule: {BUDGET_RULE}\n")
         print(format_table(rows))
 
 
@@ -360,9 +424,15 @@ def cmd_evaluate(args) -> None:
     from .evaluation import BUDGET_RULE, BUDGETS, evaluate_model, format_table
     from .model import EHIModel
 
+    from .evaluation import has_qrels
+
     model = EHIModel.load(args.model, device=args.device)
     ds = load_beir(args.data)
-    ds.check_qrels(args.split, strict=args.strict)
+    judged = has_qrels(ds, args.split)
+    if judged:
+        ds.check_qrels(args.split, strict=args.strict)
+    else:
+        print(f"no qrels for split {args.split!r}: neighbour recall only, over all {len(ds.queries)} queries", file=sys.stderr)
     if ds.corpus.fingerprint() != model.corpus_fingerprint:
         print(f"warning: {args.data} corpus differs from the indexed one; run 'ehi index' first", file=sys.stderr)
     rows = evaluate_model(model, ds, args.split, tuple(args.budgets or BUDGETS), args.k, not args.no_baselines)
@@ -385,7 +455,7 @@ def cmd_benchmark(args) -> None:
     command = "ehi " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("ehi") else "ehi benchmark ..."
     res = run_benchmark(
         ds, args.out, cfg, args.seeds, args.split, tuple(args.budgets or BUDGETS), args.ablation,
-        command=command, progress=not args.no_progress,
+        command=command, progress=not args.no_progress, unsupervised=args.unsupervised,
     )
     print((Path(args.out) / "report.md").read_text())
     print(f"wrote {args.out}/results.json, report.md, recall_vs_visited.png, leaf_sizes.png in {res['timings']['total']:.0f}s")

@@ -136,6 +136,12 @@ class TrainConfig:
     # weight of a cross-entropy that routes each query to its positive's leaf at every level
     # (where their prefixes agree): it ranks the right leaf among all, which beam search needs
     lambda_routing: float = 0.0
+    # weight of a soft cross-entropy routing each query to the leaves that hold its exact
+    # neighbours (their share per child, refreshed with the negatives every ``refresh_every``
+    # epochs) plus each of ``batch_size`` random documents to its own current leaf, which keeps
+    # the partition in place while the router learns the queries (unsupervised training, where
+    # the neighbours are the teacher's; README "No labels")
+    lambda_neighbours: float = 0.0
     # every this many epochs (0 = never) the tree is re-initialised by k-means over the current
     # encoder's documents, so that a moved encoder does not leave it routing a stale geometry
     recluster_every: int = 0

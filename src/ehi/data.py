@@ -209,9 +209,13 @@ def download_beir(name: str, cache_dir: str | Path | None = None) -> Path:
     return target
 
 
-def embeddings_dataset(n_docs: int, n_queries: int, pairs: str | Path, split: str = "train") -> Dataset:
+def embeddings_dataset(n_docs: int, n_queries: int = 0, pairs: str | Path | None = None, split: str = "train") -> Dataset:
     """A dataset over precomputed embeddings: document and query ids are row numbers, and
-    ``pairs`` is a qrels TSV (``query-id corpus-id score`` header) over those rows."""
+    ``pairs`` is a qrels TSV (``query-id corpus-id score`` header) over those rows (none: the
+    documents alone, for unsupervised training)."""
+    if pairs is None:
+        corpus = Corpus([str(i) for i in range(n_docs)], [""] * n_docs, [""] * n_docs)
+        return Dataset(root=Path("."), corpus=corpus, queries={str(i): "" for i in range(n_queries)})
     pairs = Path(pairs)
     qrels = load_qrels(pairs)
     for qid, docs in qrels.items():

@@ -17,7 +17,10 @@ from .budget import BUDGET_RULE, WidthSearch  # noqa: F401  (the rule lives in b
 
 BUDGETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 MEASURES = [R @ 10, R @ 20, R @ 50, R @ 100, nDCG @ 1, nDCG @ 3, nDCG @ 5, nDCG @ 10, RR @ 10]
-TABLE_MEASURES = ["R@10", "R@20", "R@50", "R@100", "nDCG@10", "RR@10"]
+TABLE_MEASURES = ["R@10", "R@20", "R@50", "R@100", "nDCG@10", "RR@10", "NR@10", "NR@100"]
+# neighbour recall: the share of the exact top-k under the method's own encoder found in its
+# top k (what ANN benchmarks report; needs no relevance judgements)
+NEIGHBOUR_KS = (10, 100)
 
 
 @dataclass
@@ -63,12 +66,34 @@ def per_query(qrels: dict, run: dict, measure_name: str = "R@100") -> dict[str, 
     return {r.query_id: float(r.value) for r in ir_measures.iter_calc([m], qrels, run)}
 
 
-def exact_row(method: str, q_emb, doc_emb, qids, doc_ids, qrels, k: int = 100) -> Row:
+def scores(qrels: dict | None, qids, idx: np.ndarray, sc: np.ndarray, doc_ids, truth: np.ndarray | None) -> tuple[dict, dict]:
+    """(metrics, per-query R@100) of one ranked run: the qrels measures when there are qrels,
+    neighbour recall (NR@10, NR@100) when the exact neighbours ``truth`` are given."""
+    metrics, pq = {}, {}
+    if qrels is not None:
+        run = make_run(qids, idx, sc, doc_ids)
+        metrics, pq = measure(qrels, run), per_query(qrels, run)
+    if truth is not None:
+        from .unsupervised import neighbour_recall
+
+        for k in NEIGHBOUR_KS:  # a corpus smaller than k: its top k is all of it
+            kk = min(k, truth.shape[1])
+            if idx.shape[1] >= kk:
+                metrics[f"NR@{k}"] = 100.0 * float(neighbour_recall(idx, truth, kk).mean())
+    return metrics, pq
+
+
+def exact_neighbours_of(q_emb: np.ndarray, doc_emb: np.ndarray, k: int = max(NEIGHBOUR_KS)) -> np.ndarray:
+    from .baselines import exact_search
+
+    return exact_search(q_emb, doc_emb, k)[0]
+
+
+def exact_row(method: str, q_emb, doc_emb, qids, doc_ids, qrels, k: int = 100, truth: np.ndarray | None = None) -> Row:
     from .baselines import exact_search
 
     idx, sc = exact_search(q_emb, doc_emb, k)
-    run = make_run(qids, idx, sc, doc_ids)
-    return Row(method, None, 0, 1.0, measure(qrels, run), per_query(qrels, run))
+    return Row(method, None, 0, 1.0, *scores(qrels, qids, idx, sc, doc_ids, truth))
 
 
 def budget_curve(
@@ -78,10 +103,12 @@ def budget_curve(
     search: Callable[[int], tuple[np.ndarray, np.ndarray]],
     qids: list[str],
     doc_ids: list[str],
-    qrels: dict,
+    qrels: dict | None,
     budgets=BUDGETS,
+    truth: np.ndarray | None = None,
 ) -> list[Row]:
-    """Evaluate a method at each budget under the shared rule (widths searched lazily)."""
+    """Evaluate a method at each budget under the shared rule (widths searched lazily);
+    ``truth``: the exact neighbours, for neighbour recall."""
     widths = WidthSearch(visited_fraction, max_width)
     rows, cache = [], {}  # width -> (metrics, per-query R@100)
     for b in budgets:
@@ -89,26 +116,27 @@ def budget_curve(
         if w is None:
             continue
         if w not in cache:
-            idx, scores = search(w)
-            run = make_run(qids, idx, scores, doc_ids)
-            cache[w] = (measure(qrels, run), per_query(qrels, run))
+            idx, sc = search(w)
+            cache[w] = scores(qrels, qids, idx, sc, doc_ids, truth)
         rows.append(Row(method, b, w, widths.fraction(w), *cache[w]))
     return rows
 
 
 def format_table(rows: list[Row], measures=TABLE_MEASURES) -> str:
+    """One line per row; the measures no row has (no qrels, or no neighbour truth) left out."""
+    measures = [m for m in measures if any(m in r.metrics for r in rows)]
     head = f"{'method':<26} {'budget':>7} {'width':>5} {'visited':>8} " + " ".join(f"{m:>8}" for m in measures)
     lines = [head, "-" * len(head)]
     for r in rows:
         budget = "exact" if r.budget is None else f"{100 * r.budget:.0f}%"
         lines.append(
             f"{r.method:<26} {budget:>7} {r.width:>5} {100 * r.fraction_visited:>7.1f}% "
-            + " ".join(f"{r.metrics.get(m, float('nan')):>8.1f}" for m in measures)
+            + " ".join(f"{r.metrics[m]:>8.1f}" if m in r.metrics else f"{'—':>8}" for m in measures)
         )
     return "\n".join(lines)
 
 
-def ehi_curve(name: str, model, q_emb: np.ndarray, qids, qrels, budgets=BUDGETS, k: int = 100) -> list[Row]:
+def ehi_curve(name: str, model, q_emb: np.ndarray, qids, qrels, budgets=BUDGETS, k: int = 100, truth=None) -> list[Row]:
     """A trained model at every budget: beams chosen by the shared rule."""
 
     def search(w):
@@ -116,11 +144,12 @@ def ehi_curve(name: str, model, q_emb: np.ndarray, qids, qrels, budgets=BUDGETS,
         return res.indices, res.scores
 
     return budget_curve(
-        name, model.tree.num_leaves, lambda w: model.visited_fraction(q_emb, w), search, qids, model.doc_ids, qrels, budgets
+        name, model.tree.num_leaves, lambda w: model.visited_fraction(q_emb, w), search, qids, model.doc_ids, qrels, budgets,
+        truth,
     )
 
 
-def ivf_curve(name: str, q_emb, d_emb, nlist: int, seed: int, qids, doc_ids, qrels, budgets=BUDGETS, k: int = 100):
+def ivf_curve(name: str, q_emb, d_emb, nlist: int, seed: int, qids, doc_ids, qrels, budgets=BUDGETS, k: int = 100, truth=None):
     """Faiss-IVF with ``nlist`` lists over the given embeddings at every budget; also returns
     the index (for its list sizes)."""
     from .baselines import IVFBaseline
@@ -128,38 +157,52 @@ def ivf_curve(name: str, q_emb, d_emb, nlist: int, seed: int, qids, doc_ids, qre
     ivf = IVFBaseline(d_emb, nlist, seed)
     rows = budget_curve(
         name, nlist, lambda w: ivf.visited_fraction(q_emb, w), lambda w: ivf.search(q_emb, k, w)[:2],
-        qids, doc_ids, qrels, budgets,
+        qids, doc_ids, qrels, budgets, truth,
     )
     return rows, ivf
+
+
+def has_qrels(dataset, split: str) -> bool:
+    return split in dataset.qrels or (dataset.root / "qrels" / f"{split}.tsv").exists()
 
 
 def evaluate_model(
     model, dataset, split: str = "test", budgets=BUDGETS, k: int = 100, baselines: bool = True, query_ids=None
 ) -> list[Row]:
     """EHI at every budget, exact search over the trained encoder, and (optionally) Faiss-IVF
-    with as many lists as EHI has leaves, over the trained and the untrained encoder."""
-    rel = dataset.relevant(split)
-    if not rel:
-        raise ValueError(f"split {split!r} has no query with a relevant document")
-    qids = sorted(rel if query_ids is None else set(query_ids) & set(rel))
-    qrels = {q: dataset.split(split)[q] for q in qids}
+    with as many lists as EHI has leaves, over the trained and the untrained encoder. Every
+    row has neighbour recall against exact search over its own encoder; the qrels measures too
+    when the split has qrels (without them: every query of the dataset, or ``query_ids``)."""
+    if has_qrels(dataset, split):
+        rel = dataset.relevant(split)
+        if not rel:
+            raise ValueError(f"split {split!r} has no query with a relevant document")
+        qids = sorted(rel if query_ids is None else set(query_ids) & set(rel))
+        qrels = {q: dataset.split(split)[q] for q in qids}
+    else:
+        qids = sorted(q for q in (query_ids if query_ids is not None else dataset.queries) if dataset.queries[q].strip())
+        if not qids:
+            raise ValueError(f"{dataset.root}: no qrels for split {split!r} and no queries to measure neighbour recall on")
+        qrels = None
     texts = [dataset.queries[q] for q in qids]
     enc = model.encoder
     q_emb = enc.embed_all(enc.features(texts, "encoding queries"))
     doc_ids = model.doc_ids
-    rows = ehi_curve("EHI", model, q_emb, qids, qrels, budgets, k)
     d_emb = model.index.embeddings
-    rows.append(exact_row("EHI encoder, exact", q_emb, d_emb, qids, doc_ids, qrels, k))
+    truth = exact_neighbours_of(q_emb, d_emb)
+    rows = ehi_curve("EHI", model, q_emb, qids, qrels, budgets, k, truth)
+    rows.append(exact_row("EHI encoder, exact", q_emb, d_emb, qids, doc_ids, qrels, k, truth))
     if baselines:
         nlist = model.tree.num_leaves
         seed = model.config.train.seed
-        rows += ivf_curve("EHI encoder + Faiss-IVF", q_emb, d_emb, nlist, seed, qids, doc_ids, qrels, budgets, k)[0]
+        rows += ivf_curve("EHI encoder + Faiss-IVF", q_emb, d_emb, nlist, seed, qids, doc_ids, qrels, budgets, k, truth)[0]
         # the untrained encoder: what the two-stage pipeline starts from
         base = base_embeddings(model, dataset, texts)
         if base is not None:
             bq, bd = base
-            rows.append(exact_row("base encoder, exact", bq, bd, qids, doc_ids, qrels, k))
-            rows += ivf_curve("base encoder + Faiss-IVF", bq, bd, nlist, seed, qids, doc_ids, qrels, budgets, k)[0]
+            bt = exact_neighbours_of(bq, bd)
+            rows.append(exact_row("base encoder, exact", bq, bd, qids, doc_ids, qrels, k, bt))
+            rows += ivf_curve("base encoder + Faiss-IVF", bq, bd, nlist, seed, qids, doc_ids, qrels, budgets, k, bt)[0]
     return rows
 
 

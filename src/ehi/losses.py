@@ -79,3 +79,20 @@ def routing_cross_entropy(query_probs: list[torch.Tensor], doc_probs: list[torch
         total = total + (nll * agree).sum() / agree.sum().clamp_min(1)
         agree = agree & (pq.detach().argmax(-1) == target)
     return total / len(query_probs)
+
+
+def soft_routing_cross_entropy(level_probs: list[torch.Tensor], targets: list[torch.Tensor], prefixes: torch.Tensor) -> torch.Tensor:
+    """Mean over levels of -sum_j t_j log p_j: each level's distribution against a target
+    distribution over its children (the share of a query's exact neighbours under each child,
+    or a document's own child), counted where the row's arg-max prefix is still the one the
+    target was computed under and the target is not empty.
+
+    level_probs, targets: H tensors (b, B); prefixes: (b, H) child indices the targets follow."""
+    total = level_probs[0].new_zeros(())
+    agree = torch.ones(level_probs[0].shape[0], dtype=torch.bool, device=level_probs[0].device)
+    for h, (p, t) in enumerate(zip(level_probs, targets)):
+        nll = -(t * torch.log(p.clamp_min(1e-12))).sum(-1)
+        w = agree & (t.sum(-1) > 0)
+        total = total + (nll * w).sum() / w.sum().clamp_min(1)
+        agree = agree & (p.detach().argmax(-1) == prefixes[:, h])
+    return total / len(level_probs)

@@ -75,3 +75,24 @@ def sample_negatives(pool_rows: np.ndarray, k: int, rng: np.random.Generator) ->
     chosen = np.take_along_axis(pool_rows, picks, axis=1)
     chosen[counts == 0] = -1
     return chosen
+
+
+def routing_targets(query_paths: np.ndarray, neighbours: np.ndarray, doc_paths: np.ndarray, branching: int) -> list[np.ndarray]:
+    """Per level, the share of each query's neighbours under each child of the query's own
+    arg-max prefix: the distribution its routing should put on that level (zero rows where
+    no neighbour shares the prefix).
+
+    query_paths (Q, H) and doc_paths (N, H): arg-max child per level in the current tree;
+    neighbours (Q, K): document rows, -1 padded."""
+    Q, H = query_paths.shape
+    valid = neighbours >= 0
+    paths = doc_paths[np.where(valid, neighbours, 0)]  # (Q, K, H)
+    agree = valid.copy()
+    out = []
+    for h in range(H):
+        t = np.zeros((Q, branching), dtype=np.float32)
+        rows = np.repeat(np.arange(Q), neighbours.shape[1])
+        np.add.at(t, (rows[agree.ravel()], paths[:, :, h].ravel()[agree.ravel()]), 1.0)
+        out.append(t / np.maximum(t.sum(1, keepdims=True), 1.0))
+        agree &= paths[:, :, h] == query_paths[:, h : h + 1]
+    return out

@@ -24,10 +24,10 @@ from .config import EHIConfig
 from .data import Dataset
 from .distributed import all_gather_ids, all_gather_with_grad, barrier, gather_rows, is_main, map_rows, rank_world, shard_rows
 from .encoder import PRECOMPUTED, Encoder, Features
-from .losses import ehi_losses, routing_cross_entropy
-from .mining import mine_pool, positives_matrix, sample_negatives
+from .losses import ehi_losses, routing_cross_entropy, soft_routing_cross_entropy
+from .mining import mine_pool, positives_matrix, routing_targets, sample_negatives
 from .model import EHIModel
-from .tree import Tree, load_balance_penalty
+from .tree import Tree, leaf_to_path, load_balance_penalty
 from .validation import Validator, format_validation, holdout, selection_message
 
 log = logging.getLogger(__name__)
@@ -120,9 +120,13 @@ class Trainer:
         query_ids: list[str] | None = None,
         doc_embeddings: np.ndarray | None = None,
         query_embeddings: np.ndarray | None = None,
+        judgements: str | None = None,
     ):
         """``doc_embeddings`` (N, d) and ``query_embeddings`` (rows in ``dataset.queries``
-        order) replace the transformer: bring-your-own-encoder mode, adapter + tree trained."""
+        order) replace the transformer: bring-your-own-encoder mode, adapter + tree trained.
+        ``judgements``: the qrels split validation scores against and the neighbour routing
+        targets come from (default: the validation / training split; unsupervised training
+        trains on nearest-neighbour pairs and judges on the top-100)."""
         config = copy.deepcopy(config)
         self.config = config.validate()
         self.rank, self.world = rank_world()
@@ -132,6 +136,7 @@ class Trainer:
         self.rng = np.random.default_rng(tc.seed)
         self.device = tc.device
         train_qids, val_qids, self.val_split = holdout(dataset, split, query_ids, tc)
+        self.judgements = judgements or split
         self.train_set = TrainingSet.from_dataset(dataset, split, train_qids)
         if (doc_embeddings is None) != (query_embeddings is None):
             raise ValueError("give both document and query embeddings, or neither")
@@ -161,7 +166,8 @@ class Trainer:
                 self.doc_feats = self._features(dataset.corpus.documents(), "encoding corpus")
                 self.q_feats = self._features([dataset.queries[q] for q in self.train_set.query_ids], "encoding queries")
                 val_feats = self._features([dataset.queries[q] for q in val_qids], "encoding validation queries") if val_qids else None
-        self.validator = Validator(dataset, self.val_split, val_qids, val_feats, tc.val_budgets) if val_qids else None
+        val_judged = judgements or self.val_split
+        self.validator = Validator(dataset, val_judged, val_qids, val_feats, tc.val_budgets) if val_qids else None
         # the refit trains on the held-out queries too, when they came from the training split
         self.full_set: TrainingSet | None = None
         if val_qids and self.val_split == split and tc.val_refit:
@@ -190,6 +196,11 @@ class Trainer:
         self._set_anchor([p.detach().clone() for p in self.tree.parameters()])
         self.optimizer = self._optimizer()
         self.pool: np.ndarray | None = None
+        # neighbour routing targets (lambda_neighbours): per level (Q, B), and the arg-max paths
+        # of the training queries and of every document they were computed under
+        self.route_targets: list[np.ndarray] | None = None
+        self.query_paths: np.ndarray | None = None
+        self.doc_paths: np.ndarray | None = None
         self.history: list[dict] = []
         self.validation: list[dict] = []  # one entry per validated epoch (0 = the start tree)
         # epoch, score, state, whether that state's tree is k-means over that epoch's encoder
@@ -252,6 +263,29 @@ class Trainer:
         self.pool = map_rows(
             lambda r: mine_pool(q_emb[r], d_emb, pos[r], tc.mining_pool, q_leaves[r], doc_leaves), len(q_emb)
         )
+
+    def neighbour_rows(self) -> np.ndarray:
+        """(Q, K) document rows of each training query's judged neighbours (-1 padded)."""
+        if self.judgements == getattr(self, "_nb_for", (None, None))[0] and self._nb_for[1] is self.train_set:
+            return self._nb
+        row = {d: i for i, d in enumerate(self.dataset.corpus.ids)}
+        rel = self.dataset.relevant(self.judgements)
+        self._nb = positives_matrix([[row[d] for d in rel.get(q, []) if d in row] for q in self.train_set.query_ids])
+        self._nb_for = (self.judgements, self.train_set)
+        return self._nb
+
+    def refresh_routing_targets(self) -> None:
+        """Where the current tree puts each document, and so where each training query's
+        neighbours are: the targets of the neighbour routing loss."""
+        B, H = self.config.tree.branching, self.config.tree.height
+        d_emb = self._doc_embeddings()
+        q_emb = map_rows(lambda rows: self.encoder.embed_all(self.q_feats, rows=rows), len(self.q_feats))
+        model = EHIModel(self.config, self.encoder, self.tree)
+        to_path = lambda leaves: leaf_to_path(torch.from_numpy(leaves[:, 0]), B, H).numpy()
+        self.doc_paths = to_path(model.route(d_emb, 1))
+        self.query_paths = to_path(model.route(q_emb, 1))
+        self.tree.train()
+        self.route_targets = routing_targets(self.query_paths, self.neighbour_rows(), self.doc_paths, B)
 
     def recluster(self) -> None:
         """Re-initialise the tree by k-means over the current encoder's documents; the tree's
@@ -364,11 +398,17 @@ class Trainer:
         hn = hn[hn >= 0]
         b = len(qi)
         d_rows = np.concatenate([pi, hn])
+        n_main = len(d_rows)
+        neighbours = tc.lambda_neighbours > 0 and self.route_targets is not None
+        if neighbours:  # random documents, held to their own leaves (drawn on every rank alike)
+            r_rows = self.rng.integers(0, len(self.doc_feats), tc.batch_size)[np.arange(self.rank, tc.batch_size, self.world)]
+            d_rows = np.concatenate([d_rows, r_rows])
         e_q, e_d, t, *level_probs = self.joint(torch.from_numpy(qi), torch.from_numpy(d_rows), tc.tree_grad_to_encoder)
+        e_d, t = e_d[:n_main], t[: b + n_main]
         t_q, t_d = t[:b], t[b:]
         e_n, _ = all_gather_with_grad(e_d)
         t_n, _ = all_gather_with_grad(t_d)
-        neg_ids = torch.from_numpy(all_gather_ids(d_rows))
+        neg_ids = torch.from_numpy(all_gather_ids(d_rows[:n_main]))
         pos = torch.from_numpy(self.train_set.positives[qi])
         dev = e_q.device
         neg_mask = ~(neg_ids[None, :, None] == pos[:, None, :]).any(-1)
@@ -383,6 +423,20 @@ class Trainer:
         if tc.lambda_routing > 0:
             terms["routing"] = routing_cross_entropy([p[:b] for p in level_probs], [p[b : 2 * b] for p in level_probs])
             loss = loss + tc.lambda_routing * terms["routing"]
+        if neighbours:
+            dev_t = lambda x: torch.from_numpy(x).to(level_probs[0].device)
+            q_loss = soft_routing_cross_entropy(
+                [p[:b] for p in level_probs], [dev_t(t[qi]) for t in self.route_targets], dev_t(self.query_paths[qi])
+            )
+            rp = self.doc_paths[r_rows]
+            B = self.config.tree.branching
+            d_loss = soft_routing_cross_entropy(
+                [p[b + n_main :] for p in level_probs],
+                [dev_t(np.eye(B, dtype=np.float32)[rp[:, h]]) for h in range(rp.shape[1])],
+                dev_t(rp),
+            )
+            terms["neighbours"] = q_loss + d_loss
+            loss = loss + tc.lambda_neighbours * terms["neighbours"]
         if tc.tree_anchor > 0:
             terms["anchor"] = self._anchor_penalty()
             loss = loss + tc.tree_anchor * terms["anchor"]
@@ -442,6 +496,9 @@ class Trainer:
             if tc.hard_negatives > 0 and epoch % tc.refresh_every == 0:
                 with self.phase("refresh_negatives"):
                     self.refresh_negatives()
+            if tc.lambda_neighbours > 0 and (epoch % tc.refresh_every == 0 or self.route_targets is None):
+                with self.phase("refresh_targets"):
+                    self.refresh_routing_targets()
             with self.phase("train_epochs"):
                 record = self._epoch(epoch, pairs, progress, epochs)
             if tc.recluster_every and (epoch + 1) % tc.recluster_every == 0:
@@ -473,6 +530,7 @@ class Trainer:
         self.train_set, self.q_feats = self.full_set, self.full_q_feats
         getattr(self.joint, "module", self.joint).q_feats = self.q_feats
         self.pool = None
+        self.route_targets = None
         self.start_epoch = 0
         if progress:
             tqdm.write(f"refit: training again on all {len(self.train_set.query_ids)} training queries for {epochs} epochs")
@@ -536,6 +594,11 @@ class Trainer:
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             if self.pool is not None:
                 np.save(tmp / "negatives.npy", self.pool)
+            if self.route_targets is not None:
+                np.save(tmp / "query_paths.npy", self.query_paths)
+                np.save(tmp / "doc_paths.npy", self.doc_paths)
+                for h, t in enumerate(self.route_targets):
+                    np.save(tmp / f"route_targets_{h}.npy", t)
             (tmp / "config.json").write_text(self.config.to_json())
             return {
                 "kind": "checkpoint",
@@ -575,6 +638,10 @@ class Trainer:
         state["state"] = restored
         self.optimizer.load_state_dict(state)
         self.pool = np.load(path / "negatives.npy", allow_pickle=False) if (path / "negatives.npy").exists() else None
+        if (path / "query_paths.npy").exists():
+            load = lambda name: np.load(path / name, allow_pickle=False)
+            self.query_paths, self.doc_paths = load("query_paths.npy"), load("doc_paths.npy")
+            self.route_targets = [load(f"route_targets_{h}.npy") for h in range(self.config.tree.height)]
         self.rng.bit_generator.state = manifest["rng"]["numpy"]
         random.setstate(_tuplify(manifest["rng"]["python"]))
         self.history = list(manifest.get("history", []))

@@ -1,0 +1,194 @@
+"""Training without relevance judgements: the encoder's exact search is the teacher.
+
+A search index must send a query to the leaves that hold its exact nearest neighbours, and
+that needs no labels. So unsupervised training makes its own pairs: pseudo-queries (the
+dataset's unlabelled queries, else short spans of its documents; or given query embeddings,
+else document embeddings) paired with their exact top-k neighbours under the base encoder.
+The encoder stays frozen (its exact neighbours are the truth the index is judged on), and
+the tree learns to route each pseudo-query to the leaves of its neighbours, with the usual
+balance penalty and validated best-epoch selection, judged by neighbour recall on held-out
+pseudo-queries.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from .config import EHIConfig
+from .data import Corpus, Dataset
+
+log = logging.getLogger(__name__)
+
+PseudoQueries = Literal["auto", "queries", "documents"]
+PAIRS_SPLIT = "neighbour@1"  # the training pairs: each pseudo-query and its nearest document
+JUDGED_SPLIT = "neighbours"  # its top ``neighbours``: the validation judgements, the routing targets
+# the settings unsupervised training overrides (benchmarks/unsupervised.py measured them)
+OVERRIDES = {
+    "train.lr_encoder": 0.0,  # frozen: the exact neighbours of this very encoder are the truth
+    "train.lambda_siamese": 0.0,
+    "train.lambda_indexing": 0.0,
+    "train.lambda_intra_leaf": 0.0,
+    "train.lambda_neighbours": 1.0,
+    "train.hard_negatives": 0,
+    "train.lr_indexer": 3e-4,
+    "train.epochs": 10,
+    "train.val_recluster": False,  # k-means over a frozen encoder is the start tree
+}
+MAX_PSEUDO_QUERIES = 20_000
+
+
+@dataclass
+class PseudoQuerySet:
+    """Pseudo-queries: their ids, and texts (text mode) or rows of the given embeddings."""
+
+    ids: list[str]
+    texts: list[str] | None
+    kind: str  # "queries", "document spans" or "documents"
+    doc_rows: np.ndarray | None = None  # documents standing in for queries (excluded from their own neighbours)
+
+
+def unsupervised_config(config: EHIConfig | None = None) -> EHIConfig:
+    """``config`` with the unsupervised settings (``OVERRIDES``) applied."""
+    from .benchmark import apply_overrides
+
+    return apply_overrides(config or EHIConfig(), OVERRIDES)
+
+
+def exact_neighbours(q_emb: np.ndarray, d_emb: np.ndarray, k: int, self_rows: np.ndarray | None = None) -> np.ndarray:
+    """(Q, k) rows of the most similar documents (inner product on normalised vectors), best
+    first; ``self_rows[i]`` (a document standing in for query i) is never its own neighbour."""
+    import faiss
+
+    index = faiss.IndexFlatIP(d_emb.shape[1])
+    index.add(np.ascontiguousarray(d_emb, dtype=np.float32))
+    extra = 1 if self_rows is not None else 0
+    k = min(k, d_emb.shape[0] - extra)
+    _, idx = index.search(np.ascontiguousarray(q_emb, dtype=np.float32), k + extra)
+    if self_rows is None:
+        return idx
+    keep = idx != self_rows[:, None]
+    out = np.stack([row[m][:k] for row, m in zip(idx, keep)])
+    return out
+
+
+def document_spans(corpus: Corpus, n: int, seed: int, words: tuple[int, int] = (8, 16)) -> tuple[list[str], np.ndarray]:
+    """``n`` query-like spans (a window of 8-16 words of a document's text, or its title for
+    a document without text) and the rows of the documents they come from."""
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(corpus), size=min(n, len(corpus)), replace=False))
+    spans = []
+    for r in rows:
+        tokens = re.findall(r"\S+", corpus.texts[r]) or re.findall(r"\S+", corpus.titles[r])
+        length = int(rng.integers(words[0], words[1] + 1))
+        start = int(rng.integers(0, max(1, len(tokens) - length + 1)))
+        spans.append(" ".join(tokens[start : start + length]))
+    return spans, rows
+
+
+def pseudo_queries(
+    dataset: Dataset, source: PseudoQueries = "auto", query_ids: list[str] | None = None, seed: int = 0,
+    max_queries: int = MAX_PSEUDO_QUERIES,
+) -> PseudoQuerySet:
+    """What the index learns to route. ``auto``: the dataset's queries (``query_ids``, else all
+    of queries.jsonl; their relevance judgements are never read) when it has any, else spans
+    of its documents."""
+    queries = query_ids if query_ids is not None else list(dataset.queries)
+    queries = [q for q in queries if dataset.queries.get(q, "").strip()]
+    if source == "queries" and not queries:
+        raise ValueError(f"{dataset.root}: no queries to train on; use pseudo_queries='documents'")
+    if source in ("auto", "queries") and queries:
+        if len(queries) > max_queries:
+            keep = np.sort(np.random.default_rng(seed).choice(len(queries), max_queries, replace=False))
+            queries = [queries[i] for i in keep]
+        return PseudoQuerySet(queries, [dataset.queries[q] for q in queries], "queries")
+    spans, rows = document_spans(dataset.corpus, max_queries, seed)
+    return PseudoQuerySet([f"span:{dataset.corpus.ids[r]}" for r in rows], spans, "document spans")
+
+
+def neighbour_dataset(dataset: Dataset, pseudo: PseudoQuerySet, q_emb: np.ndarray, d_emb: np.ndarray, k: int) -> Dataset:
+    """The dataset unsupervised training runs on: the same corpus, the pseudo-queries as
+    queries, and the teacher's judgements as two qrels splits (``PAIRS_SPLIT``: the nearest
+    document; ``JUDGED_SPLIT``: the top ``k``)."""
+    nn = exact_neighbours(q_emb, d_emb, k, pseudo.doc_rows)
+    ids = dataset.corpus.ids
+    judged = {q: {ids[j]: k - r for r, j in enumerate(row) if j >= 0} for q, row in zip(pseudo.ids, nn)}
+    pairs = {q: {ids[row[0]]: 1} for q, row in zip(pseudo.ids, nn) if row[0] >= 0}
+    texts = pseudo.texts if pseudo.texts is not None else [""] * len(pseudo.ids)
+    return Dataset(root=dataset.root, corpus=dataset.corpus, queries=dict(zip(pseudo.ids, texts)),
+                   qrels={PAIRS_SPLIT: pairs, JUDGED_SPLIT: judged})
+
+
+def train_unsupervised(
+    dataset: Dataset,
+    config: EHIConfig | None = None,
+    out_dir=None,
+    source: PseudoQueries = "auto",
+    query_ids: list[str] | None = None,
+    neighbours: int = 100,
+    doc_embeddings: np.ndarray | None = None,
+    query_embeddings: np.ndarray | None = None,
+    progress: bool = True,
+    resume: bool = False,
+    log_fn=None,
+):
+    """Train EHI without qrels (module docstring); returns (model, trainer), the model saved to
+    ``out_dir`` if given. ``config`` defaults to ``unsupervised_config()``; start from it to
+    change a setting. With ``doc_embeddings`` (and optionally unlabelled ``query_embeddings``)
+    it runs on precomputed vectors: ``dataset`` then needs only the corpus ids."""
+    from .encoder import Encoder
+    from .training import Trainer
+
+    cfg = config if config is not None else unsupervised_config()
+    if query_embeddings is not None and doc_embeddings is None:
+        raise ValueError("query embeddings need document embeddings")
+    seed = cfg.train.seed
+    if doc_embeddings is not None:
+        d_emb = _unit(doc_embeddings)
+        if query_embeddings is not None:
+            q_all = _unit(query_embeddings)
+            rows = np.arange(len(q_all))
+            if len(rows) > MAX_PSEUDO_QUERIES:
+                rows = np.sort(np.random.default_rng(seed).choice(len(rows), MAX_PSEUDO_QUERIES, replace=False))
+            pseudo = PseudoQuerySet([f"q{r}" for r in rows], None, "queries")
+            q_emb = q_all[rows]
+        else:
+            rows = np.arange(len(d_emb))
+            if len(rows) > MAX_PSEUDO_QUERIES:
+                rows = np.sort(np.random.default_rng(seed).choice(len(rows), MAX_PSEUDO_QUERIES, replace=False))
+            pseudo = PseudoQuerySet([f"doc{r}" for r in rows], None, "documents", doc_rows=rows)
+            q_emb = d_emb[rows]
+    else:
+        pseudo = pseudo_queries(dataset, source, query_ids, seed)
+        enc = Encoder(cfg.encoder, device=cfg.train.device)
+        enc.progress = progress
+        d_emb = enc.embed_all(enc.features(dataset.corpus.documents(), "encoding corpus"))
+        q_emb = enc.embed_all(enc.features(pseudo.texts, "encoding pseudo-queries"))
+    if log_fn:
+        log_fn(f"unsupervised: {len(pseudo.ids)} pseudo-queries ({pseudo.kind}), each paired with its exact top {neighbours}")
+    ds = neighbour_dataset(dataset, pseudo, q_emb, d_emb, neighbours)
+    trainer = Trainer(
+        cfg, ds, PAIRS_SPLIT, judgements=JUDGED_SPLIT,
+        doc_embeddings=d_emb if doc_embeddings is not None else None,
+        query_embeddings=q_emb if doc_embeddings is not None else None,
+    )
+    trainer.pseudo_queries = pseudo
+    model = trainer.run(out_dir, resume=resume, progress=progress, log=log_fn)
+    return model, trainer
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def neighbour_recall(found: np.ndarray, truth: np.ndarray, k: int) -> np.ndarray:
+    """Per query, the share of its exact top-``k`` (``truth`` rows, best first) among the
+    top-``k`` ``found`` rows (best first, -1 padded): what ANN benchmarks call recall@k."""
+    t, f = truth[:, :k], found[:, :k]
+    hits = (f[:, :, None] == t[:, None, :]) & (t[:, None, :] >= 0)
+    return hits.any(1).sum(1) / np.maximum((t >= 0).sum(1), 1)
