@@ -37,3 +37,27 @@ def test_evaluation_rule_reports_unreachable_budgets_and_measures_each_width_onc
     assert ws.largest_within(0.1) == 8
     assert ws.largest_within(0.1) == 8
     assert len(calls) == len(set(calls))
+
+
+def test_a_calibrated_beam_per_level_is_saved_and_searched_with(tiny_beir, tmp_path):
+    """Opt-in (upper_agreement): each calibrated width carries the cells expanded for it; a
+    budget search after save -> load visits the leaves that width and those cells give."""
+    import numpy as np
+
+    from conftest import tiny_config
+    from ehi.data import load_beir
+    from ehi.model import EHIModel
+    from ehi.training import train
+
+    cfg = tiny_config(branching=4, epochs=1)
+    cfg.tree.height, cfg.tree.upper_agreement = 2, 0.95
+    model = train(load_beir(tiny_beir), cfg, tmp_path / "m", progress=False)
+    cal = model.beam_calibration
+    assert all(len(c) == 3 and -(-c[0] // 4) <= c[2] <= 4 for c in cal)
+    loaded = EHIModel.load(tmp_path / "m")
+    assert loaded.beam_calibration == cal
+    w = loaded.resolve_beam(budget=0.3)
+    u = next(c[2] for c in cal if c[0] == w)
+    q = loaded.encoder.encode(["telescope galaxy astronomy", "oven flour cooking"])
+    assert np.array_equal(loaded.route(q, w), loaded._current_router().leaves(q, w, u))
+    assert calibrated_width(cal, 0.3) == w  # three-entry calibrations follow the same rule

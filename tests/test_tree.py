@@ -212,3 +212,30 @@ def test_two_level_search_on_faiss_equals_the_numpy_beam(beam, upper):
     x = np.random.default_rng(0).standard_normal((40, 16)).astype(np.float32)
     r = tree.router()
     assert np.array_equal(r.leaves(x, beam, upper), r.beam_search(x, beam, upper=upper)[0])
+
+
+def test_calibrated_cells_per_width_are_the_fewest_that_agree_with_expanding_all():
+    """A beam per level: for each leaf width, the cells kept above are the fewest (doubling
+    from what the width needs) whose top leaves share >= the agreement with all cells."""
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((8, 16))
+    x = np.concatenate([c + 0.4 * rng.standard_normal((40, 16)) for c in centres]).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    tree = Tree(16, TreeConfig(branching=8, height=2, conditioning="per-node", leaf_rank="leaf"))
+    tree.init_kmeans(x, seed=0)  # bottom-up: cells of nearby leaves
+    r = tree.router()
+    widths = [1, 2, 4, 8, 12]
+    uppers = r.calibrate_upper(x, widths, 0.9)
+    rows = np.arange(len(x))[:, None]
+
+    def agreement(w, u):
+        ref = np.zeros((len(x), 64), dtype=bool)
+        ref[rows, r.leaves(x, w, upper=8)] = True
+        return ref[rows, r.leaves(x, w, upper=u)].mean()
+
+    for w in widths:
+        u = uppers[w]
+        assert u >= -(-w // 8) and (u == 8 or agreement(w, u) >= 0.9)
+        if -(-w // 8) < u and w <= 64 // 8:  # the next smaller candidate did not agree enough
+            assert agreement(w, u // 2) < 0.9
+    assert uppers[1] < 8 and uppers[12] == 8  # it saves cells; widths above L/8 expand all

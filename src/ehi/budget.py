@@ -60,11 +60,12 @@ class WidthSearch:
 
 
 def calibrated_width(calibration: Sequence[Sequence[float]], budget: float) -> int:
-    """The rule over a saved calibration ([width, mean fraction] pairs); at least 1."""
+    """The rule over a saved calibration ([width, mean fraction] pairs, or [width, mean
+    fraction, nodes kept above the leaves] for calibrated deep trees); at least 1."""
     budget = check_budget(budget)
     if not calibration:
         raise ValueError("this model has no beam calibration; pass beam= instead of budget=")
-    ok = [int(w) for w, f in calibration if f <= budget + _EPS]
+    ok = [int(c[0]) for c in calibration if c[1] <= budget + _EPS]
     return max(ok) if ok else 1
 
 

@@ -71,6 +71,12 @@ class TreeConfig:
     # (leaf) or by the path probability (path, the paper's); measured in README "Depth"
     upper_beam: int = 0
     leaf_rank: LeafRank = "leaf"
+    # a beam per level for per-node (B, 2) trees ranked by leaf with upper_beam 0 (0 = off):
+    # the cells expanded for each beam width are calibrated on training queries (with the
+    # budget calibration) as the fewest whose top leaves agree on this share with expanding
+    # every cell. Off by default: at 0.95 it tied B/2 cells at <= 2-5 % on both corpora, lost
+    # up to 1.6 points at 10-20 %, and at 16k leaves it needs 64-128 cells (README "Depth")
+    upper_agreement: float = 0.0
 
     def search_upper_beam(self) -> int:
         if self.upper_beam or self.height == 1:
@@ -105,6 +111,8 @@ class TreeConfig:
             raise ValueError("temperature must be > 0")
         if self.upper_beam < 0:
             raise ValueError("upper_beam must be >= 0")
+        if not 0 <= self.upper_agreement <= 1:
+            raise ValueError(f"upper_agreement must be in [0, 1] (0 = off), got {self.upper_agreement}")
         if self.node_init not in NODE_INITS or self.leaf_rank not in LEAF_RANKS:
             raise ValueError(f"node_init must be one of {NODE_INITS} and leaf_rank one of {LEAF_RANKS}")
         if self.conditioning not in CONDITIONINGS:

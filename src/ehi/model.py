@@ -137,13 +137,28 @@ class EHIModel:
     def route(self, emb: np.ndarray, beam: int) -> np.ndarray:
         """Top-``beam`` leaves per row, best first (N, min(beam, L)); routed in numpy from a
         snapshot of the tree's weights, re-taken whenever they changed."""
+        return self._current_router().leaves(emb, beam, self.upper_beam(beam))
+
+    def _current_router(self):
         params = getattr(self, "_router_params", None)
         if params is None or params[0] is not self.tree:
             params = self._router_params = (self.tree, list(self.tree.parameters()))
         version = [p._version for p in params[1]]
         if getattr(self, "_router_version", None) != version:
             self._router, self._router_version = self.tree.router(), version
-        return self._router.leaves(emb, beam, self.config.tree.search_upper_beam())
+        return self._router
+
+    def upper_beam(self, beam: int) -> int:
+        """Nodes kept above the leaves for a search of ``beam`` leaves: calibrated per width
+        (the third entry of the calibration, for per-node leaf-ranked two-level trees), else
+        max(beam, the config's upper_beam)."""
+        calibrated = [c for c in self.beam_calibration if len(c) > 2]
+        for w, _, u in calibrated:  # the entry of the smallest calibrated width >= beam
+            if w >= beam:
+                return int(u)
+        if calibrated:
+            return int(calibrated[-1][2])
+        return max(beam, self.config.tree.search_upper_beam())
 
     def build_index(
         self, doc_emb: np.ndarray, doc_ids: list[str], doc_titles: list[str] | None = None, codec: str | None = None
@@ -246,7 +261,18 @@ class EHIModel:
         L = self.tree.num_leaves
         grid = sorted(set(list(range(1, min(L, 64) + 1)) + np.unique(np.geomspace(64, L, 32).astype(int)).tolist()))
         grid = [b for b in grid if b <= L]
-        self.beam_calibration = [[b, self.visited_fraction(query_emb, b)] for b in grid]
+        tc = self.config.tree
+        router = self._current_router()
+        if tc.height == 2 and router.rank_by_leaf and tc.upper_beam == 0 and tc.upper_agreement > 0:
+            # a beam per level: the cells expanded for each width, from the same queries
+            rows = np.random.default_rng(0).permutation(len(query_emb))[:2000]  # bounds its (Q, L) masks
+            uppers = router.calibrate_upper(query_emb[np.sort(rows)], grid, tc.upper_agreement)
+            self.beam_calibration = []
+            for b in grid:
+                leaves = router.leaves(query_emb, b, uppers[b])
+                self.beam_calibration.append([b, float(self.index.visited_counts(leaves).mean() / self.index.num_docs), uppers[b]])
+        else:
+            self.beam_calibration = [[b, self.visited_fraction(query_emb, b)] for b in grid]
         return self.beam_calibration
 
     def beam_for_budget(self, budget: float) -> int:

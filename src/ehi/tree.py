@@ -403,6 +403,30 @@ class NumpyRouter:
             return self._two_level_leaves(np.ascontiguousarray(e, dtype=np.float32), beam, upper)
         return self.beam_search(e, beam, upper=upper)[0]
 
+    def calibrate_upper(self, e: np.ndarray, widths, agreement: float) -> dict[int, int]:
+        """For a per-node (B, 2) tree ranked by leaf: per leaf width, the fewest cells to expand
+        (a power of two times the cells the width needs, at most B) whose top leaves share at
+        least ``agreement`` of the top leaves with every cell expanded, on ``e`` (training
+        queries). Widths above L/8 expand every cell (the scan dominates there)."""
+        B, L = self.B, self.num_leaves
+        e = np.ascontiguousarray(e, dtype=np.float32)
+        cap = max(1, L // 8)
+        small = [w for w in widths if w <= cap]
+        ref = self.leaves(e, max(small), upper=B) if small else None
+        rows = np.arange(len(e))[:, None]
+        out, u = {}, 1
+        for w in sorted(widths):
+            if w > cap:
+                out[w] = B
+                continue
+            mark = np.zeros((len(e), L), dtype=bool)
+            mark[rows, ref[:, :w]] = True
+            u = max(u, -(-w // B))
+            while u < B and mark[rows, self.leaves(e, w, upper=u)].mean() < agreement:
+                u = min(B, 2 * u)
+            out[w] = u
+        return out
+
     def _two_level_leaves(self, e: np.ndarray, beam: int, upper: int) -> np.ndarray:
         """A per-node (B, 2) tree ranked by leaf, on Faiss: the top ``upper`` cells by the root
         classifier, then the leaves' classifiers as an IVF whose lists are the cells, searched
@@ -423,7 +447,7 @@ class NumpyRouter:
             cells.parallel_mode = PARALLEL_OVER_QUERIES
             self._cells = cells
         cells = self._cells
-        k_cells = min(max(beam, upper, 1), B)
+        k_cells = min(max(upper, -(-beam // B), 1), B)  # enough cells to hold ``beam`` leaves
         top = root.search(self._features(e, 0), k_cells)[1]
         z1 = self._features(e, 1)
         params = faiss.SearchParametersIVF()
@@ -439,18 +463,23 @@ class NumpyRouter:
     def beam_search(self, e: np.ndarray, beam: int, chunk: int = 4096, upper: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """(leaves (N, k), log-probs (N, k)), k = min(beam, B^H), best first; the levels above
         the leaves keep max(beam, ``upper``) nodes (a wider search above costs little and
-        saves queries from a wrong turn high up)."""
+        saves queries from a wrong turn high up); a leaf-ranked (B, 2) tree keeps ``upper``
+        cells, or as many as ``beam`` leaves need (its beam per level)."""
         if beam < 1:
             raise ValueError("beam must be >= 1")
         e = np.ascontiguousarray(e, dtype=np.float32)
-        width = min(max(beam, upper), self.num_leaves)  # nodes a row carries through the levels
+        if self.rank_by_leaf and self.H == 2:  # cells: ``upper``, or as many as ``beam`` leaves need
+            upper = min(max(upper, -(-beam // self.B), 1), self.B)
+        else:
+            upper = max(beam, upper)
+        width = min(upper, self.num_leaves)  # nodes a row carries through the levels
         per_row = width * (self.dim * self.B if self.per_node and self.H > 1 else self.dim + self.H * self.B)
         chunk = max(1, min(chunk, (1 << 22) // per_row))
         k = min(beam, self.num_leaves)
         leaves = np.empty((len(e), k), dtype=np.int64)
         scores = np.empty((len(e), k), dtype=np.float32)
         for s in range(0, len(e), chunk):
-            leaves[s : s + chunk], scores[s : s + chunk] = self._beam(e[s : s + chunk], beam, max(beam, upper))
+            leaves[s : s + chunk], scores[s : s + chunk] = self._beam(e[s : s + chunk], beam, upper)
         return leaves, scores
 
     def _beam(self, e: np.ndarray, beam: int, upper: int | None = None):
