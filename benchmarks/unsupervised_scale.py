@@ -70,10 +70,8 @@ def main() -> None:
     t = time.perf_counter()
     cfg = apply_overrides(unsupervised_config(), {"tree.branching": L, "train.batch_size": 256, "train.seed": args.seed,
                                                   **({"train.epochs": args.epochs} if args.epochs else {})})
-    import ehi.unsupervised as U
-
-    U.MAX_PSEUDO_QUERIES = args.pseudo
-    model, trainer = train_unsupervised(embeddings_dataset(len(sample_x)), cfg, doc_embeddings=sample_x, progress=False, log_fn=print)
+    model, trainer = train_unsupervised(embeddings_dataset(len(sample_x)), cfg, doc_embeddings=sample_x, progress=False,
+                                        log_fn=print, max_queries=args.pseudo)
     train_s = time.perf_counter() - t
     t = time.perf_counter()
     model.index = build_streaming(model, corpus, L, "flat", sample_x, argparse.Namespace(pq_m=48, rerank=0))
@@ -102,6 +100,9 @@ def main() -> None:
     out["budgets"] = {}
     for budget in (0.01, 0.02, 0.05):
         bw, iw = ehi_w.largest_within(budget), ivf_w.largest_within(budget)
+        if bw is None or iw is None:  # even one leaf / list visits more than the budget
+            print(f"{100 * budget:g}%: not reachable (EHI beam {bw}, IVF nprobe {iw})")
+            continue
         found = model.search_embeddings(q_ehi, 100, bw)[0].indices
         ivf.nprobe = iw
         ivf_found = ivf.search(test_q, 100)[1]

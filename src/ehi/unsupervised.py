@@ -102,9 +102,7 @@ def pseudo_queries(
     if source == "queries" and not queries:
         raise ValueError(f"{dataset.root}: no queries to train on; use pseudo_queries='documents'")
     if source in ("auto", "queries") and queries:
-        if len(queries) > max_queries:
-            keep = np.sort(np.random.default_rng(seed).choice(len(queries), max_queries, replace=False))
-            queries = [queries[i] for i in keep]
+        queries = [queries[i] for i in _sample(len(queries), max_queries, seed)]
         return PseudoQuerySet(queries, [dataset.queries[q] for q in queries], "queries")
     spans, rows = document_spans(dataset.corpus, max_queries, seed)
     return PseudoQuerySet([f"span:{dataset.corpus.ids[r]}" for r in rows], spans, "document spans")
@@ -135,11 +133,13 @@ def train_unsupervised(
     progress: bool = True,
     resume: bool = False,
     log_fn=None,
+    max_queries: int = MAX_PSEUDO_QUERIES,
 ):
     """Train EHI without qrels (module docstring); returns (model, trainer), the model saved to
     ``out_dir`` if given. ``config`` defaults to ``unsupervised_config()``; start from it to
     change a setting. With ``doc_embeddings`` (and optionally unlabelled ``query_embeddings``)
-    it runs on precomputed vectors: ``dataset`` then needs only the corpus ids."""
+    it runs on precomputed vectors: ``dataset`` then needs only the corpus ids. At most
+    ``max_queries`` pseudo-queries are drawn (seeded)."""
     from .encoder import Encoder
     from .training import Trainer
 
@@ -151,19 +151,15 @@ def train_unsupervised(
         d_emb = _unit(doc_embeddings)
         if query_embeddings is not None:
             q_all = _unit(query_embeddings)
-            rows = np.arange(len(q_all))
-            if len(rows) > MAX_PSEUDO_QUERIES:
-                rows = np.sort(np.random.default_rng(seed).choice(len(rows), MAX_PSEUDO_QUERIES, replace=False))
+            rows = _sample(len(q_all), max_queries, seed)
             pseudo = PseudoQuerySet([f"q{r}" for r in rows], None, "queries")
             q_emb = q_all[rows]
         else:
-            rows = np.arange(len(d_emb))
-            if len(rows) > MAX_PSEUDO_QUERIES:
-                rows = np.sort(np.random.default_rng(seed).choice(len(rows), MAX_PSEUDO_QUERIES, replace=False))
+            rows = _sample(len(d_emb), max_queries, seed)
             pseudo = PseudoQuerySet([f"doc{r}" for r in rows], None, "documents", doc_rows=rows)
             q_emb = d_emb[rows]
     else:
-        pseudo = pseudo_queries(dataset, source, query_ids, seed)
+        pseudo = pseudo_queries(dataset, source, query_ids, seed, max_queries)
         enc = Encoder(cfg.encoder, device=cfg.train.device)
         enc.progress = progress
         d_emb = enc.embed_all(enc.features(dataset.corpus.documents(), "encoding corpus"))
@@ -179,6 +175,13 @@ def train_unsupervised(
     trainer.pseudo_queries = pseudo
     model = trainer.run(out_dir, resume=resume, progress=progress, log=log_fn)
     return model, trainer
+
+
+def _sample(n: int, at_most: int, seed: int) -> np.ndarray:
+    """All of ``range(n)``, or ``at_most`` of it drawn with the seed, in order."""
+    if n <= at_most:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, at_most, replace=False))
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
