@@ -55,3 +55,13 @@ def test_errors_exit_2_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["search", str(tmp_path), "q", "--budget", "1.5"])
     assert e.value.code == 2
+
+
+def test_no_progress_silences_every_bar_including_encoding(tmp_path, monkeypatch, capsys):
+    from conftest import write_beir
+
+    monkeypatch.setenv("EHI_CACHE_DIR", str(tmp_path / "cache"))  # nothing cached: the corpus is encoded
+    root = write_beir(tmp_path / "d", n_per_topic=50)  # 300 documents: above the bars' threshold
+    assert main(["train", "--data", str(root), "--out", str(tmp_path / "m"), "-B", "8", "--epochs", "1", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "it/s]" not in err and "Batches" not in err, err[-500:]

@@ -44,7 +44,16 @@ def load_sentence_transformer(name: str, device: str = "cpu", max_seq_length: in
     from sentence_transformers import SentenceTransformer
 
     path = resolve_model(name)
-    model = SentenceTransformer(path, device=device)
+    if quiet():  # transformers' own "Loading weights" bar too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        try:
+            model = SentenceTransformer(path, device=device)
+        finally:
+            hf_logging.enable_progress_bar()
+    else:
+        model = SentenceTransformer(path, device=device)
     if max_seq_length:
         model.max_seq_length = max_seq_length
     return model
@@ -319,7 +328,7 @@ class Encoder(nn.Module):
             batch_size=self.config.encode_batch_size,
             normalize_embeddings=True,
             convert_to_numpy=True,
-            show_progress_bar=len(texts) > 256,
+            show_progress_bar=len(texts) > 256 and self.progress and not quiet(),
         )
         return torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32))
 
