@@ -190,3 +190,17 @@ def test_resume_between_target_refreshes_matches_an_uninterrupted_run(tmp_path, 
     resumed, _ = train_unsupervised(ds, cfg, tmp_path / "b", progress=False, resume=True)
     for (k, a), (_, b) in zip(full.tree.state_dict().items(), resumed.tree.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_a_corpus_alone_trains_unsupervised_and_supervised_training_says_what_is_missing(tmp_path, capsys):
+    root = write_beir(tmp_path / "corpus-only", n_per_topic=8)
+    (root / "queries.jsonl").unlink()
+    shutil.rmtree(root / "qrels")
+    assert main(["train", "--data", str(root), "--unsupervised", "--out", str(tmp_path / "m"), "-B", "6",
+                 "--epochs", "1", "--no-progress"]) == 0
+    assert "pseudo-queries (document spans)" in capsys.readouterr().out
+    (root / "qrels").mkdir()
+    (root / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\tastronomy-0\t1\n")
+    assert main(["train", "--data", str(root), "--out", str(tmp_path / "m2"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "queries.jsonl: no queries" in err and "--unsupervised" in err

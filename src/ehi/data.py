@@ -61,6 +61,8 @@ class Dataset:
         documents (a warning with counts, or an error with ``strict``) and that some exist."""
         qrels = self.split(name)
         path = self.root / "qrels" / f"{name}.tsv"
+        if not self.queries:
+            raise DataError(f"{self.root / 'queries.jsonl'}: no queries, which the qrels of {path} need (without labels: --unsupervised)")
         docs = set(self.corpus.ids)
         bad_q = sum(q not in self.queries for q in qrels)
         bad_d = sum(d not in docs for rows in qrels.values() for d in rows)
@@ -178,12 +180,15 @@ def load_qrels(path: str | Path) -> dict[str, dict[str, int]]:
 
 
 def load_beir(name_or_path: str | Path, cache_dir: str | Path | None = None) -> Dataset:
-    """Load a BEIR folder by path; a bare BEIR name that is not a local folder is downloaded."""
+    """Load a BEIR folder by path (``queries.jsonl`` and ``qrels/`` optional); a bare BEIR
+    name that is not a local folder is downloaded."""
     root = Path(name_or_path)
     if not root.is_dir():
         root = download_beir(str(name_or_path), cache_dir)
     corpus = load_corpus(root / "corpus.jsonl")
-    queries = load_queries(root / "queries.jsonl")
+    # a corpus alone is a dataset too (unsupervised training, neighbour recall); anything that
+    # needs queries says so when it finds none
+    queries = load_queries(root / "queries.jsonl") if (root / "queries.jsonl").exists() else {}
     return Dataset(root=root, corpus=corpus, queries=queries)
 
 
