@@ -147,8 +147,8 @@ def run_seed_unsupervised(dataset: Dataset, config: EHIConfig, seed: int, split:
     """Unsupervised EHI against Faiss-IVF and ScaNN over the same (frozen) encoder. Evaluated:
     the split's queries when it has qrels (pseudo-queries: every other query, else document
     spans), otherwise every query (pseudo-queries: document spans), never trained on."""
-    from .evaluation import exact_neighbours_of, has_qrels
-    from .unsupervised import train_unsupervised
+    from .evaluation import has_qrels
+    from .unsupervised import exact_neighbours, train_unsupervised
 
     out = SeedRun(seed)
     if has_qrels(dataset, split):
@@ -168,7 +168,7 @@ def run_seed_unsupervised(dataset: Dataset, config: EHIConfig, seed: int, split:
     enc = model.encoder
     q_emb = enc.embed_all(enc.features([dataset.queries[q] for q in qids], "encoding queries"))
     d_emb = model.index.embeddings
-    truth = exact_neighbours_of(q_emb, d_emb)
+    truth = exact_neighbours(q_emb, d_emb)
     t = time.perf_counter()
     out.rows += ehi_curve("EHI", model, q_emb, qids, qrels, budgets, truth=truth)
     rows, sizes = index_curves("encoder", q_emb, d_emb, model.tree.num_leaves, seed, qids, model.doc_ids, qrels, budgets, truth=truth)

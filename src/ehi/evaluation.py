@@ -14,6 +14,7 @@ import numpy as np
 from ir_measures import RR, R, nDCG
 
 from .budget import BUDGET_RULE, WidthSearch  # noqa: F401  (the rule lives in budget.py)
+from .unsupervised import exact_neighbours, neighbour_recall
 
 BUDGETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 MEASURES = [R @ 10, R @ 20, R @ 50, R @ 100, nDCG @ 1, nDCG @ 3, nDCG @ 5, nDCG @ 10, RR @ 10]
@@ -74,19 +75,11 @@ def scores(qrels: dict | None, qids, idx: np.ndarray, sc: np.ndarray, doc_ids, t
         run = make_run(qids, idx, sc, doc_ids)
         metrics, pq = measure(qrels, run), per_query(qrels, run)
     if truth is not None:
-        from .unsupervised import neighbour_recall
-
         for k in NEIGHBOUR_KS:  # a corpus smaller than k: its top k is all of it
             kk = min(k, truth.shape[1])
             if idx.shape[1] >= kk:
                 metrics[f"NR@{k}"] = 100.0 * float(neighbour_recall(idx, truth, kk).mean())
     return metrics, pq
-
-
-def exact_neighbours_of(q_emb: np.ndarray, doc_emb: np.ndarray, k: int = max(NEIGHBOUR_KS)) -> np.ndarray:
-    from .baselines import exact_search
-
-    return exact_search(q_emb, doc_emb, k)[0]
 
 
 def exact_row(method: str, q_emb, doc_emb, qids, doc_ids, qrels, k: int = 100, truth: np.ndarray | None = None) -> Row:
@@ -189,7 +182,7 @@ def evaluate_model(
     q_emb = enc.embed_all(enc.features(texts, "encoding queries"))
     doc_ids = model.doc_ids
     d_emb = model.index.embeddings
-    truth = exact_neighbours_of(q_emb, d_emb)
+    truth = exact_neighbours(q_emb, d_emb)
     rows = ehi_curve("EHI", model, q_emb, qids, qrels, budgets, k, truth)
     rows.append(exact_row("EHI encoder, exact", q_emb, d_emb, qids, doc_ids, qrels, k, truth))
     if baselines:
@@ -200,7 +193,7 @@ def evaluate_model(
         base = base_embeddings(model, dataset, texts)
         if base is not None:
             bq, bd = base
-            bt = exact_neighbours_of(bq, bd)
+            bt = exact_neighbours(bq, bd)
             rows.append(exact_row("base encoder, exact", bq, bd, qids, doc_ids, qrels, k, bt))
             rows += ivf_curve("base encoder + Faiss-IVF", bq, bd, nlist, seed, qids, doc_ids, qrels, budgets, k, bt)[0]
     return rows

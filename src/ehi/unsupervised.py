@@ -59,21 +59,17 @@ def unsupervised_config(config: EHIConfig | None = None) -> EHIConfig:
     return apply_overrides(config or EHIConfig(), OVERRIDES)
 
 
-def exact_neighbours(q_emb: np.ndarray, d_emb: np.ndarray, k: int, self_rows: np.ndarray | None = None) -> np.ndarray:
-    """(Q, k) rows of the most similar documents (inner product on normalised vectors), best
-    first; ``self_rows[i]`` (a document standing in for query i) is never its own neighbour."""
-    import faiss
+def exact_neighbours(q_emb: np.ndarray, d_emb: np.ndarray, k: int = 100, self_rows: np.ndarray | None = None) -> np.ndarray:
+    """(Q, min(k, N)) rows of the most similar documents (exact search), best first: the truth
+    of neighbour recall. ``self_rows[i]`` (a document standing in for query i) is never its
+    own neighbour."""
+    from .baselines import exact_search
 
-    index = faiss.IndexFlatIP(d_emb.shape[1])
-    index.add(np.ascontiguousarray(d_emb, dtype=np.float32))
-    extra = 1 if self_rows is not None else 0
-    k = min(k, d_emb.shape[0] - extra)
-    _, idx = index.search(np.ascontiguousarray(q_emb, dtype=np.float32), k + extra)
     if self_rows is None:
-        return idx
-    keep = idx != self_rows[:, None]
-    out = np.stack([row[m][:k] for row, m in zip(idx, keep)])
-    return out
+        return exact_search(q_emb, d_emb, k)[0]
+    k = min(k, d_emb.shape[0] - 1)
+    idx = exact_search(q_emb, d_emb, k + 1)[0]
+    return np.stack([row[row != own][:k] for row, own in zip(idx, self_rows)])
 
 
 def document_spans(corpus: Corpus, n: int, seed: int, words: tuple[int, int] = (8, 16)) -> tuple[list[str], np.ndarray]:
