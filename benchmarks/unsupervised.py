@@ -25,8 +25,8 @@ from generalization import CORPORA, split_queries
 from ehi.benchmark import apply_overrides, index_curves
 from ehi.data import load_beir
 from ehi.encoder import Encoder
-from ehi.evaluation import ehi_curve
-from ehi.unsupervised import exact_neighbours, train_unsupervised, unsupervised_config
+from ehi.evaluation import ehi_curve, exact_row_and_truth
+from ehi.unsupervised import train_unsupervised, unsupervised_config
 
 BUDGETS = (0.01, 0.02, 0.05, 0.1, 0.2)
 VARIANTS: dict[str, dict] = {
@@ -60,12 +60,13 @@ def run(corpus_name, ds, train_q, decide_q, decide_split, overrides, seed, pseud
     q_emb = enc.embed_all(enc.features([ds.queries[q] for q in decide_q], "encoding queries"))
     qrels = {q: ds.split(decide_split)[q] for q in decide_q}
     d_emb = model.index.embeddings
-    truth = exact_neighbours(q_emb, d_emb)
+    exact, truth = exact_row_and_truth("base + exact", q_emb, d_emb, decide_q, model.doc_ids, qrels)
     rows = ehi_curve("EHI", model, q_emb, decide_q, qrels, BUDGETS, truth=truth)
     out = {"EHI": cells(rows, "EHI"), "train_s": round(train_s, 1), "kept": model.validation and model.validation["kept_epoch"],
            "oracle routing over EHI's leaves": oracle_cells(model, truth)}
     if baselines:
-        base, _ = index_curves("base", q_emb, d_emb, model.tree.num_leaves, seed, decide_q, model.doc_ids, qrels, BUDGETS, truth=truth)
+        base, _ = index_curves("base", q_emb, d_emb, model.tree.num_leaves, seed, decide_q, model.doc_ids, qrels, BUDGETS,
+                               exact=exact, truth=truth)
         out["Faiss-IVF"] = cells(base, "base + Faiss-IVF")
         out["ScaNN"] = cells(base, "base + ScaNN")
     return out

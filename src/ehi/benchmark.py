@@ -81,12 +81,12 @@ class SeedRun:
     validation: dict | None = None  # EHI's validated-training report (curve, kept epoch)
 
 
-def index_curves(prefix, q_emb, d_emb, nlist, seed, qids, doc_ids, qrels, budgets, k=100, scann=True, truth=None):
-    """Exact search, Faiss-IVF and ScaNN over one set of embeddings (``truth``: its exact
-    neighbours, for neighbour recall)."""
+def index_curves(prefix, q_emb, d_emb, nlist, seed, qids, doc_ids, qrels, budgets, k=100, scann=True, exact=None, truth=None):
+    """Exact search, Faiss-IVF and ScaNN over one set of embeddings; ``exact`` and ``truth``:
+    the exact row and neighbours already computed (``exact_row_and_truth``), for neighbour recall."""
     from .baselines import ScaNNBaseline
 
-    rows = [exact_row(f"{prefix} + exact", q_emb, d_emb, qids, doc_ids, qrels, k, truth)]
+    rows = [exact or exact_row(f"{prefix} + exact", q_emb, d_emb, qids, doc_ids, qrels, k)]
     ivf_rows, ivf = ivf_curve(f"{prefix} + Faiss-IVF", q_emb, d_emb, nlist, seed, qids, doc_ids, qrels, budgets, k, truth)
     rows += ivf_rows
     sizes = {f"{prefix} + Faiss-IVF": ivf.list_sizes.tolist()}
@@ -147,8 +147,8 @@ def run_seed_unsupervised(dataset: Dataset, config: EHIConfig, seed: int, split:
     """Unsupervised EHI against Faiss-IVF and ScaNN over the same (frozen) encoder. Evaluated:
     the split's queries when it has qrels (pseudo-queries: every other query, else document
     spans), otherwise every query (pseudo-queries: document spans), never trained on."""
-    from .evaluation import has_qrels
-    from .unsupervised import exact_neighbours, train_unsupervised
+    from .evaluation import exact_row_and_truth, has_qrels
+    from .unsupervised import train_unsupervised
 
     out = SeedRun(seed)
     if has_qrels(dataset, split):
@@ -168,10 +168,11 @@ def run_seed_unsupervised(dataset: Dataset, config: EHIConfig, seed: int, split:
     enc = model.encoder
     q_emb = enc.embed_all(enc.features([dataset.queries[q] for q in qids], "encoding queries"))
     d_emb = model.index.embeddings
-    truth = exact_neighbours(q_emb, d_emb)
     t = time.perf_counter()
+    exact, truth = exact_row_and_truth("encoder + exact", q_emb, d_emb, qids, model.doc_ids, qrels)
     out.rows += ehi_curve("EHI", model, q_emb, qids, qrels, budgets, truth=truth)
-    rows, sizes = index_curves("encoder", q_emb, d_emb, model.tree.num_leaves, seed, qids, model.doc_ids, qrels, budgets, truth=truth)
+    rows, sizes = index_curves("encoder", q_emb, d_emb, model.tree.num_leaves, seed, qids, model.doc_ids, qrels, budgets,
+                               exact=exact, truth=truth)
     out.rows += rows
     out.leaf_sizes["EHI"] = model.index.leaf_sizes().tolist()
     out.leaf_sizes.update(sizes)

@@ -421,10 +421,8 @@ def cmd_cache(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from .data import load_beir
-    from .evaluation import BUDGET_RULE, BUDGETS, evaluate_model, format_table
+    from .evaluation import BUDGET_RULE, BUDGETS, evaluate_model, format_table, has_qrels
     from .model import EHIModel
-
-    from .evaluation import has_qrels
 
     model = EHIModel.load(args.model, device=args.device)
     ds = load_beir(args.data)

@@ -14,7 +14,7 @@ import numpy as np
 from ir_measures import RR, R, nDCG
 
 from .budget import BUDGET_RULE, WidthSearch  # noqa: F401  (the rule lives in budget.py)
-from .unsupervised import exact_neighbours, neighbour_recall
+from .unsupervised import neighbour_recall
 
 BUDGETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 MEASURES = [R @ 10, R @ 20, R @ 50, R @ 100, nDCG @ 1, nDCG @ 3, nDCG @ 5, nDCG @ 10, RR @ 10]
@@ -82,11 +82,21 @@ def scores(qrels: dict | None, qids, idx: np.ndarray, sc: np.ndarray, doc_ids, t
     return metrics, pq
 
 
-def exact_row(method: str, q_emb, doc_emb, qids, doc_ids, qrels, k: int = 100, truth: np.ndarray | None = None) -> Row:
+def exact_row(method: str, q_emb, doc_emb, qids, doc_ids, qrels, k: int = 100) -> Row:
+    return exact_row_and_truth(method, q_emb, doc_emb, qids, doc_ids, qrels, k, neighbours=False)[0]
+
+
+def exact_row_and_truth(
+    method: str, q_emb, doc_emb, qids, doc_ids, qrels, k: int = 100, neighbours: bool = True
+) -> tuple[Row, np.ndarray | None]:
+    """Exact search once, for both: its row and (``neighbours``) the truth every other row
+    over these embeddings is judged against for neighbour recall (the top 100)."""
     from .baselines import exact_search
 
-    idx, sc = exact_search(q_emb, doc_emb, k)
-    return Row(method, None, 0, 1.0, *scores(qrels, qids, idx, sc, doc_ids, truth))
+    n_truth = max(NEIGHBOUR_KS) if neighbours else 0
+    idx, sc = exact_search(q_emb, doc_emb, max(k, n_truth))
+    truth = idx[:, :n_truth] if neighbours else None
+    return Row(method, None, 0, 1.0, *scores(qrels, qids, idx[:, :k], sc[:, :k], doc_ids, truth)), truth
 
 
 def budget_curve(
@@ -182,9 +192,9 @@ def evaluate_model(
     q_emb = enc.embed_all(enc.features(texts, "encoding queries"))
     doc_ids = model.doc_ids
     d_emb = model.index.embeddings
-    truth = exact_neighbours(q_emb, d_emb)
+    exact, truth = exact_row_and_truth("EHI encoder, exact", q_emb, d_emb, qids, doc_ids, qrels, k)
     rows = ehi_curve("EHI", model, q_emb, qids, qrels, budgets, k, truth)
-    rows.append(exact_row("EHI encoder, exact", q_emb, d_emb, qids, doc_ids, qrels, k, truth))
+    rows.append(exact)
     if baselines:
         nlist = model.tree.num_leaves
         seed = model.config.train.seed
@@ -193,8 +203,8 @@ def evaluate_model(
         base = base_embeddings(model, dataset, texts)
         if base is not None:
             bq, bd = base
-            bt = exact_neighbours(bq, bd)
-            rows.append(exact_row("base encoder, exact", bq, bd, qids, doc_ids, qrels, k, bt))
+            base_exact, bt = exact_row_and_truth("base encoder, exact", bq, bd, qids, doc_ids, qrels, k)
+            rows.append(base_exact)
             rows += ivf_curve("base encoder + Faiss-IVF", bq, bd, nlist, seed, qids, doc_ids, qrels, budgets, k, bt)[0]
     return rows
 

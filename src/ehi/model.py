@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,13 +153,11 @@ class EHIModel:
         """Nodes kept above the leaves for a search of ``beam`` leaves: calibrated per width
         (the third entry of the calibration, for per-node leaf-ranked two-level trees), else
         max(beam, the config's upper_beam)."""
-        calibrated = [c for c in self.beam_calibration if len(c) > 2]
-        for w, _, u in calibrated:  # the entry of the smallest calibrated width >= beam
-            if w >= beam:
-                return int(u)
-        if calibrated:
-            return int(calibrated[-1][2])
-        return max(beam, self.config.tree.search_upper_beam())
+        entries = self._derived("_uppers", self.beam_calibration, lambda cal: [(int(c[0]), int(c[2])) for c in cal if len(c) > 2])
+        if not entries:
+            return max(beam, self.config.tree.search_upper_beam())
+        i = bisect.bisect_left(entries, (beam,))  # the entry of the smallest calibrated width >= beam
+        return entries[min(i, len(entries) - 1)][1]
 
     def build_index(
         self, doc_emb: np.ndarray, doc_ids: list[str], doc_titles: list[str] | None = None, codec: str | None = None
@@ -203,9 +202,15 @@ class EHIModel:
     def _rows_by_id(self) -> dict[str, int]:
         """Document id -> index row, built once per ``doc_ids`` list (every change replaces
         the list), so that filtered searches do not rebuild it per request."""
-        cached = getattr(self, "_row_map", None)
-        if cached is None or cached[0] is not self.doc_ids:
-            cached = self._row_map = (self.doc_ids, {d: i for i, d in enumerate(self.doc_ids)})
+        return self._derived("_row_map", self.doc_ids, lambda ids: {d: i for i, d in enumerate(ids)})
+
+    def _derived(self, name: str, source, build):
+        """``build(source)``, kept until ``source`` is replaced by another object (every change
+        to the calibration or the document list assigns a new one)."""
+        cached = getattr(self, name, None)
+        if cached is None or cached[0] is not source:
+            cached = (source, build(source))
+            setattr(self, name, cached)
         return cached[1]
 
     def _check_new_ids(self, ids) -> None:
@@ -253,7 +258,10 @@ class EHIModel:
 
     def visited_fraction(self, query_emb: np.ndarray, beam: int) -> float:
         """Mean fraction of the corpus the queries visit at ``beam`` (the budget measure)."""
-        return float(self.index.visited_counts(self.route(query_emb, beam)).mean() / self.index.num_docs)
+        return self._fraction_visited(self.route(query_emb, beam))
+
+    def _fraction_visited(self, leaves: np.ndarray) -> float:
+        return float(self.index.visited_counts(leaves).mean() / self.index.num_docs)
 
     def calibrate(self, query_emb: np.ndarray) -> list[list[float]]:
         """Mean fraction visited at each beam width of a grid (every width up to 64, then
@@ -267,10 +275,7 @@ class EHIModel:
             # a beam per level: the cells expanded for each width, from the same queries
             rows = np.random.default_rng(0).permutation(len(query_emb))[:2000]  # bounds its (Q, L) masks
             uppers = router.calibrate_upper(query_emb[np.sort(rows)], grid, tc.upper_agreement)
-            self.beam_calibration = []
-            for b in grid:
-                leaves = router.leaves(query_emb, b, uppers[b])
-                self.beam_calibration.append([b, float(self.index.visited_counts(leaves).mean() / self.index.num_docs), uppers[b]])
+            self.beam_calibration = [[b, self._fraction_visited(router.leaves(query_emb, b, uppers[b])), uppers[b]] for b in grid]
         else:
             self.beam_calibration = [[b, self.visited_fraction(query_emb, b)] for b in grid]
         return self.beam_calibration

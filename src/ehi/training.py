@@ -266,13 +266,9 @@ class Trainer:
 
     def neighbour_rows(self) -> np.ndarray:
         """(Q, K) document rows of each training query's judged neighbours (-1 padded)."""
-        if self.judgements == getattr(self, "_nb_for", (None, None))[0] and self._nb_for[1] is self.train_set:
-            return self._nb
         row = {d: i for i, d in enumerate(self.dataset.corpus.ids)}
         rel = self.dataset.relevant(self.judgements)
-        self._nb = positives_matrix([[row[d] for d in rel.get(q, []) if d in row] for q in self.train_set.query_ids])
-        self._nb_for = (self.judgements, self.train_set)
-        return self._nb
+        return positives_matrix([[row[d] for d in rel.get(q, []) if d in row] for q in self.train_set.query_ids])
 
     def refresh_routing_targets(self) -> None:
         """Where the current tree puts each document, and so where each training query's
@@ -426,7 +422,7 @@ class Trainer:
         if neighbours:
             dev_t = lambda x: torch.from_numpy(x).to(level_probs[0].device)
             q_loss = soft_routing_cross_entropy(
-                [p[:b] for p in level_probs], [dev_t(t[qi]) for t in self.route_targets], dev_t(self.query_paths[qi])
+                [p[:b] for p in level_probs], [dev_t(target[qi]) for target in self.route_targets], dev_t(self.query_paths[qi])
             )
             rp = self.doc_paths[r_rows]
             B = self.config.tree.branching
