@@ -78,3 +78,24 @@ def test_files_written_atomically_get_ordinary_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert p.read_text() == "{}" and (p.stat().st_mode & 0o777) == 0o644
+
+
+def test_another_selection_of_cached_texts_encodes_only_the_new_ones(cache, monkeypatch):
+    """A different validation split or subset re-encodes nothing it has seen: the cache is
+    keyed by each text, not only by the whole list."""
+    from ehi.config import EncoderConfig
+
+    e = enc.Encoder(EncoderConfig())
+    first = ["a telescope", "an oven", "a river delta", "a violin"]
+    want = e.features(first).dense.numpy()
+    computed = []
+    real = e.compute_features
+    monkeypatch.setattr(e, "compute_features", lambda texts, desc="": computed.append(list(texts)) or real(texts, desc))
+    second = ["a violin", "a glacier", "a telescope", "a violin"]
+    got = e.features(second).dense.numpy()
+    assert computed == [["a glacier"]]  # only the text never seen
+    assert np.array_equal(got[0], want[3]) and np.array_equal(got[2], want[0]) and np.array_equal(got[3], want[3])
+    assert np.allclose(got[1], real(["a glacier"]).dense.numpy()[0], atol=1e-6)
+    computed.clear()
+    again = e.features(["an oven", "a glacier"]).dense.numpy()  # both cached, under two lists
+    assert computed == [] and np.array_equal(again[0], want[1]) and np.allclose(again[1], got[1])

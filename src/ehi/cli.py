@@ -516,6 +516,9 @@ def run(args: argparse.Namespace) -> int:
     from .artifacts import ArtifactError
     from .data import DataError
 
+    for stream in (sys.stdout, sys.stderr):  # a redirected log shows each line as it happens
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     quiet = getattr(args, "no_progress", False)
     before = os.environ.get("EHI_NO_PROGRESS")

@@ -1,7 +1,8 @@
 """The shared query/document encoder: a sentence-transformer with a chosen trainable scope.
 
-What the frozen part computes is cached on disk, keyed by the model's and the texts'
-fingerprints: re-encoding SciFact costs minutes on a CPU, re-reading it costs a second.
+What the frozen part computes is cached on disk, keyed by the model's fingerprint and by
+each text: re-encoding SciFact costs minutes on a CPU, re-reading it costs a second, and
+another selection of the same texts (a different validation split, say) re-encodes nothing.
 """
 
 from __future__ import annotations
@@ -86,6 +87,14 @@ def model_fingerprint(name: str) -> str:
     else:
         h.update(name.encode())
     return h.hexdigest()[:16]
+
+
+def text_keys(texts: list[str]) -> np.ndarray:
+    """(N, 2) uint64: 128 bits of each text's sha256, the per-text key of the feature cache."""
+    out = np.empty((len(texts), 2), dtype=np.uint64)
+    for i, t in enumerate(texts):
+        out[i] = np.frombuffer(hashlib.sha256(t.encode("utf-8", "surrogatepass")).digest()[:16], dtype=np.uint64)
+    return out
 
 
 def texts_fingerprint(texts: list[str]) -> str:
@@ -262,18 +271,63 @@ class Encoder(nn.Module):
 
     # ---- frozen part -------------------------------------------------------------------
     def features(self, texts: list[str], desc: str = "encoding", use_cache: bool = True) -> Features:
-        """What the frozen part computes for ``texts``, from the on-disk cache when present."""
+        """What the frozen part computes for ``texts``: the texts already in the on-disk cache
+        (under any earlier list) are read from it, only the others are computed."""
         path = self.cache_path(texts)
         if path is None:
             return Features(texts=list(texts))
-        if use_cache:
-            cached = self.load_cached(path)
-            if cached is not None:
-                return cached
-        feats = self.compute_features(texts, desc)
-        if use_cache:
-            self.save_cached(path, feats)
-        return feats
+        if not use_cache:
+            return self.compute_features(texts, desc)
+        cached = self.load_cached(path)
+        if cached is not None:
+            return cached
+        keys = text_keys(texts)
+        rows: list = [None] * len(texts)
+        like = self._gather_cached(path, keys, rows)
+        missing = [i for i, r in enumerate(rows) if r is None]
+        if missing:
+            new_texts = [texts[i] for i in missing]
+            new = self.compute_features(new_texts, desc)
+            self.save_cached(self.cache_path(new_texts), new, text_keys(new_texts))
+            for i, r in zip(missing, new.rows()):
+                rows[i] = r
+            like = new
+        return Features.from_rows(rows, like)
+
+    def _gather_cached(self, path: Path, keys: np.ndarray, rows: list) -> Features | None:
+        """Fill ``rows`` from this model's cache files (newest first) that hold the texts'
+        keys; returns one of them as the layout template (None if none matched)."""
+        want: dict[bytes, list[int]] = {}
+        for i, k in enumerate(keys):
+            want.setdefault(k.tobytes(), []).append(i)
+        prefix = path.name.rsplit("-", 2)[0] + "-"
+        files = [f for f in cache_files() if f.name.startswith(prefix)]
+        like = None
+        for f in sorted(files, key=lambda f: f.stat().st_mtime if f.exists() else 0, reverse=True):
+            if not want:
+                break
+            try:
+                with np.load(f, allow_pickle=False) as z:
+                    if "keys" not in z.files:
+                        continue
+                    fkeys = z["keys"]
+                    hits = [(j, k.tobytes()) for j, k in enumerate(fkeys) if k.tobytes() in want]
+                    if not hits:
+                        continue
+                    feats = self._read(z)
+            except (OSError, ValueError, KeyError) as e:
+                log.warning("ignoring unreadable feature cache %s (%s)", f, e)
+                continue
+            like = feats
+            frows = feats.rows()
+            for j, kb in hits:
+                for i in want.pop(kb, []):
+                    rows[i] = frows[j]
+            try:
+                os.utime(f)
+            except OSError:
+                pass
+        return like
 
     def cache_path(self, texts: list[str]) -> Path | None:
         """Cache file keyed by the model's and the texts' fingerprints (None: nothing to cache)."""
@@ -289,15 +343,17 @@ class Encoder(nn.Module):
         key = f"{self.fingerprint}-{scope}{layers}-L{self.config.max_seq_length}-{texts_fingerprint(texts)}-{len(texts)}"
         return cache_dir() / f"{key}.npz"
 
+    def _read(self, z) -> Features:
+        if self.config.scope == "adapter":
+            return Features(dense=torch.from_numpy(z["dense"]))
+        return Features(states=torch.from_numpy(z["states"]), offsets=torch.from_numpy(z["offsets"]))
+
     def load_cached(self, path: Path) -> Features | None:
         if not path.exists():
             return None
         try:
             with np.load(path, allow_pickle=False) as z:
-                if self.config.scope == "adapter":
-                    feats = Features(dense=torch.from_numpy(z["dense"]))
-                else:
-                    feats = Features(states=torch.from_numpy(z["states"]), offsets=torch.from_numpy(z["offsets"]))
+                feats = self._read(z)
         except (OSError, ValueError, KeyError) as e:
             log.warning("ignoring unreadable feature cache %s (%s)", path, e)
             return None
@@ -307,11 +363,13 @@ class Encoder(nn.Module):
             pass  # a read-only cache still serves
         return feats
 
-    def save_cached(self, path: Path, feats: Features) -> None:
+    def save_cached(self, path: Path, feats: Features, keys: np.ndarray | None = None) -> None:
+        """``keys`` (``text_keys`` of the texts) let later lists reuse these rows."""
+        extra = {} if keys is None else {"keys": keys}
         if feats.dense is not None:
-            write_file_atomic(path, lambda fh: np.savez(fh, dense=feats.dense.numpy()))
+            write_file_atomic(path, lambda fh: np.savez(fh, dense=feats.dense.numpy(), **extra))
         else:
-            write_file_atomic(path, lambda fh: np.savez(fh, states=feats.states.numpy(), offsets=feats.offsets.numpy()))
+            write_file_atomic(path, lambda fh: np.savez(fh, states=feats.states.numpy(), offsets=feats.offsets.numpy(), **extra))
         evict_cache(keep=path)
 
     def compute_features(self, texts: list[str], desc: str = "encoding") -> Features:

@@ -23,7 +23,7 @@ from .artifacts import ArtifactError, read_manifest, write_artifact
 from .config import EHIConfig
 from .data import Dataset
 from .distributed import all_gather_ids, all_gather_with_grad, barrier, gather_rows, is_main, map_rows, rank_world, shard_rows
-from .encoder import PRECOMPUTED, Encoder, Features
+from .encoder import PRECOMPUTED, Encoder, Features, text_keys
 from .losses import ehi_losses, routing_cross_entropy, soft_routing_cross_entropy
 from .mining import mine_pool, positives_matrix, routing_targets, sample_negatives
 from .model import EHIModel
@@ -242,7 +242,7 @@ class Trainer:
         like = Features(dense=torch.empty(0)) if self.config.encoder.scope == "adapter" else Features(states=torch.empty(0))
         feats = Features.from_rows(gather_rows(local, len(texts)), like)
         if is_main():
-            self.encoder.save_cached(path, feats)
+            self.encoder.save_cached(path, feats, text_keys(texts))
         barrier()
         return feats
 
