@@ -154,3 +154,40 @@ def test_tune_tries_every_candidate_within_its_time_and_keeps_the_best(tiny_beir
         assert getattr(getattr(chosen, section), name) == value
     assert chosen.train.epochs == max(1, max(best.kept))
     assert all(t.scores[0] >= t.start[0] for t in trials)  # validation never keeps worse than the start
+
+
+def test_grouped_holdout_points_only_at_documents_no_training_query_touches(tmp_path):
+    """val_group='documents': held-out queries are on articles (repeated titles) that no
+    training query is on, so validation sees routing to new documents."""
+    from ehi.data import Corpus, Dataset
+
+    ids = [f"d{i}" for i in range(60)]
+    titles = [f"article {i // 3}" for i in range(60)]  # 20 articles of 3 paragraphs
+    corpus = Corpus(ids, titles, [f"text {i}" for i in range(60)])
+    rng = np.random.default_rng(0)
+    qrels = {f"q{j}": {ids[int(rng.integers(60))]: 1} for j in range(100)}
+    qrels["q-both"] = {"d0": 1, "d59": 1}  # on two articles
+    ds = Dataset(tmp_path, corpus, {q: q for q in qrels}, {"train": qrels})
+    tc = config(val_group="documents", val_fraction=0.2).train
+    tr, val, split = holdout(ds, "train", None, tc)
+    assert split == "train" and 10 <= len(val) and not set(tr) & set(val)
+    art = lambda q: {titles[ids.index(d)] for d in qrels[q]}
+    held = set().union(*(art(q) for q in val))
+    assert not any(art(q) & held for q in tr)  # no training query on a held-out article
+    assert len(tr) + len(val) >= len(qrels) - 1  # at most the query on both kinds is in neither
+    assert holdout(ds, "train", None, tc)[1] == val
+    # unique titles: each document is its own group
+    ds2 = Dataset(tmp_path, Corpus(ids, [f"t{i}" for i in range(60)], corpus.texts), ds.queries, {"train": qrels})
+    tr2, val2, _ = holdout(ds2, "train", None, tc)
+    docs = set().union(*(set(qrels[q]) for q in val2))
+    assert not any(set(qrels[q]) & docs for q in tr2)
+    with pytest.raises(ValueError, match="val_group"):
+        config(val_group="titles").validate()
+
+
+def test_grouped_holdout_trains_and_refits_on_every_query(tiny_beir):
+    ds = load_beir(tiny_beir)
+    trainer = Trainer(config(val_group="documents", epochs=2), ds)
+    assert trainer.validator is not None
+    assert sorted(trainer.full_set.query_ids) == sorted(ds.relevant("train"))
+    trainer.fit(progress=False)

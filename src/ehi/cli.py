@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace an ehi model already at --out")
     t.add_argument("--strict", action="store_true", help="qrels naming unknown queries or documents are errors, not warnings")
     t.add_argument("--val-fraction", type=float, help="training queries held out to validate routing each epoch (0 = off; default 0.2)")
+    t.add_argument("--val-group", choices=["random", "documents"],
+                   help="held-out queries drawn at random (default) or by whole document groups (an article when titles repeat): "
+                   "documents no training query touches")
     t.add_argument("--val-split", help="validate on this qrels split instead (e.g. dev; never the split you report on)")
     t.add_argument("--no-refit", action="store_true", help="ship the validated state itself, not a retrain on all queries")
 
@@ -213,6 +216,7 @@ def _config_from_args(args):
         "device": ("train", "device"),
         "val_fraction": ("train", "val_fraction"),
         "val_split": ("train", "val_split"),
+        "val_group": ("train", "val_group"),
     }
     for arg, (section, name) in mapping.items():
         v = getattr(args, arg, None)

@@ -169,6 +169,11 @@ class TrainConfig:
     # ``val_fraction`` of the training queries (0 = no validation, keep the last epoch).
     val_fraction: float = 0.2
     val_split: str = ""
+    # how the held-out queries are drawn: "random" (their documents keep other training
+    # queries) or "documents" (whole document groups — an article's paragraphs when titles
+    # repeat, else single documents — so the held-out queries point at documents no training
+    # query touches, which is what a user's new documents are; issue 20)
+    val_group: str = "random"
     val_budgets: list[float] = field(default_factory=lambda: [0.01, 0.02, 0.05, 0.1, 0.2])
     # after validation picked the epoch, train again from the same start on every training
     # query (the held-out ones included) for that many epochs: few-query corpora need them all
@@ -179,6 +184,8 @@ class TrainConfig:
     val_recluster: bool = True
 
     def validate(self) -> None:
+        if self.val_group not in ("random", "documents"):
+            raise ValueError(f"val_group must be 'random' or 'documents', got {self.val_group!r}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not self.val_budgets or not all(0 < b <= 1 for b in self.val_budgets):

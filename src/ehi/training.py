@@ -171,9 +171,19 @@ class Trainer:
         # the refit trains on the held-out queries too, when they came from the training split
         self.full_set: TrainingSet | None = None
         if val_qids and self.val_split == split and tc.val_refit:
-            self.full_set = TrainingSet.from_dataset(dataset, split, sorted(self.train_set.query_ids + list(val_qids)))
+            rel = dataset.relevant(split)
+            # every training query: a grouped hold-out also set aside those touching both kinds
+            full = sorted(set(q for q in (query_ids if query_ids is not None else rel) if q in rel))
+            self.full_set = TrainingSet.from_dataset(dataset, split, full)
             feats = dict(zip(self.train_set.query_ids, self.q_feats.rows()))
             feats.update(zip(val_qids, val_feats.rows()))
+            rest = [q for q in self.full_set.query_ids if q not in feats]
+            if rest:
+                if doc_embeddings is not None:
+                    rows = _normalised(query_embeddings[[row[q] for q in rest]]).numpy()
+                else:
+                    rows = self._features([dataset.queries[q] for q in rest], "encoding queries").rows()
+                feats.update(zip(rest, rows))
             self.full_q_feats = Features.from_rows([feats[q] for q in self.full_set.query_ids], self.q_feats)
         self.stage = "select"  # then "refit"
         self.refit_epochs = 0

@@ -41,6 +41,8 @@ def holdout(
         return [q for q in pool if q not in held], val, tc.val_split
     if tc.val_fraction <= 0 or tc.epochs == 0:
         return query_ids, [], ""
+    if tc.val_group == "documents":
+        return grouped_holdout(dataset, split, pool, tc)
     n_val = int(round(tc.val_fraction * len(pool)))
     if n_val < MIN_VAL_QUERIES or len(pool) - n_val < 2:
         log.warning(
@@ -52,6 +54,43 @@ def holdout(
     val = sorted(pool[i] for i in order[:n_val])
     held = set(val)
     return [q for q in pool if q not in held], val, split
+
+
+def document_groups(dataset: Dataset) -> dict[str, str]:
+    """Each document's group: its title when other documents share it (the paragraphs of one
+    article), else the document itself."""
+    from collections import Counter
+
+    counts = Counter(dataset.corpus.titles)
+    return {d: (f"title:{t}" if t and counts[t] > 1 else f"doc:{d}") for d, t in zip(dataset.corpus.ids, dataset.corpus.titles)}
+
+
+def grouped_holdout(dataset: Dataset, split: str, pool: list[str], tc: TrainConfig) -> tuple[list[str], list[str], str]:
+    """Hold out whole document groups (``document_groups``): the held-out queries point only
+    at documents that no training query touches, as a user's new documents do. A query
+    touching both kinds of group is in neither (the refit trains on it)."""
+    rel = dataset.relevant(split)
+    group = document_groups(dataset)
+    q_groups = {q: {group[d] for d in rel[q] if d in group} for q in pool}
+    q_groups = {q: g for q, g in q_groups.items() if g}
+    target = int(round(tc.val_fraction * len(q_groups)))
+    by_group: dict[str, list[str]] = {}
+    for q, gs in q_groups.items():
+        for g in gs:
+            by_group.setdefault(g, []).append(q)
+    names = sorted(by_group)
+    held: set[str] = set()
+    val: list[str] = []
+    for i in np.random.default_rng(tc.seed).permutation(len(names)):
+        if len(val) >= target:
+            break
+        held.add(names[i])
+        val = [q for q, gs in q_groups.items() if gs <= held]
+    if len(val) < MIN_VAL_QUERIES or len(val) == len(q_groups):
+        log.warning("too few document groups to hold out %.0f%% of the queries; training on all, keeping the last epoch", 100 * tc.val_fraction)
+        return pool, [], ""
+    train = [q for q in pool if not (q_groups.get(q, set()) & held)]
+    return train, sorted(val), split
 
 
 class Validator:
