@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=_port, default=8000)
     v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"])
 
-    b = sub.add_parser("benchmark", help="EHI vs DE + exact / Faiss-IVF / ScaNN, several seeds, report and plots")
+    b = sub.add_parser("benchmark", help="EHI vs DE, untrained encoder and EHI encoder + exact / Faiss-IVF / ScaNN, several seeds, report and plots")
     b.add_argument("--data", required=True)
     b.add_argument("--out", required=True, help="folder for results.json, report.md and the plots")
     b.add_argument("--seeds", type=_positive, default=3)
