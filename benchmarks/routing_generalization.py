@@ -9,7 +9,7 @@ example's document. What varies is *what it learns from*:
 - ``questions``: the labelled training questions only (what a router fitted to questions does);
 - ``spans``: document spans (8-16 words of each document's own text, ``unsupervised.document_spans``)
   routed to their document's leaf: every document teaches its own leaf, none is starved;
-- ``questions + spans``: both, each document's spans weighted like one question;
+- ``questions + spans``: both, each document's spans weighted like ``--span-weight`` questions (default 1);
 - ``docs re-routed``: the same router also assigns the documents (as EHI's tree does) instead
   of keeping their k-means leaves.
 
@@ -155,7 +155,7 @@ def run_corpus(name: str, spec: dict, args) -> dict:
                 tq_w.append(1.0 / len(docs))
         tq_x, tq_leaf, tq_w = np.array(tq_x), np.array(tq_leaf), np.array(tq_w)
         Xq, Yq, Wq = tq_emb[tq_x], tq_leaf, tq_w
-        Xs, Ys, Ws = sp_emb, doc_leaf[span_rows], np.full(len(sp_emb), 1.0 / args.spans)
+        Xs, Ys, Ws = sp_emb, doc_leaf[span_rows], np.full(len(sp_emb), args.span_weight / args.spans)
         variants = {"k-means": None, "questions": (Xq, Yq, Wq), "spans": (Xs, Ys, Ws),
                     "questions + spans": (np.concatenate([Xq, Xs]), np.concatenate([Yq, Ys]), np.concatenate([Wq, Ws]))}
         routers = {}
@@ -232,6 +232,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--lr", type=float, default=1e-3, help="the indexer's default learning rate")
     ap.add_argument("--spans", type=int, default=4, help="spans per document")
+    ap.add_argument("--span-weight", type=float, default=1.0, help="what one document's spans weigh together, against one question")
     ap.add_argument("--out", default="reports/routing_generalization.json")
     args = ap.parse_args()
     torch.set_num_threads(2)
