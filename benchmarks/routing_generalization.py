@@ -61,14 +61,15 @@ def recall_at(q_emb, d_emb, doc_leaf, leaf_order, rel_rows, budgets, k=100):
     n = len(d_emb)
     sizes = np.bincount(doc_leaf, minlength=leaf_order.shape[1])
     frac = np.cumsum(sizes[leaf_order], axis=1).mean(0) / n  # mean fraction visited by width
+    widths = {f"{b:g}": int(np.searchsorted(frac, b + 1e-12, side="right")) for b in budgets}
+    rank = np.empty_like(leaf_order)  # each leaf's position in the query's order
+    np.put_along_axis(rank, leaf_order, np.arange(leaf_order.shape[1])[None, :], axis=1)
     out = {}
     for b in budgets:
-        w = int(np.searchsorted(frac, b + 1e-12, side="right"))
+        w = widths[f"{b:g}"]
         if w == 0:
             out[f"{b:g}"] = None
             continue
-        rank = np.empty_like(leaf_order)
-        np.put_along_axis(rank, leaf_order, np.arange(leaf_order.shape[1])[None, :], axis=1)
         total = 0.0
         for s in range(0, len(q_emb), 512):
             sc = q_emb[s : s + 512] @ d_emb.T
@@ -79,7 +80,7 @@ def recall_at(q_emb, d_emb, doc_leaf, leaf_order, rel_rows, budgets, k=100):
                 found = [visited[i, r] and sc[i, r] >= kth[i] for r in rows]
                 total += float(np.mean(found))
         out[f"{b:g}"] = 100.0 * total / len(q_emb)
-    return out, {f"{b:g}": float(frac[max(int(np.searchsorted(frac, b + 1e-12, side='right')) - 1, 0)]) for b in budgets}
+    return out, {key: float(frac[max(w - 1, 0)]) for key, w in widths.items()}
 
 
 def train_router(tree: Tree, x: np.ndarray, y: np.ndarray, wts: np.ndarray, epochs: int, lr: float, seed: int) -> None:

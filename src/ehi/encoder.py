@@ -288,7 +288,7 @@ class Encoder(nn.Module):
         if missing:
             new_texts = [texts[i] for i in missing]
             new = self.compute_features(new_texts, desc)
-            self.save_cached(self.cache_path(new_texts), new, text_keys(new_texts))
+            self.save_cached(self.cache_path(new_texts), new, keys[missing])
             for i, r in zip(missing, new.rows()):
                 rows[i] = r
             like = new

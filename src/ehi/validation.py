@@ -81,11 +81,15 @@ def grouped_holdout(dataset: Dataset, split: str, pool: list[str], tc: TrainConf
     names = sorted(by_group)
     held: set[str] = set()
     val: list[str] = []
+    left = {q: len(gs) for q, gs in q_groups.items()}  # groups of each query not yet held out
     for i in np.random.default_rng(tc.seed).permutation(len(names)):
         if len(val) >= target:
             break
         held.add(names[i])
-        val = [q for q, gs in q_groups.items() if gs <= held]
+        for q in by_group[names[i]]:
+            left[q] -= 1
+            if left[q] == 0:
+                val.append(q)
     if len(val) < MIN_VAL_QUERIES or len(val) == len(q_groups):
         log.warning("too few document groups to hold out %.0f%% of the queries; training on all, keeping the last epoch", 100 * tc.val_fraction)
         return pool, [], ""
