@@ -10,6 +10,11 @@ example's document. What varies is *what it learns from*:
 - ``spans``: document spans (8-16 words of each document's own text, ``unsupervised.document_spans``)
   routed to their document's leaf: every document teaches its own leaf, none is starved;
 - ``questions + spans``: both, each document's spans weighted like ``--span-weight`` questions (default 1);
+- ``..., prior-adjusted``: the same examples with the logit-adjusted loss of ``ehi.routing``
+  (the examples' leaf prior added inside the softmax), what ``ehi train``'s router fit does;
+- ``shrink a``: the adjusted fit's parameter change scaled by ``a`` (``--blend``), the
+  candidates ``ehi train`` chooses from; ``blend a``: the centroid and the adjusted router's
+  log-probabilities mixed (not realisable as one tree, kept for comparison);
 - ``docs re-routed``: the same router also assigns the documents (as EHI's tree does) instead
   of keeping their k-means leaves.
 
@@ -38,6 +43,7 @@ from common import write_json
 from ehi.config import EHIConfig, EncoderConfig, TreeConfig
 from ehi.data import load_beir
 from ehi.encoder import Encoder
+from ehi.routing import RoutingExamples, fit_router, shrunk
 from ehi.tree import Tree
 from ehi.unsupervised import document_spans
 
@@ -81,24 +87,6 @@ def recall_at(q_emb, d_emb, doc_leaf, leaf_order, rel_rows, budgets, k=100):
                 total += float(np.mean(found))
         out[f"{b:g}"] = 100.0 * total / len(q_emb)
     return out, {key: float(frac[max(w - 1, 0)]) for key, w in widths.items()}
-
-
-def train_router(tree: Tree, x: np.ndarray, y: np.ndarray, wts: np.ndarray, epochs: int, lr: float, seed: int) -> None:
-    """Weighted cross-entropy of level 0 toward leaf ``y`` for rows ``x``."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(tree.parameters(), lr=lr, weight_decay=0.01)
-    X, Y, Wt = torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(wts.astype(np.float32))
-    tree.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(X), generator=g)
-        for s in range(0, len(X), 256):
-            i = perm[s : s + 256]
-            logp = tree.levels[0](X[i])
-            loss = -(logp.gather(1, Y[i, None])[:, 0] * Wt[i]).sum() / Wt[i].sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    tree.eval()
 
 
 @torch.no_grad()
@@ -159,22 +147,36 @@ def run_corpus(name: str, spec: dict, args) -> dict:
         Xs, Ys, Ws = sp_emb, doc_leaf[span_rows], np.full(len(sp_emb), args.span_weight / args.spans)
         variants = {"k-means": None, "questions": (Xq, Yq, Wq), "spans": (Xs, Ys, Ws),
                     "questions + spans": (np.concatenate([Xq, Xs]), np.concatenate([Yq, Ys]), np.concatenate([Wq, Ws]))}
+        variants["questions, prior-adjusted"] = variants["questions"]
+        variants["questions + spans, prior-adjusted"] = variants["questions + spans"]
         routers = {}
         for vname, data in variants.items():
             tree = Tree(d_emb.shape[1], TreeConfig(branching=L, height=1))
             tree.load_state_dict(base.state_dict())
             t = time.perf_counter()
             if data is not None:
-                train_router(tree, *data, epochs=args.epochs, lr=args.lr, seed=seed)
-            routers[vname] = (tree, time.perf_counter() - t)
+                x, y, w = data
+                ex = RoutingExamples(x, y[:, None].astype(np.int64), w.astype(np.float32))
+                fit_router(tree, ex, args.epochs, args.lr, 0.01, seed, adjust="adjusted" in vname)
+            routers[vname] = (lambda x, tree=tree: leaf_scores(tree, x), time.perf_counter() - t, tree)
+        # the fitted change shrunk: start + a * (fitted - start), parameters of one tree
+        fitted = routers["questions + spans, prior-adjusted"][2]
+        for a in args.blend:
+            tree = Tree(d_emb.shape[1], TreeConfig(branching=L, height=1))
+            tree.load_state_dict(shrunk(base.state_dict(), fitted.state_dict(), a))
+            routers[f"shrink {a:g} (q + spans, adjusted)"] = (lambda x, tree=tree: leaf_scores(tree, x), 0.0, tree)
+        # the learned score as a bounded correction: half centroid log-probability, half learned
+        for a in args.blend:
+            km_s, qs_s = routers["k-means"][0], routers["questions + spans, prior-adjusted"][0]
+            routers[f"blend {a:g} (q + spans, adjusted)"] = (lambda x, a=a, f=km_s, g=qs_s: (1 - a) * f(x) + a * g(x), 0.0, None)
         seed_out = {}
         for label, _ in spec["decide"]:
             qids, qrel = decide[label], decide[label + ":rel"]
             q_emb = embed(enc, [ds.queries[q] for q in qids], f"{name}: {label}")
             rel_rows = [[row[d] for d in qrel[q] if d in row] for q in qids]
             out = {}
-            for vname, (tree, secs) in routers.items():
-                s = leaf_scores(tree, q_emb)
+            for vname, (scorer, secs, _) in routers.items():
+                s = scorer(q_emb)
                 order = np.argsort(-s, axis=1)
                 rec, vis = recall_at(q_emb, d_emb, doc_leaf, order, rel_rows, BUDGETS)
                 # where the (first) positive's leaf ranks
@@ -183,11 +185,11 @@ def run_corpus(name: str, spec: dict, args) -> dict:
                 entry = {"R@100": rec, "visited": vis, "pos_leaf_rank1": 100.0 * float((rank == 0).mean()),
                          "pos_leaf_rank_median": float(np.median(rank)), "train_s": secs}
                 if vname != "k-means":  # the same router also assigns the documents
-                    dl = leaf_scores(tree, d_emb).argmax(1)
+                    dl = scorer(d_emb).argmax(1)
                     entry["docs re-routed"] = recall_at(q_emb, d_emb, dl, order, rel_rows, BUDGETS)[0]
                 out[vname] = entry
             # oracle: the positive's leaf first, then the centroid order
-            s = leaf_scores(routers["k-means"][0], q_emb)
+            s = routers["k-means"][0](q_emb)
             pos_leaf = np.array([doc_leaf[r[0]] for r in rel_rows])
             s[np.arange(len(s)), pos_leaf] = np.inf
             out["oracle (positive's leaf first)"] = {"R@100": recall_at(q_emb, d_emb, doc_leaf, np.argsort(-s, axis=1), rel_rows, BUDGETS)[0]}
@@ -234,6 +236,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3, help="the indexer's default learning rate")
     ap.add_argument("--spans", type=int, default=4, help="spans per document")
     ap.add_argument("--span-weight", type=float, default=1.0, help="what one document's spans weigh together, against one question")
+    ap.add_argument("--blend", type=float, nargs="*", default=[0.5], help="weights of the learned score in a centroid/learned blend, and shrink factors of the fitted change")
     ap.add_argument("--out", default="reports/routing_generalization.json")
     args = ap.parse_args()
     torch.set_num_threads(2)

@@ -284,6 +284,10 @@ def cmd_train(args) -> None:
         print(f"validation on {v['held_out']}: {v['why']}")
         if v.get("refit"):
             print(f"refit on all {v['refit']['queries']} training queries for {v['refit']['epochs']} epochs")
+        rf = v.get("route_fit")
+        if rf and rf.get("scores"):
+            scores = " ".join(f"{k}:{s:.2f}" for k, s in rf["scores"].items())
+            print(f"router fit: held-out score by shrink factor {scores} (0 = unfitted); kept {rf['kept']:g}")
     if args.evaluate and d_emb is None:
         rows = evaluate_model(model, ds, "test")
         print(f"\nSciFact-style evaluation on split 'test'; budget rule: {BUDGET_RULE}\n")

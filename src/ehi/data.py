@@ -9,10 +9,13 @@ import hashlib
 import json
 import logging
 import os
+import re
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -231,3 +234,17 @@ def embeddings_dataset(n_docs: int, n_queries: int = 0, pairs: str | Path | None
                 raise DataError(f"{pairs}: {kind} id {did!r} is not a row of the {kind} embeddings (0..{limit - 1})")
     corpus = Corpus([str(i) for i in range(n_docs)], [""] * n_docs, [""] * n_docs)
     return Dataset(root=pairs.parent, corpus=corpus, queries={str(i): "" for i in range(n_queries)}, qrels={split: qrels})
+
+
+def document_spans(corpus: Corpus, n: int, seed: int, words: tuple[int, int] = (8, 16)) -> tuple[list[str], np.ndarray]:
+    """``n`` query-like spans (a window of 8-16 words of a document's text, or its title for
+    a document without text) and the rows of the documents they come from."""
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(corpus), size=min(n, len(corpus)), replace=False))
+    spans = []
+    for r in rows:
+        tokens = re.findall(r"\S+", corpus.texts[r]) or re.findall(r"\S+", corpus.titles[r])
+        length = int(rng.integers(words[0], words[1] + 1))
+        start = int(rng.integers(0, max(1, len(tokens) - length + 1)))
+        spans.append(" ".join(tokens[start : start + length]))
+    return spans, rows

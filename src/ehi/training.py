@@ -21,12 +21,13 @@ from tqdm.auto import tqdm
 
 from .artifacts import ArtifactError, read_manifest, write_artifact
 from .config import EHIConfig
-from .data import Dataset
+from .data import Dataset, document_spans
 from .distributed import all_gather_ids, all_gather_with_grad, barrier, gather_rows, is_main, map_rows, rank_world, shard_rows
 from .encoder import PRECOMPUTED, Encoder, Features, text_keys
 from .losses import ehi_losses, routing_cross_entropy, soft_routing_cross_entropy
 from .mining import mine_pool, positives_matrix, routing_targets, sample_negatives
 from .model import EHIModel
+from .routing import argmax_paths, fit_router, routing_examples, shrunk
 from .tree import Tree, leaf_to_path, load_balance_penalty
 from .validation import Validator, format_validation, holdout, selection_message
 
@@ -216,6 +217,16 @@ class Trainer:
         # epoch, score, state, whether that state's tree is k-means over that epoch's encoder
         self.best: tuple[int, float, dict[str, torch.Tensor], bool] | None = None
         self.start_epoch = 0
+        self.spans: tuple[Features, np.ndarray] | None = None  # document spans, encoded once
+        # the router fit's held-out scores per shrink factor and the one kept (routing.py)
+        self.route_fit: dict | None = None
+
+    def epochs(self) -> int:
+        """``epochs``, cut so that the selection stage sees at most ``max_pairs`` pairs."""
+        tc = self.config.train
+        if not tc.max_pairs or not tc.epochs:
+            return tc.epochs
+        return min(tc.epochs, max(1, tc.max_pairs // len(self.train_set.pairs)))
 
     def _optimizer(self) -> torch.optim.Optimizer:
         tc = self.config.train
@@ -385,8 +396,67 @@ class Trainer:
                 {"epochs": self.refit_epochs, "queries": len(self.full_set.query_ids)} if self.stage == "refit" else None
             ),
             "why": selection_message(self.validation, self.best[0], self.best[3]) if self.best else "",
+            "route_fit": self.route_fit,
             "curve": self.validation,
         }
+
+    # ---- the router fitted to search (routing.py) -------------------------------------------
+    def _span_set(self) -> tuple[Features, np.ndarray]:
+        """A few spans of every document and their document rows, encoded once."""
+        if self.spans is None and self.config.encoder.model_name == PRECOMPUTED:  # no text to cut
+            self.spans = (self.doc_feats, np.arange(len(self.doc_feats)))  # each document stands for itself
+        if self.spans is None:
+            tc, corpus = self.config.train, self.dataset.corpus
+            texts, rows = [], []
+            for s in range(tc.spans_per_document(len(corpus))):
+                t, r = document_spans(corpus, len(corpus), seed=tc.seed + s)
+                texts += t
+                rows.append(r)
+            self.spans = (self._features(texts, "encoding document spans"), np.concatenate(rows))
+        return self.spans
+
+    def _fit_router(self, train_set: TrainingSet, q_feats: Features) -> dict[str, torch.Tensor]:
+        """Fit the current tree's router (every rank alike, same seed); returns the fitted state."""
+        tc = self.config.train
+        with self.phase("route_fit"):
+            span_feats, span_rows = self._span_set()
+            ex = routing_examples(
+                self.encoder.embed_all(q_feats), train_set.positives, argmax_paths(self.tree, self._doc_embeddings()),
+                self.encoder.embed_all(span_feats), span_rows, tc.route_fit_span_weight,
+            )
+            fit_router(self.tree, ex, tc.route_fit_epochs, tc.route_fit_lr, tc.weight_decay, tc.seed)
+        return self._state()
+
+    def choose_route_fit(self, progress: bool = True) -> None:
+        """Fit on the training queries, score each shrink factor on the held-out ones against
+        the unfitted router, and go back to the unfitted state (the fit is applied at the end,
+        on every training query)."""
+        tc = self.config.train
+        if self.validator is None or self.best is None:  # nothing to choose on
+            self.route_fit = {"kept": max(tc.route_fit_shrink), "scores": None}
+            return
+        start = self._state()
+        fitted = self._fit_router(self.train_set, self.q_feats)
+        scores = {"0": self.best[1]}
+        with self.phase("validate"):
+            d_emb = self._doc_embeddings()
+            for a in tc.route_fit_shrink:
+                self._load_state(shrunk(start, fitted, a))
+                scores[f"{a:g}"] = self.validator(EHIModel(self.config, self.encoder, self.tree), d_emb)["score"]
+        self._load_state(start)
+        kept = max(scores, key=lambda k: (scores[k], -float(k)))
+        self.route_fit = {"kept": float(kept), "scores": scores}
+        if progress:
+            tqdm.write(f"router fit: held-out score by shrink factor {' '.join(f'{k}:{v:.2f}' for k, v in scores.items())}; kept {kept}")
+
+    def apply_route_fit(self, progress: bool = True) -> None:
+        """Fit the final tree's router on every training query, scaled by the kept factor."""
+        start = self._state()
+        train_set, q_feats = (self.full_set, self.full_q_feats) if self.full_set is not None else (self.train_set, self.q_feats)
+        fitted = self._fit_router(train_set, q_feats)
+        self._load_state(shrunk(start, fitted, self.route_fit["kept"]))
+        if progress:
+            tqdm.write(f"router fit on {len(train_set.query_ids)} training queries, shrink {self.route_fit['kept']:g}")
 
     # ---- one step ----------------------------------------------------------------------
     def step(self, batch: np.ndarray) -> dict[str, float]:
@@ -460,16 +530,22 @@ class Trainer:
         indexes another corpus, e.g. streaming)."""
         self.encoder.progress = progress
         if self.stage == "select":
+            if progress and self.epochs() < self.config.train.epochs:
+                tqdm.write(f"{len(self.train_set.pairs)} training pairs: {self.epochs()} epochs (max_pairs {self.config.train.max_pairs})")
             if self.validator is not None and self.start_epoch == 0 and not self.validation:
                 self._validate(0, progress)
-            self._run(self.config.train.epochs, out_dir, progress, on_epoch)
+            self._run(self.epochs(), out_dir, progress, on_epoch)
             self.restore_best(progress)
+            if self.config.train.route_fit_epochs:
+                self.choose_route_fit(progress)
             if self.full_set is not None and self.best is not None and self.best[0] > 0:
                 self._enter_refit(self.best[0], progress)
         if self.stage == "refit":
             self._run(self.refit_epochs, out_dir, progress, on_epoch)
             if self.best[3]:  # validation kept k-means over the encoder of that epoch
                 self._kmeans_tree()
+        if self.route_fit and self.route_fit["kept"] > 0:
+            self.apply_route_fit(progress)
         if not build_index:
             self.encoder.eval()
             self.tree.eval()
@@ -487,7 +563,7 @@ class Trainer:
                 raise ValueError(f"--resume: no checkpoint at {ckpt}")
             done = self.resume(ckpt)
             if log:
-                log(f"resuming after epoch {done} of {self.config.train.epochs}")
+                log(f"resuming after epoch {done} of {self.epochs()}")
         model = self.fit(out_dir, progress=progress)
         model.training_timings = self.timings
         model.training_history = self.history
@@ -613,6 +689,7 @@ class Trainer:
                 "validation": self.validation,
                 "stage": self.stage,
                 "refit_epochs": self.refit_epochs,
+                "route_fit": self.route_fit,
                 "best": None if self.best is None else {"epoch": self.best[0], "score": self.best[1], "reclustered": self.best[3]},
                 "rng": {"numpy": _jsonable(self.rng.bit_generator.state), "python": _jsonable(random.getstate())},
             }
@@ -659,6 +736,7 @@ class Trainer:
             best_state = {k[len("best.") :]: v for k, v in weights.items() if k.startswith("best.")}
             b = manifest["best"]
             self.best = (int(b["epoch"]), float(b["score"]), best_state, bool(b.get("reclustered", False)))
+        self.route_fit = manifest.get("route_fit")
         self.start_epoch = int(manifest["epoch"])
         return self.start_epoch
 

@@ -123,6 +123,15 @@ class Tree(nn.Module):
             node = node * self.B + i[:, 0]
         return Routing(torch.cat(parts, dim=1), path, probs)
 
+    def forced_logp(self, e: torch.Tensor, path: torch.Tensor) -> list[torch.Tensor]:
+        """Each level's log-probabilities (n, B) under the prefix of ``path`` (n, H), not the
+        arg-max: what a level must score to route rows down a given path (teacher forcing)."""
+        out, node = [], torch.zeros(e.shape[0], dtype=torch.long, device=e.device)
+        for h, level in enumerate(self.levels):
+            out.append(level.logp(e, node) if self.per_node and h else level(self._level_input(e, path[:, :h])))
+            node = node * self.B + path[:, h]
+        return out
+
     @torch.no_grad()
     def beam_search(self, e: torch.Tensor, beam: int, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-``beam`` leaves per row by path log-probability, keeping ``beam`` nodes per level.

@@ -13,14 +13,13 @@ pseudo-queries.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from .config import EHIConfig
-from .data import Corpus, Dataset
+from .data import Dataset, document_spans
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +37,7 @@ OVERRIDES = {
     "train.lr_indexer": 3e-4,
     "train.epochs": 10,
     "train.val_recluster": False,  # k-means over a frozen encoder is the start tree
+    "train.route_fit_epochs": 0,  # its pairs are a teacher's neighbours, not labels (not measured there)
 }
 MAX_PSEUDO_QUERIES = 20_000
 
@@ -70,20 +70,6 @@ def exact_neighbours(q_emb: np.ndarray, d_emb: np.ndarray, k: int = 100, self_ro
     k = min(k, d_emb.shape[0] - 1)
     idx = exact_search(q_emb, d_emb, k + 1)[0]
     return np.stack([row[row != own][:k] for row, own in zip(idx, self_rows)])
-
-
-def document_spans(corpus: Corpus, n: int, seed: int, words: tuple[int, int] = (8, 16)) -> tuple[list[str], np.ndarray]:
-    """``n`` query-like spans (a window of 8-16 words of a document's text, or its title for
-    a document without text) and the rows of the documents they come from."""
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(len(corpus), size=min(n, len(corpus)), replace=False))
-    spans = []
-    for r in rows:
-        tokens = re.findall(r"\S+", corpus.texts[r]) or re.findall(r"\S+", corpus.titles[r])
-        length = int(rng.integers(words[0], words[1] + 1))
-        start = int(rng.integers(0, max(1, len(tokens) - length + 1)))
-        spans.append(" ".join(tokens[start : start + length]))
-    return spans, rows
 
 
 def pseudo_queries(

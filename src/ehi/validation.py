@@ -43,7 +43,7 @@ def holdout(
         return query_ids, [], ""
     if tc.val_group == "documents":
         return grouped_holdout(dataset, split, pool, tc)
-    n_val = int(round(tc.val_fraction * len(pool)))
+    n_val = val_count(len(pool), tc)
     if n_val < MIN_VAL_QUERIES or len(pool) - n_val < 2:
         log.warning(
             "%d training queries: too few to hold out %.0f%% for validation; training on all, keeping the last epoch",
@@ -54,6 +54,12 @@ def holdout(
     val = sorted(pool[i] for i in order[:n_val])
     held = set(val)
     return [q for q in pool if q not in held], val, split
+
+
+def val_count(pool: int, tc: TrainConfig) -> int:
+    """How many of ``pool`` queries to hold out: ``val_fraction``, at most ``val_max_queries``."""
+    n = int(round(tc.val_fraction * pool))
+    return min(n, tc.val_max_queries) if tc.val_max_queries else n
 
 
 def document_groups(dataset: Dataset) -> dict[str, str]:
@@ -73,7 +79,7 @@ def grouped_holdout(dataset: Dataset, split: str, pool: list[str], tc: TrainConf
     group = document_groups(dataset)
     q_groups = {q: {group[d] for d in rel[q] if d in group} for q in pool}
     q_groups = {q: g for q, g in q_groups.items() if g}
-    target = int(round(tc.val_fraction * len(q_groups)))
+    target = val_count(len(q_groups), tc)
     by_group: dict[str, list[str]] = {}
     for q, gs in q_groups.items():
         for g in gs:
