@@ -191,3 +191,27 @@ def test_grouped_holdout_trains_and_refits_on_every_query(tiny_beir):
     assert trainer.validator is not None
     assert sorted(trainer.full_set.query_ids) == sorted(ds.relevant("train"))
     trainer.fit(progress=False)
+
+
+def test_validation_also_scores_held_out_queries_on_documents_no_training_query_touches(tiny_beir):
+    """A user's new documents: the queries on them are scored apart, beside the overall score."""
+    ds = load_beir(tiny_beir)
+    trainer = Trainer(config(epochs=1), ds)
+    v = trainer.validator
+    row = {d: i for i, d in enumerate(ds.corpus.ids)}
+    rel = ds.relevant("train")
+    trained = set(trainer.train_set.pairs[:, 1].tolist())
+    expected = [q for q in v.query_ids if not any(row[d] in trained for d in rel[q])]
+    assert v.new_doc_queries == expected and expected  # one query per document here: all are new
+    # a held-out query whose document a training query also points at is not "new"
+    first = v.query_ids[0]
+    from ehi.validation import Validator
+
+    touched = Validator(ds, "train", v.query_ids, v.feats, v.budgets, trained_docs=[row[d] for d in rel[first]])
+    assert first not in touched.new_doc_queries and len(touched.new_doc_queries) == len(v.query_ids) - 1
+    entry = trainer._validate(0, progress=False)
+    assert entry["new_documents"]["queries"] == len(expected)
+    new = entry["new_documents"]["R@100"]
+    assert new and set(new) <= set(entry["R@100"])
+    for b, value in new.items():  # the same queries here, so the same recall at each budget searched
+        assert abs(value - entry["R@100"][b]) < 1e-6

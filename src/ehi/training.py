@@ -168,7 +168,11 @@ class Trainer:
                 self.q_feats = self._features([dataset.queries[q] for q in self.train_set.query_ids], "encoding queries")
                 val_feats = self._features([dataset.queries[q] for q in val_qids], "encoding validation queries") if val_qids else None
         val_judged = judgements or self.val_split
-        self.validator = Validator(dataset, val_judged, val_qids, val_feats, tc.val_budgets) if val_qids else None
+        self.validator = (
+            Validator(dataset, val_judged, val_qids, val_feats, tc.val_budgets,
+                      trained_docs=self.train_set.pairs[:, 1] if judgements is None else None)
+            if val_qids else None
+        )
         # the refit trains on the held-out queries too, when they came from the training split
         self.full_set: TrainingSet | None = None
         if val_qids and self.val_split == split and tc.val_refit:

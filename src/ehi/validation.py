@@ -107,7 +107,10 @@ class Validator:
     """Recall@100 at a few budgets and the recall of the visited leaves alone, on held-out
     queries, for the model's current encoder and tree."""
 
-    def __init__(self, dataset: Dataset, split: str, query_ids: list[str], feats: Features, budgets):
+    def __init__(self, dataset: Dataset, split: str, query_ids: list[str], feats: Features, budgets, trained_docs=None):
+        """``trained_docs``: rows of the documents training queries point at; the held-out
+        queries whose documents are all outside it (a user's new documents) are also scored
+        apart, as ``new_documents`` (reported, not selected on)."""
         self.split, self.query_ids, self.feats = split, list(query_ids), feats
         self.budgets = tuple(sorted(budgets))
         judged = dataset.split(split)
@@ -117,9 +120,14 @@ class Validator:
         row = {d: i for i, d in enumerate(self.doc_ids)}
         rel = dataset.relevant(split)
         self.pairs = np.array([(qi, row[d]) for qi, q in enumerate(self.query_ids) for d in rel[q] if d in row], dtype=np.int64)
+        seen = set() if trained_docs is None else {int(d) for d in trained_docs}
+        self.new_doc_queries = (
+            [q for q in self.query_ids if not any(row[d] in seen for d in rel[q] if d in row)] if trained_docs is not None else []
+        )
 
     def describe(self) -> str:
-        return f"{len(self.query_ids)} queries of split {self.split!r}"
+        new = f", {len(self.new_doc_queries)} of them on documents no training query touches" if self.new_doc_queries else ""
+        return f"{len(self.query_ids)} queries of split {self.split!r}{new}"
 
     def __call__(self, model, d_emb: np.ndarray) -> dict:
         """``d_emb``: the corpus under the model's encoder (the caller embeds it once per epoch)."""
@@ -146,12 +154,18 @@ class Validator:
                 visited[key] = r.fraction_visited
         model.tree.train()
         model.encoder.train()
-        return {
+        out = {
             "R@100": recall,
             "leaf_recall": leaf_recall,
             "visited": visited,
             "score": float(np.mean(list(recall.values()))),
         }
+        if self.new_doc_queries:  # the same searches, averaged over those queries alone
+            new = {f"{b:g}": 100.0 * float(np.mean([rows[b].per_query.get(q, 0.0) for q in self.new_doc_queries]))
+                   for b in self.budgets if b in rows}
+            if new:
+                out["new_documents"] = {"queries": len(self.new_doc_queries), "R@100": new, "score": float(np.mean(list(new.values())))}
+        return out
 
     def at_beam_1(self, model, q_emb: np.ndarray) -> tuple[float, float]:
         """(Recall@100, mean fraction visited) of the narrowest search."""
@@ -175,7 +189,8 @@ def format_validation(entry: dict) -> str:
     def one(e):
         r = " ".join(f"{100 * float(b):g}%:{v:.1f}" for b, v in e["R@100"].items())
         lr = " ".join(f"{v:.1f}" for v in e["leaf_recall"].values())
-        return f"R@100 {r} | leaf recall {lr} | score {e['score']:.2f}"
+        new = f" | new documents {e['new_documents']['score']:.2f}" if e.get("new_documents") else ""
+        return f"R@100 {r} | leaf recall {lr} | score {e['score']:.2f}{new}"
 
     out = one(entry)
     if entry.get("kmeans"):
