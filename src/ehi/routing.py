@@ -73,10 +73,8 @@ def fit_router(
     """Logit-adjusted (``adjust``), weighted cross-entropy of each level toward the examples'
     paths (each level under the example's own prefix), with AdamW on the tree's parameters."""
     g = torch.Generator().manual_seed(seed)
-    priors = child_log_prior(ex.path, ex.weight, tree.B)
-    if not adjust:
-        priors = [torch.zeros_like(p) for p in priors]
     device = next(tree.parameters()).device
+    priors = [p.to(device) if adjust else torch.zeros_like(p, device=device) for p in child_log_prior(ex.path, ex.weight, tree.B)]
     X = torch.from_numpy(ex.emb).to(device)
     P = torch.from_numpy(ex.path).to(device)
     Wt = torch.from_numpy(ex.weight).to(device)
@@ -91,7 +89,7 @@ def fit_router(
             i = perm[s : s + batch_size]
             loss = X.new_zeros(())
             for h, logp in enumerate(tree.forced_logp(X[i], P[i])):
-                adjusted = torch.log_softmax(logp + priors[h].to(device)[nodes[h][i]], dim=-1)
+                adjusted = torch.log_softmax(logp + priors[h][nodes[h][i]], dim=-1)
                 nll = -adjusted.gather(1, P[i, h : h + 1])[:, 0]
                 loss = loss + (nll * Wt[i]).sum() / Wt[i].sum()
             opt.zero_grad(set_to_none=True)
