@@ -6,7 +6,7 @@ import torch
 
 from ehi.config import TreeConfig
 from ehi.data import load_beir
-from ehi.routing import argmax_paths, child_log_prior, fit_router, routing_examples, shrunk
+from ehi.routing import child_log_prior, fit_router, routing_examples, shrunk
 from ehi.training import Trainer
 from ehi.tree import Tree
 
@@ -31,6 +31,11 @@ def test_child_prior_is_per_node_and_never_minus_infinity():
     assert np.allclose(top.sum(1), 1) and np.allclose(below.sum(1), 1)
     assert top[0, 0] > 0.6 and below[0, 1] > 0.99 and below[1, 0] > 0.99
     assert np.isfinite(prior[1].numpy()).all()  # child (0, 0) had no example
+
+
+def argmax_paths(tree, x):
+    with torch.no_grad():
+        return tree.route(torch.from_numpy(x)).path.numpy()
 
 
 def _clusters(seed=0, n_clusters=8, per=40, d=16, noise=0.9):
@@ -126,9 +131,9 @@ def test_the_trainer_applies_the_kept_fit_on_every_training_query(tiny_beir, mon
     seen = []
     real_fit = Trainer._fit_router
 
-    def spy(self, train_set, q_feats):
+    def spy(self, train_set, q_feats, d_emb):
         seen.append(len(train_set.query_ids))
-        return real_fit(self, train_set, q_feats)
+        return real_fit(self, train_set, q_feats, d_emb)
 
     monkeypatch.setattr(Trainer, "_fit_router", spy)
     model = trainer.fit(progress=False, build_index=False)

@@ -98,14 +98,6 @@ def fit_router(
     tree.eval()
 
 
-@torch.no_grad()
-def argmax_paths(tree: Tree, emb: np.ndarray, chunk: int = 8192) -> np.ndarray:
-    """(n, H) the arg-max path of each row: where the tree puts a document."""
-    device = next(tree.parameters()).device
-    out = [tree.route(torch.from_numpy(emb[s : s + chunk]).to(device)).path.cpu().numpy() for s in range(0, len(emb), chunk)]
-    return np.concatenate(out) if out else np.zeros((0, tree.H), dtype=np.int64)
-
-
 def shrunk(start: dict[str, torch.Tensor], fitted: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
     """The tree state ``start + alpha * (fitted - start)``: alpha 0 is the unfitted router."""
     return {k: start[k] + alpha * (fitted[k] - start[k]) for k in start}

@@ -27,7 +27,7 @@ from .encoder import PRECOMPUTED, Encoder, Features, text_keys
 from .losses import ehi_losses, routing_cross_entropy, soft_routing_cross_entropy
 from .mining import mine_pool, positives_matrix, routing_targets, sample_negatives
 from .model import EHIModel
-from .routing import argmax_paths, fit_router, routing_examples, shrunk
+from .routing import fit_router, routing_examples, shrunk
 from .tree import Tree, leaf_to_path, load_balance_penalty
 from .validation import Validator, format_validation, holdout, selection_message
 
@@ -298,15 +298,19 @@ class Trainer:
     def refresh_routing_targets(self) -> None:
         """Where the current tree puts each document, and so where each training query's
         neighbours are: the targets of the neighbour routing loss."""
-        B, H = self.config.tree.branching, self.config.tree.height
-        d_emb = self._doc_embeddings()
+        B = self.config.tree.branching
         q_emb = map_rows(lambda rows: self.encoder.embed_all(self.q_feats, rows=rows), len(self.q_feats))
-        model = EHIModel(self.config, self.encoder, self.tree)
-        to_path = lambda leaves: leaf_to_path(torch.from_numpy(leaves[:, 0]), B, H).numpy()
-        self.doc_paths = to_path(model.route(d_emb, 1))
-        self.query_paths = to_path(model.route(q_emb, 1))
-        self.tree.train()
+        self.doc_paths = self._top_paths(self._doc_embeddings())
+        self.query_paths = self._top_paths(q_emb)
         self.route_targets = routing_targets(self.query_paths, self.neighbour_rows(), self.doc_paths, B)
+
+    def _top_paths(self, emb: np.ndarray) -> np.ndarray:
+        """(n, H) the path of each row's top leaf under the current tree, as search and the
+        index place it."""
+        cfg = self.config.tree
+        leaves = EHIModel(self.config, self.encoder, self.tree).route(emb, 1)
+        self.tree.train()
+        return leaf_to_path(torch.from_numpy(leaves[:, 0]), cfg.branching, cfg.height).numpy()
 
     def recluster(self) -> None:
         """Re-initialise the tree by k-means over the current encoder's documents; the tree's
@@ -419,13 +423,14 @@ class Trainer:
             self.spans = (self._features(texts, "encoding document spans"), np.concatenate(rows))
         return self.spans
 
-    def _fit_router(self, train_set: TrainingSet, q_feats: Features) -> dict[str, torch.Tensor]:
-        """Fit the current tree's router (every rank alike, same seed); returns the fitted state."""
+    def _fit_router(self, train_set: TrainingSet, q_feats: Features, d_emb: np.ndarray) -> dict[str, torch.Tensor]:
+        """Fit the current tree's router (every rank alike, same seed); returns the fitted state.
+        ``d_emb``: the corpus under the current encoder, which the fit leaves unchanged."""
         tc = self.config.train
         with self.phase("route_fit"):
             span_feats, span_rows = self._span_set()
             ex = routing_examples(
-                self.encoder.embed_all(q_feats), train_set.positives, argmax_paths(self.tree, self._doc_embeddings()),
+                self.encoder.embed_all(q_feats), train_set.positives, self._top_paths(d_emb),
                 self.encoder.embed_all(span_feats), span_rows, tc.route_fit_span_weight,
             )
             fit_router(self.tree, ex, tc.route_fit_epochs, tc.route_fit_lr, tc.weight_decay, tc.seed)
@@ -440,10 +445,10 @@ class Trainer:
             self.route_fit = {"kept": max(tc.route_fit_shrink), "scores": None}
             return
         start = self._state()
-        fitted = self._fit_router(self.train_set, self.q_feats)
+        d_emb = self._doc_embeddings()  # once: the fit and its candidates share the encoder
+        fitted = self._fit_router(self.train_set, self.q_feats, d_emb)
         scores = {"0": self.best[1]}
         with self.phase("validate"):
-            d_emb = self._doc_embeddings()
             for a in tc.route_fit_shrink:
                 self._load_state(shrunk(start, fitted, a))
                 scores[f"{a:g}"] = self.validator(EHIModel(self.config, self.encoder, self.tree), d_emb)["score"]
@@ -457,7 +462,7 @@ class Trainer:
         """Fit the final tree's router on every training query, scaled by the kept factor."""
         start = self._state()
         train_set, q_feats = (self.full_set, self.full_q_feats) if self.full_set is not None else (self.train_set, self.q_feats)
-        fitted = self._fit_router(train_set, q_feats)
+        fitted = self._fit_router(train_set, q_feats, self._doc_embeddings())
         self._load_state(shrunk(start, fitted, self.route_fit["kept"]))
         if progress:
             tqdm.write(f"router fit on {len(train_set.query_ids)} training queries, shrink {self.route_fit['kept']:g}")
