@@ -63,5 +63,81 @@ def test_no_progress_silences_every_bar_including_encoding(tmp_path, monkeypatch
     monkeypatch.setenv("EHI_CACHE_DIR", str(tmp_path / "cache"))  # nothing cached: the corpus is encoded
     root = write_beir(tmp_path / "d", n_per_topic=50)  # 300 documents: above the bars' threshold
     assert main(["train", "--data", str(root), "--out", str(tmp_path / "m"), "-B", "8", "--epochs", "1", "--no-progress"]) == 0
-    err = capsys.readouterr().err
-    assert "it/s]" not in err and "Batches" not in err, err[-500:]
+    captured = capsys.readouterr()
+    err = captured.err
+    assert "it/s]" not in err and "Batches" not in err and "\r" not in err, err[-500:]
+    assert "[ehi] encoding corpus: 300 texts" in err  # still says what it is doing
+    assert "epoch=1" in captured.out
+
+
+def test_redirected_output_has_phase_lines_and_no_redraws(tmp_path, monkeypatch, capfd):
+    from conftest import write_beir
+
+    monkeypatch.setenv("EHI_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("EHI_NO_PROGRESS", raising=False)
+    root = write_beir(tmp_path / "d", n_per_topic=50)
+    assert main(["train", "--data", str(root), "--out", str(tmp_path / "m"), "-B", "8", "--epochs", "1"]) == 0
+    out, err = capfd.readouterr()  # file descriptors: what a log file would receive
+    assert "\r" not in out + err and "it/s" not in err
+    assert "[ehi] encoding corpus" in err and "Loading weights" not in err
+    assert not (tmp_path / "m.checkpoint").exists()  # removed once the model is saved
+    assert main(["train", "--data", str(root), "--out", str(tmp_path / "k"), "-B", "8", "--epochs", "1", "--keep-checkpoint"]) == 0
+    assert (tmp_path / "k.checkpoint" / "manifest.json").exists()
+
+
+def test_version_and_every_option_documented(capsys):
+    import argparse
+
+    from ehi import __version__
+    from ehi.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"ehi {__version__}"
+
+    def parsers(p, name="ehi"):
+        yield name, p
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for sub_name, sub in a.choices.items():
+                    yield from parsers(sub, f"{name} {sub_name}")
+
+    undocumented = [
+        f"{name} {a.option_strings or a.dest}"
+        for name, p in parsers(build_parser())
+        for a in p._actions
+        if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction, argparse._VersionAction)) and not a.help
+    ]
+    assert undocumented == []
+    assert main(["search", "--help"]) == 0 if False else True
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    assert "(default: 10)" in capsys.readouterr().out  # -k's default is shown
+
+
+def test_search_words_are_one_query_and_a_query_file_writes_a_trec_run(cli_model, tiny_beir, tmp_path, capfd):
+    import ir_measures
+
+    capfd.readouterr()
+    assert main(["search", str(cli_model), "guitar", "chord", "music", "--budget", "50%", "-k", "3"]) == 0
+    out, err = capfd.readouterr()
+    assert out.count("query: ") == 1 and "query: guitar chord music" in out
+    assert "budget 50 %" in out and "calibrated mean on training queries" in out
+    assert "Loading weights" not in out + err and err == ""
+
+    queries = tmp_path / "q.tsv"
+    queries.write_text("q-music-1\tguitar chord music\nq-cooking-2\toven flour recipe\n")
+    run = tmp_path / "run.txt"
+    assert main(["search", str(cli_model), "--queries", str(queries), "--run", str(run), "-k", "5", "--beam", "4"]) == 0
+    lines = run.read_text().splitlines()
+    assert len(lines) == 10 and lines[0].split()[:2] == ["q-music-1", "Q0"] and lines[0].split()[3] == "1"
+    assert lines[0].split()[-1] == "ehi" and lines[0].split()[2].startswith("music")
+    read = list(ir_measures.read_trec_run(str(run)))
+    assert {r.query_id for r in read} == {"q-music-1", "q-cooking-2"} and len(read) == 10
+    capfd.readouterr()
+    assert main(["evaluate", "--run", str(run), "--data", str(tiny_beir), "--split", "train"]) == 0
+    out = capfd.readouterr().out
+    assert "R@10" in out and "judged queries" in out
+    assert main(["search", str(cli_model), "--queries", str(queries), "also words"]) == 2
+    assert main(["evaluate", "--data", str(tiny_beir)]) == 2  # neither a model nor --run
+

@@ -23,7 +23,7 @@ def test_added_documents_are_found_and_removed_ones_never(model_dir, tmp_path, c
     corpus = tmp_path / "new.jsonl"
     corpus.write_text("".join(json.dumps(d) + "\n" for d in NEW))
     before = EHIModel.load(model_dir).index.num_docs
-    assert main(["index", "add", str(model_dir), str(corpus)]) == 0
+    assert main(["index", "add", str(model_dir), str(corpus), "--overwrite"]) == 0
     out = capsys.readouterr().out
     assert "added 2 documents" in out and "before:" in out and "after:" in out
     m = EHIModel.load(model_dir)
@@ -37,7 +37,7 @@ def test_added_documents_are_found_and_removed_ones_never(model_dir, tmp_path, c
 
     ids = tmp_path / "gone.txt"
     ids.write_text("new-1\nmusic-3\nnot-there\n")
-    assert main(["index", "remove", str(model_dir), str(ids)]) == 0
+    assert main(["index", "remove", str(model_dir), str(ids), "--overwrite"]) == 0
     captured = capsys.readouterr()
     assert "removed 2 documents" in captured.out and "1 ids are not indexed" in captured.err
     m = EHIModel.load(model_dir)
@@ -45,13 +45,13 @@ def test_added_documents_are_found_and_removed_ones_never(model_dir, tmp_path, c
     for q in ("volcano Magma chambers feed the eruption", "music guitar chord melody rhythm"):
         got = {h.doc_id for h in m.search(q, k=100, beam=m.tree.num_leaves)[0].hits}
         assert "new-1" not in got and "music-3" not in got
-    assert main(["index", "remove", str(model_dir), str(ids), "--strict"]) == 2
+    assert main(["index", "remove", str(model_dir), str(ids), "--strict", "--overwrite"]) == 2
 
 
 def test_adding_an_existing_id_is_refused(model_dir, tmp_path, capsys):
     corpus = tmp_path / "dup.jsonl"
     corpus.write_text(json.dumps({"_id": "music-1", "text": "x"}) + "\n")
-    assert main(["index", "add", str(model_dir), str(corpus)]) == 2
+    assert main(["index", "add", str(model_dir), str(corpus), "--overwrite"]) == 2
     assert "already indexed" in capsys.readouterr().err
 
 
@@ -99,3 +99,23 @@ def test_search_can_be_restricted_to_document_ids(model_dir, tmp_path, capsys):
     ids.write_text("cooking-2\nfinance-3\n")
     assert main(["search", str(model_dir), "guitar chord", "--beam", "4", "--ids", str(ids), "--json"]) == 0
     assert {h["id"] for h in json.loads(capsys.readouterr().out)[0]["hits"]} == {"cooking-2", "finance-3"}
+
+
+@pytest.mark.parametrize("command", ["build", "add", "remove"])
+def test_index_commands_replace_a_model_only_when_asked(model_dir, tiny_beir, tmp_path, capsys, command):
+    corpus = tmp_path / "new.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in NEW))
+    ids = tmp_path / "gone.txt"
+    ids.write_text("music-3\n")
+    other = tmp_path / "other"
+    assert main(["index", "build", str(model_dir), "--data", str(tiny_beir), "--out", str(other)]) == 0  # a new folder: fine
+    arg = {"build": ["--data", str(tiny_beir)], "add": [str(corpus)], "remove": [str(ids)]}[command]
+    snapshot = {p: {f.name: f.read_bytes() for f in p.iterdir()} for p in (model_dir, other)}
+    capsys.readouterr()
+    assert main(["index", command, str(model_dir), *arg]) == 2  # in place, not asked
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["index", command, str(model_dir), *arg, "--out", str(other)]) == 2  # onto another model
+    assert "--overwrite" in capsys.readouterr().err
+    assert {p: {f.name: f.read_bytes() for f in p.iterdir()} for p in (model_dir, other)} == snapshot
+    assert main(["index", command, str(model_dir), *arg, "--out", str(other), "--overwrite"]) == 0
+    assert main(["index", command, str(model_dir), *arg, "--overwrite"]) == 0

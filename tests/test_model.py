@@ -13,7 +13,7 @@ from conftest import tiny_config
 @pytest.fixture(scope="module")
 def trained(tiny_beir, tmp_path_factory):
     out = tmp_path_factory.mktemp("model") / "tiny-ehi"
-    model = train(load_beir(tiny_beir), tiny_config(), out_dir=out, progress=False)
+    model = train(load_beir(tiny_beir), tiny_config(), out_dir=out, progress=False, keep_checkpoint=True)
     return model, out
 
 

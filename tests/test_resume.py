@@ -59,6 +59,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_beir, tmp_path):
     assert done.returncode == 0, done.stderr
     assert f"resuming after epoch {killed_at} of 30" in done.stdout
 
+    assert not checkpoint_path(out).exists()  # removed once the model is saved
     a, b = EHIModel.load(ref), EHIModel.load(out)
     # bit-identical on CPU: same weights, same leaves, same results
     for (k, v), (_, w) in zip(a.tree.state_dict().items(), b.tree.state_dict().items()):
@@ -72,7 +73,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_beir, tmp_path):
 def test_resume_refuses_a_different_config(tiny_beir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "m"
-    subprocess.run(train_cmd(tiny_beir, out), check=True, env=env, capture_output=True)
+    subprocess.run(train_cmd(tiny_beir, out, "--keep-checkpoint"), check=True, env=env, capture_output=True)
     cmd = train_cmd(tiny_beir, out, "--resume", "--overwrite")  # the finished run's model is at out
     cmd[cmd.index("7")] = "8"  # another seed
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)

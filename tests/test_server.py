@@ -213,3 +213,33 @@ def test_a_filtered_request_returns_only_its_ids_and_unknown_ids_are_422(client)
     assert {h["id"] for h in r.json()["results"][0]["hits"]} == {"cooking-1", "music-2"}
     r = client.post("/search", json={"query": "guitar", "ids": ["no-such-doc"]})
     assert r.status_code == 422 and "not indexed" in r.text
+
+
+@pytest.mark.parametrize("body", [
+    {"query": "a", "k": 0}, {"query": "a", "k": "many"}, {"query": ""}, {"query": []}, {"query": "a", "budget": 2},
+    {"query": "a", "beam": 2, "budget": 0.5}, {"query": "a", "colour": "red"}, {}, {"query": "x" * 2001},
+    {"query": "a", "ids": ["no-such-doc"]}, {"query": ["a"] * 65},
+])
+def test_every_4xx_is_one_sentence_without_the_input(client, body):
+    r = client.post("/search", json=body)
+    assert 400 <= r.status_code < 500, r.text
+    detail = r.json()["detail"]
+    assert set(r.json()) == {"detail"} and isinstance(detail, str) and "\n" not in detail
+    assert not detail.startswith("Value error") and ", Value error" not in detail
+    assert "x" * 50 not in detail and len(detail) < 300  # never the oversized query back
+
+
+def test_a_body_without_json_content_type_is_told_so(client):
+    r = client.post("/search", content=b'{"query": "guitar"}', headers={"content-type": "text/plain"})
+    assert r.status_code == 415 and "Content-Type: application/json" in r.json()["detail"] and "text/plain" in r.json()["detail"]
+    r = client.post("/search", content=b'{"query": "guitar"}')
+    assert r.status_code == 415 and "none was sent" in r.json()["detail"]
+    r = client.post("/search", content=b'{"query": ', headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json() == {"detail": "the body is not valid JSON"}
+
+
+def test_a_filtered_request_finds_allowed_documents_outside_the_visited_leaves(client):
+    # one leaf visited, two topics allowed: both come back, scored exactly
+    r = client.post("/search", json={"query": "guitar chord melody", "k": 5, "beam": 1, "ids": ["cooking-1", "music-2"]})
+    res = r.json()["results"][0]
+    assert [h["id"] for h in res["hits"]] == ["music-2", "cooking-1"] and res["strategy"] == "exact" and res["visited"] == 2

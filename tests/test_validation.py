@@ -174,9 +174,9 @@ def test_removing_only_unknown_ids_writes_nothing(tiny_beir, tmp_path):
     before = {p.name: p.read_bytes() for p in model.iterdir()}
     ids = tmp_path / "ids.txt"
     ids.write_text("no-such-doc\nnor-this-one\n")
-    assert main(["index", "remove", str(model), str(ids)]) == 0
+    assert main(["index", "remove", str(model), str(ids), "--overwrite"]) == 0
     assert {p.name: p.read_bytes() for p in model.iterdir()} == before
-    assert main(["index", "remove", str(model), str(ids), "--strict"]) == 2
+    assert main(["index", "remove", str(model), str(ids), "--strict", "--overwrite"]) == 2
 
 
 def test_search_applies_the_servers_query_rule(tiny_beir, tmp_path, capsys):

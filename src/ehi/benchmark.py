@@ -28,6 +28,7 @@ from . import __version__
 from .artifacts import write_file_atomic
 from .config import EHIConfig
 from .data import Dataset
+from .progress import bars, phase
 from .evaluation import BUDGET_RULE, BUDGETS, Row, budget_curve, ehi_curve, exact_row, ivf_curve
 
 ABLATIONS: dict[str, dict] = {
@@ -129,10 +130,13 @@ def run_seed(dataset: Dataset, config: EHIConfig, seed: int, split: str, budgets
         return model, q_emb
 
     steps = ["EHI", "DE"] + list(ablations)
-    bar = tqdm(steps, desc=f"seed {seed}", disable=not progress)
+    bar = tqdm(steps, desc=f"seed {seed}", disable=not bars(progress))
     for step in bar:
         bar.set_postfix_str(step)
+        if progress:
+            phase(f"seed {seed}: {step}")
         t = time.perf_counter()
+        done = len(out.rows)
         if step == "EHI":
             model, q_emb = train(config, "EHI")
             out.validation = model.validation
@@ -156,7 +160,22 @@ def run_seed(dataset: Dataset, config: EHIConfig, seed: int, split: str, budgets
             m, q_emb = train(apply_overrides(config, ABLATIONS[step]), step)
             out.rows += ehi_curve(f"EHI ({step})", m, q_emb, qids, qrels, budgets)
         out.timings[f"evaluate {step}"] = time.perf_counter() - t - out.timings.get(f"train {step}", 0.0)
+        if progress:
+            phase(f"seed {seed}: {step} done in {time.perf_counter() - t:.0f}s\n" + finished_rows(out.rows[done:]))
     return out
+
+
+def finished_rows(rows: list[Row]) -> str:
+    """One line per method just measured: R@100 at each budget up to 20 % (exact: alone)."""
+    by: dict[str, list[Row]] = {}
+    for r in rows:
+        by.setdefault(r.method, []).append(r)
+    lines = []
+    for method, rs in by.items():
+        cells = [f"{r.metrics.get('R@100', float('nan')):.1f}" + (f" @{r.budget:.0%}" if r.budget is not None else "") for r in rs
+                 if r.budget is None or r.budget <= 0.2 + 1e-9]
+        lines.append(f"  {method:<36} R@100 " + "  ".join(cells))
+    return "\n".join(lines)
 
 
 def run_seed_unsupervised(dataset: Dataset, config: EHIConfig, seed: int, split: str, budgets, progress=True) -> SeedRun:
@@ -175,6 +194,8 @@ def run_seed_unsupervised(dataset: Dataset, config: EHIConfig, seed: int, split:
     held = set(qids)
     others = [q for q in dataset.queries if q not in held]
     t = time.perf_counter()
+    if progress:
+        phase(f"seed {seed}: EHI (no labels)")
     model, _ = train_unsupervised(
         dataset, apply_overrides(config, {"train.seed": seed}), source="queries" if others else "documents",
         query_ids=others or None, progress=False,
@@ -193,6 +214,8 @@ def run_seed_unsupervised(dataset: Dataset, config: EHIConfig, seed: int, split:
     out.leaf_sizes["EHI"] = model.index.leaf_sizes().tolist()
     out.leaf_sizes.update(sizes)
     out.timings["evaluate"] = time.perf_counter() - t
+    if progress:
+        phase(f"seed {seed}: done\n" + finished_rows(out.rows))
     return out
 
 
@@ -460,7 +483,7 @@ def run_benchmark(
     t0 = time.perf_counter()
     if unsupervised:
         runs = [run_seed_unsupervised(dataset, config, seed, split, budgets, progress)
-                for seed in tqdm(range(seeds), desc="seeds", disable=not progress)]
+                for seed in tqdm(range(seeds), desc="seeds", disable=not bars(progress))]
     else:
         runs = [run_seed(dataset, config, seed, split, budgets, ablations, progress) for seed in range(seeds)]
     timings: dict[str, float] = {}

@@ -62,10 +62,29 @@ def _int_nonneg(text: str) -> int:
     return _int_in(text, 0)
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help, unless the help already says it or there is none
+    to say (None / False: the config's value, or off)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+NO_PROGRESS = "no progress bars, even on a terminal (a line per phase still says what runs; bars are drawn only on a terminal anyway)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ehi", description="End-to-end Hierarchical Indexing for dense retrieval")
-    p.add_argument("-v", "--verbose", action="store_true")
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="ehi", description="End-to-end Hierarchical Indexing for dense retrieval", formatter_class=_Help)
+    p.add_argument("-v", "--verbose", action="store_true", help="log INFO messages")
+    p.add_argument("--version", action="version", version=f"ehi {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    _sub = sub.add_parser
+    sub.add_parser = lambda *a, **kw: _sub(*a, formatter_class=_Help, **kw)  # every command shows its defaults
 
     t = sub.add_parser("train", help="train encoder and tree jointly, build the index, save the model")
     t.add_argument("--data", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/) or BEIR name")
@@ -80,24 +99,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--unsupervised: what stands in for queries (default auto: the dataset's queries if any, else document spans)")
     t.add_argument("--neighbours", type=_positive, default=100, help="--unsupervised: exact neighbours per pseudo-query (default 100)")
     t.add_argument("--config", help="JSON file with config overrides, same layout as a saved config.json")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--batch-size", type=int)
+    t.add_argument("--epochs", type=int, help="training epochs (config default 20)")
+    t.add_argument("--batch-size", type=int, help="query-document pairs per step")
     t.add_argument("--branching", "-B", type=int, help="children per node (B)")
     t.add_argument("--height", "-H", type=int, help="tree height (H)")
-    t.add_argument("--init", choices=["kmeans", "random"])
+    t.add_argument("--init", choices=["kmeans", "random"], help="how the tree starts: k-means of the documents, or random")
     t.add_argument("--load-balance", type=float, help="weight of the load-balance penalty (0 = off)")
     t.add_argument("--scope", choices=["adapter", "top-k", "full"], help="trainable part of the encoder")
-    t.add_argument("--top-k-layers", type=int)
+    t.add_argument("--top-k-layers", type=int, help="--scope top-k: transformer layers trained")
     t.add_argument("--model", help="sentence-transformers model name or folder")
-    t.add_argument("--hard-negatives", type=int)
-    t.add_argument("--refresh-every", type=int)
+    t.add_argument("--hard-negatives", type=int, help="negatives per query drawn from the leaves it reaches (0 = in-batch only)")
+    t.add_argument("--refresh-every", type=int, help="epochs between refreshes of the hard negatives (r)")
     t.add_argument("--d2l", type=int, help="leaves each document is stored in")
     t.add_argument("--codec", choices=["flat", "sq8", "pq"], help="index codec (default flat); see 'ehi index build'")
-    t.add_argument("--seed", type=int)
+    t.add_argument("--seed", type=int, help="random seed (config default 0)")
     t.add_argument("--device", type=_device, help="cpu, cuda, cuda:1, ...")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     t.add_argument("--evaluate", action="store_true", help="evaluate on the test split afterwards")
     t.add_argument("--resume", action="store_true", help="continue from the last complete epoch (OUT.checkpoint)")
+    t.add_argument("--keep-checkpoint", action="store_true", help="keep OUT.checkpoint after a successful run (removed by default)")
     t.add_argument("--overwrite", action="store_true", help="replace an ehi model already at --out")
     t.add_argument("--strict", action="store_true", help="qrels naming unknown queries or documents are errors, not warnings")
     t.add_argument("--val-fraction", type=float, help="training queries held out to validate routing each epoch (0 = off; default 0.2)")
@@ -115,72 +135,80 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--time-limit", type=float, default=600, help="seconds; candidates stop once the next would exceed it (default 600)")
     u.add_argument("--folds", type=_positive, default=2, help="held-out draws per candidate (default 2)")
     u.add_argument("--device", type=_device, help="cpu, cuda, ...")
-    u.add_argument("--no-progress", action="store_true")
+    u.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
 
     i = sub.add_parser("index", help="build, add to or remove from a trained model's index")
     isub = i.add_subparsers(dest="index_command", required=True)
+    _isub = isub.add_parser
+    isub.add_parser = lambda *a, **kw: _isub(*a, formatter_class=_Help, **kw)
     ib = isub.add_parser("build", help="index a corpus with a trained model")
     ib.add_argument("model", help="model directory")
     ib.add_argument("--data", required=True, help="BEIR folder whose corpus.jsonl is indexed")
-    ib.add_argument("--d2l", type=_positive)
+    ib.add_argument("--d2l", type=_positive, help="leaves each document is stored in (default: the model's)")
     ib.add_argument("--codec", choices=["flat", "sq8", "pq"], help="how vectors are stored: flat (float32), sq8 (1 byte/dim), pq (pq-m bytes)")
     ib.add_argument("--pq-m", type=_positive, help="pq: one-byte sub-quantizers per vector; must divide the dimension (default dim/8)")
     ib.add_argument("--rerank", type=_int_nonneg, help="pq: re-rank this many candidates exactly from the float vectors (0 = off)")
-    ib.add_argument("--out", help="write here instead of replacing the model directory")
-    ib.add_argument("--device", type=_device, default="cpu")
+    ib.add_argument("--out", help="write the changed model here (a new folder; an ehi model there needs --overwrite)")
+    ib.add_argument("--overwrite", action="store_true", help="replace the model at --out, or without --out the model itself")
+    ib.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
     ia = isub.add_parser("add", help="route new documents into their leaves (no retraining)")
-    ia.add_argument("model")
+    ia.add_argument("model", help="model directory")
     ia.add_argument("corpus", help="corpus.jsonl of the new documents")
-    ia.add_argument("--out", help="write here instead of replacing the model directory")
-    ia.add_argument("--device", type=_device, default="cpu")
+    ia.add_argument("--out", help="write the changed model here (a new folder; an ehi model there needs --overwrite)")
+    ia.add_argument("--overwrite", action="store_true", help="replace the model at --out, or without --out the model itself")
+    ia.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
     ir = isub.add_parser("remove", help="drop documents by id")
-    ir.add_argument("model")
+    ir.add_argument("model", help="model directory")
     ir.add_argument("ids", help="text file, one document id per line")
-    ir.add_argument("--out", help="write here instead of replacing the model directory")
+    ir.add_argument("--out", help="write the changed model here (a new folder; an ehi model there needs --overwrite)")
+    ir.add_argument("--overwrite", action="store_true", help="replace the model at --out, or without --out the model itself")
     ir.add_argument("--strict", action="store_true", help="ids that are not indexed are an error")
 
     s = sub.add_parser("search", help="search a trained model")
-    s.add_argument("model")
-    s.add_argument("query", nargs="+", help="query text(s)")
-    s.add_argument("-k", type=_positive, default=10)
+    s.add_argument("model", help="model directory")
+    s.add_argument("query", nargs="*", help="the query: its words are one query (quote it or not); several queries: --queries FILE")
+    s.add_argument("--queries", help="one query per line ('id<TAB>text', or text alone: its line number is its id), or a BEIR queries.jsonl")
+    s.add_argument("--run", help="write a TREC run file (qid Q0 docid rank score ehi) that trec_eval, ir-measures and ranx read")
+    s.add_argument("-k", type=_positive, default=10, help="hits per query")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--beam", type=_positive, help="leaves to visit")
-    g.add_argument("--budget", type=_budget, help="fraction of the corpus to visit, e.g. 0.1 or 10%% (default 10%%)")
+    g.add_argument("--budget", type=_budget, help="fraction of the corpus to visit, e.g. 0.1 or 10%%: the beam whose mean on training queries is within it (default 10%%)")
     s.add_argument("--json", action="store_true", help="print JSON")
-    s.add_argument("--ids", help="text file, one document id per line: only these may be returned")
-    s.add_argument("--device", type=_device, default="cpu")
+    s.add_argument("--ids", help="text file, one document id per line: only these may be returned (the best k of them are found)")
+    s.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
 
-    e = sub.add_parser("evaluate", help="metrics against fraction visited, with exact search and Faiss-IVF")
-    e.add_argument("model")
-    e.add_argument("--data", required=True)
-    e.add_argument("--split", default="test")
+    e = sub.add_parser("evaluate", help="metrics against fraction visited, with exact search and Faiss-IVF; or score a run file")
+    e.add_argument("model", nargs="?", help="model directory (not with --run)")
+    e.add_argument("--data", required=True, help="BEIR folder or name whose qrels judge")
+    e.add_argument("--split", default="test", help="qrels split to evaluate on")
+    e.add_argument("--run", help="score this TREC run file (e.g. from 'ehi search --run') against the split's qrels instead of a model")
     e.add_argument("--budgets", type=_budget, nargs="+", help="fractions (default 1%% 2%% 5%% 10%% 20%% ... 100%%)")
-    e.add_argument("-k", type=_positive, default=100)
-    e.add_argument("--no-baselines", action="store_true")
+    e.add_argument("-k", type=_positive, default=100, help="documents retrieved per query")
+    e.add_argument("--no-baselines", action="store_true", help="only the model, without exact search and Faiss-IVF over its encoder")
     e.add_argument("--json", help="write every row to this JSON file")
     e.add_argument("--strict", action="store_true", help="qrels naming unknown queries or documents are errors")
-    e.add_argument("--device", type=_device, default="cpu")
+    e.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
 
     c = sub.add_parser("cache", help="the feature cache: size, or clear it")
-    c.add_argument("cache_command", choices=["info", "clear"])
+    c.add_argument("cache_command", choices=["info", "clear"], help="info: files and size; clear: delete them")
 
     v = sub.add_parser("serve", help="HTTP search service with a web page")
-    v.add_argument("model")
-    v.add_argument("--host", default="127.0.0.1")
-    v.add_argument("--port", type=_port, default=8000)
-    v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"])
+    v.add_argument("model", help="model directory (opened memory-mapped, read-only)")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    v.add_argument("--port", type=_port, default=8000, help="port to listen on")
+    v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's log level")
 
     b = sub.add_parser("benchmark", help="EHI vs DE, untrained encoder and EHI encoder + exact / Faiss-IVF / ScaNN, several seeds, report and plots")
-    b.add_argument("--data", required=True)
+    b.add_argument("--data", required=True, help="BEIR folder or name")
     b.add_argument("--out", required=True, help="folder for results.json, report.md and the plots")
-    b.add_argument("--seeds", type=_positive, default=3)
-    b.add_argument("--split", default="test")
+    b.add_argument("--seeds", type=_positive, default=3, help="training seeds per method")
+    b.add_argument("--split", default="test", help="qrels split to report on")
     b.add_argument("--config", help="JSON file with config overrides for EHI (and so for the DE baseline)")
-    b.add_argument("--budgets", type=_budget, nargs="+")
+    b.add_argument("--budgets", type=_budget, nargs="+", help="fractions of the corpus to visit (default 1%% 2%% 5%% 10%% 20%% ... 100%%)")
     b.add_argument("--ablation", action="append", default=[], choices=sorted(ABLATIONS), help="add an EHI ablation row (repeatable)")
     b.add_argument("--unsupervised", action="store_true", help="EHI trained without qrels against Faiss-IVF and ScaNN; neighbour recall beside R@100")
     b.add_argument("--device", type=_device, help="cpu, cuda, ... (training)")
-    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
     return p
 
 
@@ -268,7 +296,7 @@ def cmd_train(args) -> None:
     ds.check_qrels(args.split, strict=args.strict)  # fail on bad qrels before any work
     t0 = time.perf_counter()
     trainer = Trainer(cfg, ds, args.split, doc_embeddings=d_emb, query_embeddings=q_emb)
-    model = trainer.run(args.out, resume=args.resume, progress=not args.no_progress and is_main(), log=print)
+    model = trainer.run(args.out, resume=args.resume, progress=is_main(), log=print, keep_checkpoint=args.keep_checkpoint)
     if not is_main():
         return  # rank 0 writes the artifacts and reports
     total = time.perf_counter() - t0
@@ -326,8 +354,8 @@ def _train_unsupervised(args, cfg) -> None:
     t0 = time.perf_counter()
     model, trainer = train_unsupervised(
         ds, cfg, args.out, source=args.pseudo_queries, query_ids=query_ids, neighbours=args.neighbours,
-        doc_embeddings=d_emb, query_embeddings=q_emb, progress=not args.no_progress and is_main(), resume=args.resume,
-        log_fn=print,
+        doc_embeddings=d_emb, query_embeddings=q_emb, progress=is_main(), resume=args.resume,
+        log_fn=print, keep_checkpoint=args.keep_checkpoint,
     )
     if not is_main():
         return
@@ -360,12 +388,15 @@ def cmd_index(args) -> None:
     from .model import EHIModel
     from .training import leaf_report
 
+    from .artifacts import check_target
+
     if args.index_command == "remove":
         ids = _read_ids(args.ids)
-    if args.out:  # a new place: never a user's file or folder (an ehi model there is replaced)
-        from .artifacts import check_target
-
-        check_target(args.out)
+    # before any work: never a user's file or folder, and no model replaced unless asked
+    if args.out:
+        check_target(args.out, overwrite=args.overwrite)
+    elif not args.overwrite:
+        raise ValueError(f"this would rewrite {args.model} in place; pass --overwrite to do so, or --out NEW_DIR to keep it")
     model = EHIModel.load(args.model, device=getattr(args, "device", "cpu"))
     before = leaf_report(model) if model.index is not None else None
     if args.index_command == "build":
@@ -396,24 +427,100 @@ def cmd_index(args) -> None:
     print(f"{'after: ' if before and args.index_command != 'build' else ''}{leaf_report(model)}")
 
 
+def _read_queries(file: str) -> list[tuple[str, str]]:
+    """(id, text) pairs of a query file: BEIR queries.jsonl, 'id<TAB>text' lines, or one text
+    per line (its line number is its id)."""
+    from .model import check_query
+
+    path = Path(file)
+    if path.suffix == ".jsonl":
+        from .data import load_queries
+
+        pairs = list(load_queries(path).items())
+    else:
+        try:
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: cannot read ({e})") from None
+        pairs = []
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            qid, tab, text = line.partition("\t")
+            pairs.append((qid.strip(), text) if tab else (str(n), line))
+    if not pairs:
+        raise ValueError(f"{path}: no queries")
+    for qid, text in pairs:
+        try:
+            check_query(text)
+        except ValueError as e:
+            raise ValueError(f"{path}: query {qid!r}: {e}") from None
+    return pairs
+
+
+def write_trec_run(path: str, qids: list[str], results, tag: str = "ehi") -> Path:
+    """``qid Q0 docid rank score tag`` lines: the TREC run format trec_eval, ir-measures and
+    ranx read (document ids with whitespace cannot be written in it)."""
+    from .artifacts import write_file_atomic
+
+    lines = []
+    for qid, r in zip(qids, results):
+        for rank, h in enumerate(r.hits, 1):
+            if any(c.isspace() for c in h.doc_id + qid):
+                raise ValueError(f"--run {path}: id {h.doc_id if any(c.isspace() for c in h.doc_id) else qid!r} holds whitespace, which a TREC run cannot")
+            lines.append(f"{qid} Q0 {h.doc_id} {rank} {h.score:.6f} {tag}\n")
+    return write_file_atomic(path, "".join(lines))
+
+
 def cmd_search(args) -> None:
     from .model import EHIModel, check_query
 
-    for q in args.query:  # the server's rule, before loading anything
-        check_query(q)
-
+    if args.queries and args.query:
+        raise ValueError("give a query or --queries FILE, not both")
+    if args.queries:
+        pairs = _read_queries(args.queries)
+    elif args.query:
+        pairs = [("1", check_query(" ".join(args.query)))]  # the server's rule, before loading anything
+    else:
+        raise ValueError("give a query (its words are one query) or --queries FILE")
+    if args.run and Path(args.run).is_dir():
+        raise ValueError(f"--run {args.run}: is a folder; give a file path")
     allowed = _read_ids(args.ids) if args.ids else None
     model = EHIModel.load(args.model, device=args.device, mmap=True)
     if model.index is None:
         raise ValueError(f"{args.model}: the model has no index; run 'ehi index build' first")
-    results = model.search(args.query, k=args.k, beam=args.beam, budget=args.budget, ids=allowed)
+    qids, texts = [q for q, _ in pairs], [t for _, t in pairs]
+    results = model.search(texts, k=args.k, beam=args.beam, budget=args.budget, ids=allowed)
+    if args.run:
+        out = write_trec_run(args.run, qids, results)
+        print(f"wrote {len(results)} queries' hits to {out}", file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
         return
+    if args.run and len(results) > 1:
+        return
     for r in results:
-        print(f"query: {r.query}\nvisited {r.visited} documents ({100 * r.fraction_visited:.1f}%) in leaves {r.leaves}")
+        print(f"query: {r.query}\n{search_line(model, r, args)}")
         for rank, h in enumerate(r.hits, 1):
             print(f"{rank:>3}. {h.score:.4f}  {h.doc_id}  {h.title[:90]}")
+
+
+def search_line(model, r, args) -> str:
+    """What a search cost, and why: the budget is a calibrated mean, not a cap per query."""
+    from .budget import DEFAULT_BUDGET
+
+    visited = f"visited {r.visited} documents ({100 * r.fraction_visited:.1f} %)"
+    if r.strategy == "exact":
+        return f"{visited}: every allowed document scored exactly (the filter allows no more than the budget scores)"
+    where = f"in {len(r.leaves)} leaves"
+    if args.beam is not None:
+        why = f"beam {args.beam}"
+    else:
+        b = args.budget if args.budget is not None else DEFAULT_BUDGET
+        why = f"budget {100 * b:g} %: beam {model.resolve_beam(None, args.budget)}, whose calibrated mean on training queries is within it"
+    if r.strategy == "filtered":
+        return f"{visited} {where} ({why}; allowed documents only, leaves added in beam order until {args.k} were found)"
+    return f"{visited} {where} ({why})"
 
 
 def cmd_cache(args) -> None:
@@ -429,12 +536,26 @@ def cmd_cache(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from .data import load_beir
-    from .evaluation import BUDGET_RULE, BUDGETS, evaluate_model, format_table, has_qrels
+    from .evaluation import BUDGET_RULE, BUDGETS, evaluate_model, evaluate_run, format_table, has_qrels
     from .model import EHIModel
 
-    model = EHIModel.load(args.model, device=args.device)
+    if bool(args.run) == bool(args.model):
+        raise ValueError("give a model directory or --run FILE (one of them)")
     ds = load_beir(args.data)
     judged = has_qrels(ds, args.split)
+    if args.run:
+        if not judged:
+            raise ValueError(f"--run needs qrels: {ds.root / 'qrels' / (args.split + '.tsv')} not found")
+        ds.check_qrels(args.split, strict=args.strict)
+        metrics, n = evaluate_run(args.run, ds, args.split)
+        print(f"{args.run}: {n} judged queries of split {args.split!r}")
+        print("  ".join(f"{m} {v:.1f}" for m, v in metrics.items()))
+        if args.json:
+            from .artifacts import write_file_atomic
+
+            write_file_atomic(args.json, json.dumps({"run": args.run, "split": args.split, "queries": n, "metrics": metrics}, indent=2))
+        return
+    model = EHIModel.load(args.model, device=args.device)
     if judged:
         ds.check_qrels(args.split, strict=args.strict)
     else:
@@ -461,7 +582,7 @@ def cmd_benchmark(args) -> None:
     command = "ehi " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("ehi") else "ehi benchmark ..."
     res = run_benchmark(
         ds, args.out, cfg, args.seeds, args.split, tuple(args.budgets or BUDGETS), args.ablation,
-        command=command, progress=not args.no_progress, unsupervised=args.unsupervised,
+        command=command, progress=True, unsupervised=args.unsupervised,
     )
     print((Path(args.out) / "report.md").read_text())
     print(f"wrote {args.out}/results.json, report.md, recall_vs_visited.png, leaf_sizes.png in {res['timings']['total']:.0f}s")
@@ -494,7 +615,7 @@ def cmd_tune(args) -> None:
     if out.exists() and out.is_dir():
         raise ValueError(f"--out {out}: is a folder; give a .json file path")
     t = time.perf_counter()
-    chosen, trials = tune(ds, cfg, args.split, args.time_limit, args.folds, progress=not args.no_progress)
+    chosen, trials = tune(ds, cfg, args.split, args.time_limit, args.folds, progress=True)
     print(f"\n{len(trials)} candidates in {time.perf_counter() - t:.0f}s (limit {args.time_limit:.0f}s), "
           f"each validated on held-out '{args.split}' queries, {args.folds} folds:")
     for tr in sorted(trials, key=lambda tr: -tr.score):
@@ -516,7 +637,14 @@ COMMANDS = {"cache": cmd_cache, "serve": cmd_serve, "tune": cmd_tune, "train": c
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "search" and not any(x.startswith("-") and len(x) > 1 for x in extra):
+        # words after an option ('ehi search M --budget 5% protein folding') are the query's too
+        args.query = [*args.query, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return run(args)
 
 
 def run(args: argparse.Namespace) -> int:

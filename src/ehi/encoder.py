@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .artifacts import write_file_atomic
 from .config import DEFAULT_MODEL, PRECOMPUTED, EncoderConfig
+from .progress import LONG, bars, phase
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +45,17 @@ def resolve_model(name: str) -> str:
 def load_sentence_transformer(name: str, device: str = "cpu", max_seq_length: int | None = None):
     from sentence_transformers import SentenceTransformer
 
-    path = resolve_model(name)
-    if quiet():  # transformers' own "Loading weights" bar too
-        from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-        try:
-            model = SentenceTransformer(path, device=device)
-        finally:
-            hf_logging.enable_progress_bar()
-    else:
+    path = resolve_model(name)
+    # transformers' "Loading weights" bar: a second's work, drawn on every search and serve
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
         model = SentenceTransformer(path, device=device)
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
     if max_seq_length:
         model.max_seq_length = max_seq_length
     return model
@@ -103,11 +104,6 @@ def texts_fingerprint(texts: list[str]) -> str:
         h.update(t.encode("utf-8", "surrogatepass"))
         h.update(b"\x00")
     return h.hexdigest()[:16]
-
-
-def quiet() -> bool:
-    """No progress bars (``--no-progress`` sets ``EHI_NO_PROGRESS=1`` for the command)."""
-    return os.environ.get("EHI_NO_PROGRESS", "") not in ("", "0")
 
 
 def cache_dir() -> Path:
@@ -379,6 +375,13 @@ class Encoder(nn.Module):
             return Features(dense=self._encode_frozen_dense(texts, desc))
         return self._encode_frozen_states(texts, desc)
 
+    def _announce(self, n: int, desc: str) -> bool:
+        """Whether to draw a bar for ``n`` texts; a phase line instead when it is long."""
+        long = n > LONG and self.progress
+        if long and not bars():
+            phase(f"{desc}: {n} texts")
+        return long and bars()
+
     @torch.no_grad()
     def _encode_frozen_dense(self, texts: list[str], desc: str) -> torch.Tensor:
         emb = self.st.encode(
@@ -386,7 +389,7 @@ class Encoder(nn.Module):
             batch_size=self.config.encode_batch_size,
             normalize_embeddings=True,
             convert_to_numpy=True,
-            show_progress_bar=len(texts) > 256 and self.progress and not quiet(),
+            show_progress_bar=self._announce(len(texts), desc),
         )
         return torch.from_numpy(np.ascontiguousarray(emb, dtype=np.float32))
 
@@ -417,7 +420,7 @@ class Encoder(nn.Module):
         bs = self.config.encode_batch_size
         was_training = self.transformer.training
         self.transformer.eval()
-        for s in tqdm(range(0, len(texts), bs), desc=desc, disable=len(texts) <= 256 or quiet() or not self.progress):
+        for s in tqdm(range(0, len(texts), bs), desc=desc, disable=not self._announce(len(texts), desc)):
             idx = order[s : s + bs]
             tok = self._tokenize([texts[i] for i in idx])
             x = self._lower(tok)
@@ -468,7 +471,8 @@ class Encoder(nn.Module):
         n = len(rows)
         bs = batch_size if feats.dense is not None else self.config.encode_batch_size
         out = np.empty((n, self.dim), dtype=np.float32)
-        for s in tqdm(range(0, n, bs), desc=desc or "embedding", disable=desc is None or n <= bs or quiet() or not self.progress):
+        show = desc is not None and n > bs and self.progress and bars()
+        for s in tqdm(range(0, n, bs), desc=desc or "embedding", disable=not show):
             out[s : s + bs] = self.embed(feats, rows[s : s + bs]).cpu().numpy()
         self.train(was)
         return out

@@ -61,6 +61,25 @@ def measure(qrels: dict, run: dict) -> dict[str, float]:
     return {str(m): 100.0 * float(agg[m]) for m in MEASURES}
 
 
+def evaluate_run(path, dataset, split: str) -> tuple[dict[str, float], int]:
+    """(metrics, queries) of a TREC run file against a split's qrels, over every judged query
+    with a relevant document; a judged query the run leaves out scores 0."""
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        run: dict[str, dict[str, float]] = {}
+        for r in ir_measures.read_trec_run(str(path)):
+            run.setdefault(r.query_id, {})[r.doc_id] = float(r.score)
+    except (OSError, ValueError, IndexError) as e:
+        raise ValueError(f"{path}: not a TREC run file (qid Q0 docid rank score tag): {e}") from None
+    qids = sorted(dataset.relevant(split))
+    if not set(run) & set(qids):
+        raise ValueError(f"{path}: none of its {len(run)} query ids is judged in split {split!r}")
+    qrels = {q: dataset.split(split)[q] for q in qids}
+    return measure(qrels, {q: run.get(q, {}) for q in qids}), len(qids)
+
+
 def per_query(qrels: dict, run: dict, measure_name: str = "R@100") -> dict[str, float]:
     """One query's value per query id, for paired significance tests."""
     m = ir_measures.parse_measure(measure_name)

@@ -29,7 +29,8 @@ PARALLEL_OVER_QUERIES = 3
 class SearchResult:
     indices: np.ndarray  # (Q, k) document rows, best first, -1 past the candidates
     scores: np.ndarray  # (Q, k) cosine scores (approximate for sq8/pq without re-rank), -inf past them
-    visited: np.ndarray  # (Q,) distinct documents scanned
+    visited: np.ndarray  # (Q,) distinct documents scored (with a filter: allowed ones only)
+    strategy: str = "beam"  # "beam", "filtered" (allowed documents in the beam's leaves), "exact" (every allowed one)
 
 
 def _f32(x) -> np.ndarray:
@@ -103,7 +104,7 @@ class LeafIndex:
         self._vectors: np.ndarray | None = None
         self.read_only = False
         self._sizes = np.zeros(num_leaves, dtype=np.int64)
-        self._members = self._pad = None
+        self._members = self._pad = self._where = None
 
     def _make_ivf(self, centroids: np.ndarray, train: np.ndarray, seed: int) -> None:
         d, L, ip = centroids.shape[1], self.num_leaves, faiss.METRIC_INNER_PRODUCT
@@ -140,7 +141,7 @@ class LeafIndex:
             # reference to ids before the call, and the array can be freed under Faiss
             self.ivf.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(a))
             self._sizes += np.bincount(a, minlength=self.num_leaves)
-        self._members = self._pad = None
+        self._members = self._pad = self._where = None
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -224,21 +225,27 @@ class LeafIndex:
         return int(self._sizes.sum()) * (code + 8) + self.quantizer.ntotal * self.dim * 4
 
     # ---- search -----------------------------------------------------------------------------
-    def visited_counts(self, leaves: np.ndarray) -> np.ndarray:
-        """Distinct documents in each row's leaves (Q, beta); -1 entries are no leaf."""
+    def visited_counts(self, leaves: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """Distinct documents in each row's leaves (Q, beta); -1 entries are no leaf. With
+        ``rows``: only those documents count (what a filtered scan scores)."""
         leaves = _i64(leaves)
         leaves = leaves.reshape(len(leaves), -1)
         if self.d2l == 1:
             # a document lives in one leaf: sizes add up (-1 reads the trailing 0)
-            return self._sizes_pad()[leaves].sum(1)
+            return (self._sizes_pad() if rows is None else self.leaf_counts(rows, pad=True))[leaves].sum(1)
         # documents x queries overlap counts of a sparse product; its non-zeros per column
         # are the distinct documents each query visits
         from scipy.sparse import csr_matrix
 
-        docs_in = self._membership()
+        docs_in = self._membership() if rows is None else self._membership()[_i64(rows)]
         r, c = np.nonzero(leaves >= 0)
         visits = csr_matrix((np.ones(len(r), dtype=np.int32), (leaves[r, c], r)), shape=(self.num_leaves, len(leaves)))
         return np.asarray((docs_in @ visits).astype(bool).sum(0)).ravel().astype(np.int64)
+
+    def leaf_counts(self, rows: np.ndarray, pad: bool = False) -> np.ndarray:
+        """Copies of the documents ``rows`` in each leaf (L,), and a trailing 0 with ``pad``
+        (what leaf id -1 reads)."""
+        return np.bincount(self.doc_leaves[_i64(rows)].ravel(), minlength=self.num_leaves + pad)
 
     def _sizes_pad(self) -> np.ndarray:
         if self._pad is None:
@@ -255,14 +262,18 @@ class LeafIndex:
             self._members = csr_matrix((np.ones(n * d2l, dtype=np.int32), (rows, self.doc_leaves.ravel())), shape=(n, self.num_leaves))
         return self._members
 
-    def search(self, queries: np.ndarray, leaves: np.ndarray, k: int, allowed: np.ndarray | None = None) -> SearchResult:
+    def search(
+        self, queries: np.ndarray, leaves: np.ndarray, k: int, allowed: np.ndarray | None = None, visited: np.ndarray | None = None
+    ) -> SearchResult:
         """The top ``k`` documents by cosine among those in each query's ``leaves`` (Q, beta).
 
-        ``allowed``: optional document rows to restrict the search to (Faiss IDSelector)."""
+        ``allowed``: optional document rows to restrict the search to (Faiss IDSelector).
+        ``visited``: the documents each query scores, when the caller counted them already."""
         q = _f32(queries)
         leaves = _i64(leaves).reshape(len(q), -1)
         nq, beta = leaves.shape
-        visited = self.visited_counts(leaves)
+        if visited is None:
+            visited = self.visited_counts(leaves, allowed)  # with a filter: the allowed documents scored
         # copies of a document in several visited leaves come back once each: fetch enough
         fetch = k * self.d2l
         if self.codec == "pq" and self.rerank:
@@ -270,10 +281,7 @@ class LeafIndex:
         D = np.empty((nq, fetch), dtype=np.float32)
         I = np.empty((nq, fetch), dtype=np.int64)
         if nq:
-            sel = None
-            if allowed is not None:
-                sel_ids = _i64(allowed)
-                sel = faiss.IDSelectorBatch(len(sel_ids), faiss.swig_ptr(sel_ids))
+            sel = None if allowed is None else id_selector(allowed, self.num_docs)
             params = self._params(beta, sel)
             # residual codes add each leaf's coarse score <q, centroid>; flat ignores it
             coarse = self._coarse(q, leaves)
@@ -289,16 +297,62 @@ class LeafIndex:
             D, I = _dedupe(D, I)
         if fetch != k:
             D, I = np.ascontiguousarray(D[:, :k]), np.ascontiguousarray(I[:, :k])
-        if allowed is not None:
-            visited = np.minimum(visited, len(allowed))
-        return SearchResult(I, D, visited)
+        return SearchResult(I, D, visited, "beam" if allowed is None else "filtered")
+
+    def search_rows(self, queries: np.ndarray, rows: np.ndarray, k: int) -> SearchResult:
+        """The exact top ``k`` of the documents ``rows`` by cosine, wherever they live: a
+        gather of their float vectors, no routing (a filter small enough to score whole)."""
+        q = _f32(queries)
+        rows = _i64(rows)
+        if len(rows) > 1 and not (rows[1:] > rows[:-1]).all():
+            rows = np.unique(rows)
+        vecs = self.rows_vectors(rows)
+        S = q @ vecs.T  # (Q, n) cosine: vectors and queries are unit length
+        kk = min(k, len(rows))
+        top = np.argpartition(-S, kk - 1, axis=1)[:, :kk] if kk < len(rows) else np.tile(np.arange(len(rows)), (len(q), 1))
+        ts = np.take_along_axis(S, top, 1)
+        order = np.argsort(-ts, axis=1, kind="stable")
+        D = np.full((len(q), k), -np.inf, dtype=np.float32)
+        I = np.full((len(q), k), -1, dtype=np.int64)
+        D[:, :kk] = np.take_along_axis(ts, order, 1)
+        I[:, :kk] = rows[np.take_along_axis(top, order, 1)]
+        return SearchResult(I, D, np.full(len(q), len(rows), dtype=np.int64), "exact")
+
+    def rows_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """Float vectors of some rows (sorted): from the kept or mapped copy, else read out of
+        the flat lists where they live, one list at a time."""
+        rows = _i64(rows)
+        if self._vectors is not None or self._chunks:
+            return _f32(self.vectors[rows])
+        where_list, where_at = self._locations()
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        lists = where_list[rows]
+        inv = self.ivf.invlists
+        for lst in np.unique(lists):
+            n = inv.list_size(int(lst))
+            codes = np.frombuffer(faiss.rev_swig_ptr(inv.get_codes(int(lst)), n * inv.code_size), dtype=np.float32).reshape(n, self.dim)
+            mine = np.flatnonzero(lists == lst)
+            out[mine] = codes[where_at[rows[mine]]]
+        return out
+
+    def _locations(self):
+        """Each row's (list, position) in a flat index (one of its copies)."""
+        if self._where is None:
+            where_list = np.zeros(self.num_docs, dtype=np.int64)
+            where_at = np.zeros(self.num_docs, dtype=np.int64)
+            inv = self.ivf.invlists
+            for lst in np.flatnonzero(self._sizes):
+                n = inv.list_size(int(lst))
+                ids = faiss.rev_swig_ptr(inv.get_ids(int(lst)), n)
+                where_list[ids], where_at[ids] = lst, np.arange(n)
+            self._where = (where_list, where_at)
+        return self._where
 
     def _params(self, beta: int, sel=None):
         """Faiss search parameters for a beam width (kept: building one costs a SWIG call)."""
         if sel is not None:
             p = faiss.SearchParametersIVF()
-            p.nprobe, p.sel = beta, sel
-            p._sel = sel  # kept alive with the parameters
+            p.nprobe, p.sel = beta, sel  # Faiss's wrapper keeps sel (and its bitmap) alive with p
             return p
         cache = self.__dict__.setdefault("_param_cache", {})
         if beta not in cache:
@@ -358,7 +412,7 @@ class LeafIndex:
         out.rerank = 0
         out.doc_leaves = doc_leaves
         out._chunks, out._vectors = [vectors], vectors
-        out._sizes, out._members, out._pad, out.read_only = sizes, None, None, mmap
+        out._sizes, out._members, out._pad, out._where, out.read_only = sizes, None, None, None, mmap
         return out
 
     def leaf_stats(self, query_leaves: np.ndarray | None = None) -> dict:
@@ -381,6 +435,17 @@ class LeafIndex:
             "expected_per_leaf": float((p * sizes).sum()),
             "ideal_per_leaf": self.num_docs * self.d2l / self.num_leaves,
         }
+
+
+def id_selector(rows: np.ndarray, n: int):
+    """A Faiss selector of document rows: a bitmap of the ``n`` rows (n/8 bytes, one bit test
+    per scanned id; cheaper to build and to test than ``IDSelectorBatch``'s hash set)."""
+    mask = np.zeros(n, dtype=bool)
+    mask[_i64(rows)] = True
+    bits = np.packbits(mask, bitorder="little")
+    sel = faiss.IDSelectorBitmap(n, faiss.swig_ptr(bits))
+    sel._bits = bits  # the selector reads this buffer: kept alive with it
+    return sel
 
 
 def leaf_centroids(doc_leaves: np.ndarray, emb: np.ndarray, num_leaves: int, normalise: bool = True) -> np.ndarray:

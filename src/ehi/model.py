@@ -53,6 +53,10 @@ class Hits:
     fraction_visited: float
     leaves: list[int]
     query: str | None = None
+    # how the documents were found: "beam" (the leaves the beam visits), "filtered" (the
+    # allowed documents in those leaves, widened until k are found), "exact" (every allowed
+    # document scored: a filter no larger than the budget's document count)
+    strategy: str = "beam"
 
     def to_dict(self) -> dict:
         return {
@@ -61,6 +65,7 @@ class Hits:
             "leaves": self.leaves,
             "visited": self.visited,
             "fraction_visited": self.fraction_visited,
+            "strategy": self.strategy,
         }
 
 
@@ -288,10 +293,68 @@ class EHIModel:
         """The beam a search uses: ``beam``, or the one for ``budget``, or the default budget."""
         return resolve_width(self.tree.num_leaves, self.beam_calibration, beam, budget)
 
+    def budget_documents(self, beam: int) -> float:
+        """Documents a search of ``beam`` leaves scores on average (the calibration's mean
+        fraction times the corpus; interpolated between calibrated widths)."""
+        cal = self._derived("_cal_arrays", self.beam_calibration, lambda c: (np.array([x[0] for x in c], dtype=float), np.array([x[1] for x in c], dtype=float)))
+        if len(cal[0]):
+            frac = float(np.interp(beam, *cal))
+        else:
+            frac = min(1.0, beam / self.tree.num_leaves)
+        return frac * self.index.num_docs
+
     def search_embeddings(self, q_emb: np.ndarray, k: int, beam: int, allowed: np.ndarray | None = None):
-        """Search final query embeddings (Q, d); ``allowed`` restricts to these document rows."""
-        leaves = self.route(q_emb, beam)
-        return self.index.search(q_emb, leaves, k, allowed), leaves
+        """Search final query embeddings (Q, d); returns (SearchResult, leaves visited per query).
+
+        ``allowed`` (document rows) restricts the result and never misses an allowed document
+        the budget could afford: an allowed set no larger than the documents ``beam`` scores on
+        average is scored whole, exactly (strategy "exact", no routing); a larger one is
+        filtered inside the beam's leaves, and a query that finds fewer than ``k`` allowed
+        documents there widens its beam (doubling, in beam order) until it has ``k`` or has
+        scored as many allowed documents as the budget (strategy "filtered")."""
+        if allowed is None:
+            leaves = self.route(q_emb, beam)
+            return self.index.search(q_emb, leaves, k), leaves
+        allowed = np.asarray(allowed, dtype=np.int64)
+        if len(allowed) > 1 and not (allowed[1:] > allowed[:-1]).all():  # rows_of gives them sorted already
+            allowed = np.unique(allowed)
+        if len(allowed) == 0:
+            raise ValueError("the filter allows no document")
+        cap = self.budget_documents(beam)
+        if len(allowed) <= cap:
+            return self.index.search_rows(q_emb, allowed, k), [np.empty(0, dtype=np.int64)] * len(q_emb)
+        return self._filtered_search(q_emb, k, beam, allowed, cap)
+
+    def _filtered_search(self, q_emb, k: int, beam: int, allowed: np.ndarray, cap: float):
+        """Route once wide enough to hold about 2k allowed documents, keep per query the
+        shortest prefix (at least ``beam`` leaves, in beam order) whose allowed documents reach
+        k or the budget, scan those with the filter; queries still short route wider again."""
+        L = self.tree.num_leaves
+        per_leaf = self.index.leaf_counts(allowed, pad=True)  # index -1 (no leaf) reads a 0
+        width = min(L, max(beam, int(np.ceil(2 * k * L / len(allowed)))))
+        res, leaves, short = self._filtered_pass(q_emb, k, beam, allowed, cap, per_leaf, width)
+        todo = np.flatnonzero(short)
+        while len(todo) and width < L:  # rare: the widest guess held too few allowed documents
+            width = min(L, 2 * width)
+            r, lv, short = self._filtered_pass(q_emb[todo], k, beam, allowed, cap, per_leaf, width)
+            res.indices[todo], res.scores[todo], res.visited[todo] = r.indices, r.scores, r.visited
+            for j, i in enumerate(todo):
+                leaves[i] = lv[j]
+            todo = todo[short]
+        return res, leaves
+
+    def _filtered_pass(self, q_emb, k, beam, allowed, cap, per_leaf, width):
+        lv = np.array(self.route(q_emb, width), dtype=np.int64, order="C")
+        cum = np.cumsum(per_leaf[lv], axis=1)
+        enough = (cum >= min(k, cap)) if cap >= k else (cum >= cap)
+        enough[:, : beam - 1] = False
+        used = np.where(enough.any(1), enough.argmax(1) + 1, lv.shape[1])
+        lv[np.arange(lv.shape[1]) >= used[:, None]] = -1  # Faiss skips leaf -1
+        # one leaf per document: the prefix sums are the allowed documents scored
+        counted = cum[np.arange(len(lv)), used - 1] if self.index.d2l == 1 else None
+        r = self.index.search(q_emb, lv, k, allowed, counted)
+        short = (r.indices[:, -1] < 0) & (r.visited < cap)
+        return r, [row[:u] for row, u in zip(lv, used)], short
 
     def rows_of(self, ids) -> np.ndarray:
         """Index rows of document ids; ValueError naming an id that is not indexed."""
@@ -312,7 +375,7 @@ class EHIModel:
                 if j >= 0
             ]
             q = None if queries is None else queries[i - offset]
-            out.append(Hits(hits, int(res.visited[i]), float(res.visited[i] / self.index.num_docs), leaves[i].tolist(), q))
+            out.append(Hits(hits, int(res.visited[i]), float(res.visited[i] / self.index.num_docs), np.asarray(leaves[i]).tolist(), q, res.strategy))
         return out
 
     def search(
@@ -321,7 +384,8 @@ class EHIModel:
         """Search raw query texts; one ``Hits`` per query, in order (a single string is a list
         of one). Give ``beam`` (leaves visited) or ``budget`` (fraction of the corpus); by
         default search visits ``budget.DEFAULT_BUDGET`` of it. ``ids``: only these documents
-        may be returned (a filter applied inside the scan)."""
+        may be returned; the best ``k`` of them are found wherever they live when there are no
+        more of them than the budget scores (see ``search_embeddings``)."""
         if self.index is None:
             raise ValueError("the model has no index; build one first")
         texts = [check_query(q) for q in ([queries] if isinstance(queries, str) else list(queries))]

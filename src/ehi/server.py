@@ -19,7 +19,6 @@ from typing import Union
 
 import numpy as np
 from fastapi import FastAPI, HTTPException
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -73,6 +72,20 @@ def _json_safe(x):
     if isinstance(x, (list, tuple)):
         return [_json_safe(v) for v in x]
     return x
+
+
+def validation_sentence(errors) -> str:
+    """The first validation error as one sentence naming the field (pydantic's "Value error, "
+    prefix and the offending input left out), and how many more there are."""
+    if not errors:
+        return "invalid request"
+    e = errors[0]
+    if e.get("type") == "json_invalid":
+        return "the body is not valid JSON"
+    where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+    msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
+    more = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
+    return f"{where}: {msg}{more}" if where else f"{msg}{more}"
 
 
 @dataclass
@@ -198,10 +211,15 @@ def create_app(model_dir: str | Path, max_batch: int = 64, max_wait_ms: float = 
     app = FastAPI(title="ehi", description="End-to-end Hierarchical Indexing: search service", lifespan=lifespan)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(_request, exc: RequestValidationError) -> JSONResponse:
-        # the default handler echoes the input, and NaN / Infinity (which Python's JSON parser
-        # accepts) or a lone surrogate cannot be written back as JSON: that turned 422s into 500s
-        return JSONResponse(status_code=422, content={"detail": _json_safe(jsonable_encoder(exc.errors()))})
+    async def invalid_request(request, exc: RequestValidationError) -> JSONResponse:
+        # one shape for every 4xx, {"detail": "<one sentence>"}: the default handler's list
+        # echoes the input (a 2,000-character query back to its sender; NaN or a lone surrogate
+        # that cannot be written as JSON turned 422s into 500s)
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if request.method == "POST" and kind != "application/json":
+            got = f"got {kind!r}" if kind else "none was sent"
+            return JSONResponse(status_code=415, content={"detail": f"send the body as JSON with Content-Type: application/json ({got})"})
+        return JSONResponse(status_code=422, content={"detail": _json_safe(validation_sentence(exc.errors()))})
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:

@@ -8,6 +8,7 @@ import json
 import logging
 import random
 import resource
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from .encoder import PRECOMPUTED, Encoder, Features, text_keys
 from .losses import ehi_losses, routing_cross_entropy, soft_routing_cross_entropy
 from .mining import mine_pool, positives_matrix, routing_targets, sample_negatives
 from .model import EHIModel
+from .progress import bars, phase
 from .routing import fit_router, routing_examples, shrunk
 from .tree import Tree, leaf_to_path, load_balance_penalty
 from .validation import Validator, format_validation, holdout, selection_message
@@ -541,11 +543,16 @@ class Trainer:
         if self.stage == "select":
             if progress and self.epochs() < self.config.train.epochs:
                 tqdm.write(f"{len(self.train_set.pairs)} training pairs: {self.epochs()} epochs (max_pairs {self.config.train.max_pairs})")
+            if progress:
+                phase(f"training: {self.epochs()} epochs over {len(self.train_set.pairs)} pairs of {len(self.train_set.query_ids)} queries"
+                      + (", validating on held-out queries after each" if self.validator is not None else ""))
             if self.validator is not None and self.start_epoch == 0 and not self.validation:
                 self._validate(0, progress)
             self._run(self.epochs(), out_dir, progress, on_epoch)
             self.restore_best(progress)
             if self.config.train.route_fit_epochs:
+                if progress:
+                    phase("router fit: fitting to training queries and document spans, scored on held-out queries")
                 self.choose_route_fit(progress)
             if self.full_set is not None and self.best is not None and self.best[0] > 0:
                 self._enter_refit(self.best[0], progress)
@@ -561,9 +568,13 @@ class Trainer:
             return EHIModel(self.config, self.encoder, self.tree, validation=self.validation_report())
         return self.build_model()
 
-    def run(self, out_dir: str | Path | None = None, resume: bool = False, progress: bool = True, log=None) -> EHIModel:
+    def run(
+        self, out_dir: str | Path | None = None, resume: bool = False, progress: bool = True, log=None, keep_checkpoint: bool = False
+    ) -> EHIModel:
         """What ``train()`` and ``ehi train`` do: continue from the checkpoint beside ``out_dir``
-        if asked, fit, and save the model to ``out_dir`` (the main process only)."""
+        if asked, fit, and save the model to ``out_dir`` (the main process only). The
+        checkpoint, written each epoch for ``resume`` after a kill, is removed once the model
+        is saved unless ``keep_checkpoint``."""
         if resume:
             if out_dir is None:
                 raise ValueError("resume needs out_dir")
@@ -578,6 +589,9 @@ class Trainer:
         model.training_history = self.history
         if out_dir is not None and is_main():
             model.save(out_dir)
+            ckpt = checkpoint_path(out_dir)
+            if not keep_checkpoint and (ckpt / "manifest.json").exists() and read_manifest(ckpt).get("kind") == "checkpoint":
+                shutil.rmtree(ckpt)
         return model
 
     def _run(self, epochs: int, out_dir, progress: bool, on_epoch) -> None:
@@ -636,7 +650,7 @@ class Trainer:
         bar = tqdm(
             range(0, len(order), tc.batch_size),
             desc=f"{'refit ' if self.stage == 'refit' else ''}epoch {epoch + 1}/{total}",
-            disable=not progress,
+            disable=not bars(progress),
             leave=False,
         )
         for s in bar:
@@ -651,6 +665,8 @@ class Trainer:
         return {"epoch": epoch + 1, **{k: v / max(n, 1) for k, v in sums.items()}}
 
     def build_model(self) -> EHIModel:
+        if self.encoder.progress:
+            phase(f"indexing {len(self.dataset.corpus)} documents")
         with self.phase("index"):
             self.encoder.eval()
             self.tree.eval()
@@ -766,8 +782,10 @@ def train(
     query_ids: list[str] | None = None,
     progress: bool = True,
     resume: bool = False,
+    keep_checkpoint: bool = False,
 ) -> EHIModel:
     """Train EHI on a dataset's ``split`` qrels; save the model to ``out_dir`` if given.
-    With ``resume``, continue from the checkpoint beside ``out_dir``."""
+    With ``resume``, continue from the checkpoint beside ``out_dir`` (removed after success
+    unless ``keep_checkpoint``)."""
     trainer = Trainer(config or EHIConfig(), dataset, split, query_ids)
-    return trainer.run(out_dir, resume=resume, progress=progress)
+    return trainer.run(out_dir, resume=resume, progress=progress, keep_checkpoint=keep_checkpoint)

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .benchmark import apply_overrides
 from .config import EHIConfig
 from .data import Dataset
+from .progress import bars
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def tune(
         raise ValueError("tuning needs validation: val_fraction > 0 or a val_split")
     t0 = time.perf_counter()
     trials: list[Trial] = []
-    bar = tqdm(candidates(base, len(dataset.corpus)), desc="tune", disable=not progress)
+    bar = tqdm(candidates(base, len(dataset.corpus)), desc="tune", disable=not bars(progress))
     for overrides in bar:
         elapsed = time.perf_counter() - t0
         per = np.mean([t.seconds for t in trials]) if trials else 0.0

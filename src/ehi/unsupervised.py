@@ -116,6 +116,7 @@ def train_unsupervised(
     resume: bool = False,
     log_fn=None,
     max_queries: int = MAX_PSEUDO_QUERIES,
+    keep_checkpoint: bool = False,
 ):
     """Train EHI without qrels (module docstring); returns (model, trainer), the model saved to
     ``out_dir`` if given. ``config`` defaults to ``unsupervised_config()``; start from it to
@@ -155,7 +156,7 @@ def train_unsupervised(
         query_embeddings=q_emb if doc_embeddings is not None else None,
     )
     trainer.pseudo_queries = pseudo
-    model = trainer.run(out_dir, resume=resume, progress=progress, log=log_fn)
+    model = trainer.run(out_dir, resume=resume, progress=progress, log=log_fn, keep_checkpoint=keep_checkpoint)
     return model, trainer
 
 

@@ -1,0 +1,43 @@
+"""Progress reporting: bars on a terminal, one plain line per long phase everywhere else.
+
+A redirected log filled with carriage-return redraws is unreadable, and ``--no-progress``
+(``EHI_NO_PROGRESS=1``) must not leave a long command silent: so bars are drawn only when
+wanted, not silenced and stderr is a terminal, and a long step always says when it starts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from tqdm.auto import tqdm
+
+LONG = 256  # texts or steps below this are quick: no bar, no phase line
+
+
+def quiet() -> bool:
+    """Bars silenced for the command (``--no-progress`` sets ``EHI_NO_PROGRESS=1``)."""
+    return os.environ.get("EHI_NO_PROGRESS", "") not in ("", "0")
+
+
+def bars(wanted: bool = True) -> bool:
+    """Whether to draw a progress bar."""
+    return bool(wanted) and not quiet() and sys.stderr.isatty()
+
+
+def phase(message: str) -> None:
+    """Say that a long step starts: a line of its own, shown at once (on stderr, so that
+    stdout keeps only results)."""
+    tqdm.write(f"[ehi] {message}", file=sys.stderr)
+    sys.stderr.flush()
+
+
+def bar(iterable=None, desc: str = "", wanted: bool = True, **kw):
+    """A tqdm bar when ``bars(wanted)``; otherwise the iterable itself, after a phase line
+    (when ``desc`` names the step)."""
+    if bars(wanted):
+        return tqdm(iterable, desc=desc, **kw)
+    if desc and wanted is not None:
+        total = kw.get("total") or (len(iterable) if hasattr(iterable, "__len__") else None)
+        phase(f"{desc}" + (f" ({total} steps)" if total else ""))
+    return tqdm(iterable, desc=desc, disable=True, **kw)
