@@ -8,9 +8,13 @@ DATA=${DATA:-../shared/datasets/scifact}
 OUT=${OUT:-runs/scifact}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
 if [ ! -x .venv/bin/ehi ]; then
+  # pip's own notices (about this machine's package indexes, say) go to a log, not the job's
+  echo "[ehi] installing into .venv (pip's output: .venv/pip.log)"
   python3 -m venv .venv
-  .venv/bin/pip install --quiet torch==2.13.0
-  .venv/bin/pip install --quiet -e ".[test]"
+  if ! { .venv/bin/pip install --quiet torch==2.13.0 && .venv/bin/pip install --quiet -e ".[test]"; } > .venv/pip.log 2>&1; then
+    tail -20 .venv/pip.log >&2
+    exit 1
+  fi
 fi
 # --overwrite: a rerun replaces the model this job wrote before (never a folder that is not a model)
 .venv/bin/ehi train --data "$DATA" --out "$OUT" --overwrite "$@"
