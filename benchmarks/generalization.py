@@ -23,7 +23,8 @@ import time
 import numpy as np
 
 from common import select_variants, write_json
-from ehi.benchmark import apply_overrides, dual_encoder_config, index_curves
+from ehi.benchmark import dual_encoder_config, index_curves
+from ehi.config import apply_overrides
 from ehi.config import EHIConfig
 from ehi.data import load_beir
 from ehi.evaluation import ehi_curve, ivf_curve

@@ -1,8 +1,12 @@
-"""Load test of ``ehi serve`` on loopback: N search requests at a fixed concurrency.
+"""Load test of ``ehi serve`` on loopback: N search requests at each concurrency, per encoder
+backend.
 
-Starts the server on 127.0.0.1 as a subprocess, sends SciFact claims (budget 10 %, k = 10)
-from an asyncio client, and reports errors, p50 / p99 latency and throughput. Bounded: a
-fixed number of requests and an overall time limit; only the loopback address is used.
+Starts the server on 127.0.0.1 as a subprocess per setup, sends SciFact claims (budget 10 %,
+k = 10) from an asyncio client, and reports errors, p50 / p99 latency and throughput at each
+concurrency, with the backend's Recall@100 at 10 % on the test claims beside it. The first
+setup is the previous server (torch encoder, micro-batches waiting 2 ms for company): the
+baseline the others are compared with in the same run. Bounded: a fixed number of requests
+and an overall time limit; only the loopback address is used.
 
     python benchmarks/load_test.py runs/scifact --data ../shared/datasets/scifact --out reports/load_test.json
 """
@@ -74,18 +78,62 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="trained model directory (e.g. from scripts/main.sh: runs/scifact)")
     ap.add_argument("--data", default="../shared/datasets/scifact")
-    ap.add_argument("--requests", type=int, default=2000)
-    ap.add_argument("--concurrency", type=int, default=32)
-    ap.add_argument("--limit", type=float, default=600, help="overall time limit (s)")
+    ap.add_argument("--requests", type=int, default=1000, help="per concurrency level")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    ap.add_argument("--limit", type=float, default=600, help="overall time limit per level (s)")
     ap.add_argument("--out", default="reports/load_test.json")
     args = ap.parse_args()
 
     queries = list(load_queries(Path(args.data) / "queries.jsonl").values())
+    out = {"requests": args.requests, "setups": {}}
+    for name in args.setups:
+        backend, wait = SETUPS[name]
+        r100 = backend_recall(args.model, args.data, backend)
+        levels = serve_and_load(args, queries, backend, wait)
+        out["setups"][name] = {"backend": backend, "max_wait_ms": wait, "R@100_at_10pct_test": r100, "levels": levels}
+        for res in levels:
+            print(f"{name:<28} R@100 {r100:5.1f} | concurrency {res['concurrency']:>3}: {res['errors']} errors, p50 {res['p50_ms']:7.1f} ms, "
+                  f"p99 {res['p99_ms']:7.1f} ms, {res['throughput_rps']:6.0f} requests/s", flush=True)
+    base = {r["concurrency"]: r for r in out["setups"].get(next(iter(SETUPS)), {}).get("levels", [])}
+    for name, setup in out["setups"].items():
+        for r in setup["levels"]:
+            b = base.get(r["concurrency"])
+            if b:
+                r["throughput_x_baseline"] = r["throughput_rps"] / b["throughput_rps"]
+                r["p50_x_baseline"] = r["p50_ms"] / b["p50_ms"]
+    write_json(args.out, out)
+
+
+# name -> (encoder backend, micro-batch wait in ms); the first is the baseline
+SETUPS = {
+    "torch, 2 ms wait (previous)": ("torch", 2.0),
+    "torch, no wait": ("torch", 0.0),
+    "onnx, no wait": ("onnx", 0.0),
+    "onnx-int8, no wait": ("onnx-int8", 0.0),
+}
+
+
+def backend_recall(model_dir: str, data: str, backend: str) -> float:
+    """Recall@100 at a 10 % budget on the test claims, queries and documents on this backend."""
+    from ehi.data import load_beir
+    from ehi.evaluation import evaluate_model
+    from ehi.model import EHIModel
+
+    model = EHIModel.load(model_dir, backend=backend)
+    ds = load_beir(data)
+    model.build_index(model.encoder.embed_all(model.encoder.features(ds.corpus.documents(), "encoding corpus")), ds.corpus.ids, ds.corpus.titles)
+    rows = evaluate_model(model, ds, "test", (0.1,), baselines=False)
+    return next(r.metrics["R@100"] for r in rows if r.method == "EHI")
+
+
+def serve_and_load(args, queries, backend: str, wait: float) -> list[dict]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     server = subprocess.Popen(
-        [sys.executable, "-m", "ehi.cli", "serve", args.model, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+        [sys.executable, "-m", "ehi.cli", "serve", args.model, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+         "--encoder-backend", backend, "--max-wait-ms", str(wait)],
         env=env,
     )
     try:
@@ -100,16 +148,10 @@ def main() -> None:
                 raise SystemExit("the server did not come up")
             time.sleep(0.2)
         asyncio.run(run(url, queries, 64, 4, 60))  # warm-up
-        res = asyncio.run(run(url, queries, args.requests, args.concurrency, args.limit))
+        return [asyncio.run(run(url, queries, args.requests, c, args.limit)) for c in args.concurrency]
     finally:
         server.terminate()
         server.wait(timeout=30)
-    print(
-        f"{res['requests']} requests at concurrency {res['concurrency']}: {res['errors']} errors, "
-        f"p50 {res['p50_ms']:.1f} ms, p99 {res['p99_ms']:.1f} ms, {res['throughput_rps']:.0f} requests/s "
-        f"({res['wall_seconds']:.1f} s)"
-    )
-    write_json(args.out, res)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ def corpus_recall(args, L: int, quantizer, routers: dict) -> dict:
     """Index ``args.docs`` vectors once into lists = the flat leaves; every router searches them."""
     from unsupervised_scale import exact_top
     from ehi.budget import WidthSearch
-    from ehi.unsupervised import neighbour_recall
+    from ehi.evaluation import neighbour_recall
 
     t = time.perf_counter()
     faiss.omp_set_num_threads(2)

@@ -11,6 +11,10 @@ noise hits all alike). A third row scans *EHI's own leaves* with plain Faiss
 Python layer is measured against. Then, per codec of EHI's index (flat, sq8, pq, pq with
 exact re-rank) against Faiss IVFPQ: bytes of the index and Recall@100 on the test claims.
 
+Then, **at equal Recall@100** (the user's comparison): for EHI's widths at 1 / 2 / 5 % of the
+corpus, the fewest Faiss IVFFlat lists (and ScaNN leaves) whose Recall@100 on the ``--split``
+queries reaches EHI's, and each method's batched QPS and single-query p50 there.
+
     python benchmarks/search_speed.py --model runs/scifact --out reports/search_speed.json
 """
 
@@ -53,12 +57,17 @@ def main() -> None:
     ap.add_argument("--model", help="trained model directory (default: train one with the defaults)")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--single", type=int, default=300, help="queries timed one at a time, per repetition")
+    ap.add_argument("--split", default="test", help="judged queries for the equal-recall comparison")
+    ap.add_argument("--max-queries", type=int, default=2000, help="queries timed (a sample of the dataset's, seeded)")
+    ap.add_argument("--skip-codecs", action="store_true")
     ap.add_argument("--out", default="reports/search_speed.json")
     args = ap.parse_args()
 
     ds = load_beir(args.data)
     model = EHIModel.load(args.model) if args.model else train(ds, EHIConfig(), progress=False)
     qids = sorted(ds.queries)
+    if len(qids) > args.max_queries:
+        qids = sorted(np.random.default_rng(0).choice(qids, args.max_queries, replace=False).tolist())
     q = np.ascontiguousarray(model.encoder.embed_all(model.encoder.features([ds.queries[i] for i in qids], "encoding queries")))
     d = np.ascontiguousarray(model.index.vectors, dtype=np.float32)
     L = model.tree.num_leaves
@@ -109,6 +118,11 @@ def main() -> None:
         results["budgets"][f"{budget:g}"] = row
     faiss.omp_set_num_threads(2)
 
+    results["equal_recall"] = equal_recall(model, ds, args.split, ivf, args.reps, args.single)
+    if args.skip_codecs:
+        write_json(args.out, results)
+        return
+
     # ---- codecs: bytes and recall at ~10 % visited -----------------------------------------
     test = ds.split("test")
     tq = [i for i in qids if i in test]
@@ -151,6 +165,85 @@ def main() -> None:
     for name, c in codecs.items():
         print(f"  {name:<36} {c['bytes']:>10,} {c['x_raw']:>6.3f} {c['R@100']:>6.1f}")
     write_json(args.out, results)
+
+
+def equal_recall(model, ds, split: str, ivf: IVFBaseline, reps: int, single: int) -> dict:
+    """EHI at its 1 / 2 / 5 % widths against the fewest IVF lists and ScaNN leaves reaching its
+    Recall@100 on the split's judged queries; batched QPS and single-query p50 of each (2 threads)."""
+    from ehi.baselines import ScaNNBaseline
+
+    rel = ds.relevant(split)
+    jq = sorted(rel)
+    qrels = {i: ds.split(split)[i] for i in jq}
+    qe = np.ascontiguousarray(model.encoder.embed_all(model.encoder.features([ds.queries[i] for i in jq], "encoding queries")))
+    L = model.tree.num_leaves
+    sc = ScaNNBaseline(np.ascontiguousarray(model.index.vectors, dtype=np.float32), L)
+    ids = model.doc_ids
+
+    def recall(idx, scores):
+        return measure(qrels, make_run(jq, idx, scores, ids))["R@100"]
+
+    def ivf_search(w):
+        ivf.index.nprobe = w
+        D, I = ivf.index.search(qe, 100)
+        return I, D
+
+    def fewest(search, target):
+        lo, hi = 1, L  # recall grows with the width: the smallest width reaching the target
+        if recall(*search(hi)) < target - 1e-9:
+            return None
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if recall(*search(mid)) >= target - 1e-9:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    ehi_w = WidthSearch(lambda w: model.visited_fraction(qe, w), L)
+    out = {"queries": len(jq), "split": split, "budgets": {}}
+    faiss.omp_set_num_threads(2)
+    for budget in (0.01, 0.02, 0.05):
+        bw = ehi_w.largest_within(budget)
+        if bw is None:
+            continue
+        res, _ = model.search_embeddings(qe, 100, bw)
+        target = recall(res.indices, res.scores)
+        iw = fewest(ivf_search, target)
+        sw = fewest(lambda w: sc.search(qe, 100, w)[:2], target)
+        row = {"ehi_beam": bw, "ehi_visited": ehi_w.fraction(bw), "ehi_R@100": target, "ivf_nprobe": iw, "scann_leaves": sw}
+        if iw is not None:
+            row["ivf_visited"] = ivf.visited_fraction(qe, iw)
+        methods = {"ehi": (lambda i: model.search_embeddings(qe[i : i + 1], 100, bw), lambda: model.search_embeddings(qe, 100, bw))}
+        if iw is not None:
+            methods["faiss_ivfflat"] = (lambda i: ivf.index.search(qe[i : i + 1], 100), lambda: ivf.index.search(qe, 100))
+        if sw is not None:
+            methods["scann"] = (lambda i: sc.searcher.search_batched(qe[i : i + 1], final_num_neighbors=100, leaves_to_search=sw),
+                                lambda: sc.searcher.search_batched(qe, final_num_neighbors=100, leaves_to_search=sw))
+        if iw is not None:
+            ivf.index.nprobe = iw
+        for one, batch in methods.values():
+            batch(), one(0)
+        lat = {m: [] for m in methods}
+        bat = {m: [] for m in methods}
+        n = min(single, len(qe))
+        for _ in range(reps):
+            for m, (one, batch) in methods.items():
+                lat[m] += timed_each(one, n)
+                t = time.perf_counter()
+                batch()
+                bat[m].append(time.perf_counter() - t)
+        for m in methods:
+            row[m] = {"p50_ms": pct(lat[m], 50), "batched_qps": len(qe) / statistics.median(bat[m])}
+        for m in ("faiss_ivfflat", "scann"):
+            if m in row:
+                row[f"qps_ratio_ehi_over_{m}"] = row["ehi"]["batched_qps"] / row[m]["batched_qps"]
+                row[f"p50_ratio_ehi_over_{m}"] = row["ehi"]["p50_ms"] / row[m]["p50_ms"]
+        out["budgets"][f"{budget:g}"] = row
+        print(f"equal recall at EHI's {budget:.0%} width (beam {bw}, R@100 {target:.1f}): IVF nprobe {iw}, ScaNN leaves {sw}; "
+              + "; ".join(f"{m} QPS {row[m]['batched_qps']:.0f} p50 {row[m]['p50_ms']:.3f} ms" for m in methods)
+              + "".join(f"; EHI/{m} QPS {row[f'qps_ratio_ehi_over_{m}']:.2f}x" for m in ("faiss_ivfflat", "scann") if m in row), flush=True)
+    return out
 
 
 if __name__ == "__main__":

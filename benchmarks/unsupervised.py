@@ -22,7 +22,8 @@ import numpy as np
 
 from common import select_variants, write_json
 from generalization import CORPORA, split_queries
-from ehi.benchmark import apply_overrides, index_curves
+from ehi.benchmark import index_curves
+from ehi.config import apply_overrides
 from ehi.data import load_beir
 from ehi.encoder import Encoder
 from ehi.evaluation import ehi_curve, exact_row_and_truth

@@ -24,10 +24,11 @@ import torch
 
 from common import write_json
 from scale import DIM, Corpus1M, build_streaming, near, recall_at_100
-from ehi.benchmark import apply_overrides
+from ehi.config import apply_overrides
 from ehi.budget import WidthSearch
 from ehi.data import embeddings_dataset
-from ehi.unsupervised import neighbour_recall, train_unsupervised, unsupervised_config
+from ehi.evaluation import neighbour_recall
+from ehi.unsupervised import train_unsupervised, unsupervised_config
 
 
 def exact_top(corpus: Corpus1M, q: np.ndarray, k: int) -> np.ndarray:

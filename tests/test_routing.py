@@ -93,14 +93,14 @@ def test_shrink_zero_is_the_start_and_one_the_fit():
 
 
 def test_the_trainer_keeps_the_unfitted_router_when_the_fit_routes_held_out_queries_worse(tiny_beir, monkeypatch):
-    import ehi.training as training
+    import ehi.selection as selection
 
     def scramble(tree, *args, **kwargs):
         with torch.no_grad():
             for level in tree.levels:
                 level.W.copy_(torch.randn_like(level.W) * 5)
 
-    monkeypatch.setattr(training, "fit_router", scramble)
+    monkeypatch.setattr(selection, "fit_router", scramble)
     ds = load_beir(tiny_beir)
     trainer = Trainer(tiny_config(epochs=2), ds)
     model = trainer.fit(progress=False, build_index=False)

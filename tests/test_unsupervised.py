@@ -13,12 +13,11 @@ from ehi.data import load_beir
 from ehi.losses import soft_routing_cross_entropy
 from ehi.mining import routing_targets
 from ehi.model import EHIModel
+from ehi.evaluation import exact_neighbours, neighbour_recall
 from ehi.unsupervised import (
     JUDGED_SPLIT,
     PseudoQuerySet,
-    exact_neighbours,
     neighbour_dataset,
-    neighbour_recall,
     pseudo_queries,
     train_unsupervised,
     unsupervised_config,

@@ -14,7 +14,6 @@ Methods, each evaluated at every budget under one rule (``evaluation.BUDGET_RULE
 
 from __future__ import annotations
 
-import copy
 import json
 import platform
 import time
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .artifacts import write_file_atomic
-from .config import EHIConfig
+from .config import EHIConfig, apply_overrides
 from .data import Dataset
 from .progress import bars, phase
 from .evaluation import BUDGET_RULE, BUDGETS, Row, budget_curve, ehi_curve, exact_row, ivf_curve
@@ -48,16 +47,6 @@ ABLATIONS: dict[str, dict] = {
 }
 BASELINES = ("DE + Faiss-IVF", "DE + ScaNN", "untrained encoder + Faiss-IVF", "untrained encoder + ScaNN", "EHI encoder + Faiss-IVF")
 REPORT_MEASURES = ("R@10", "R@20", "R@50", "R@100", "nDCG@10", "RR@10")
-
-
-def apply_overrides(config: EHIConfig, overrides: dict) -> EHIConfig:
-    cfg = copy.deepcopy(config)
-    for key, value in overrides.items():
-        section, name = key.split(".")
-        if not hasattr(getattr(cfg, section), name):
-            raise ValueError(f"unknown config field {key!r}")
-        setattr(getattr(cfg, section), name, value)
-    return cfg.validate()
 
 
 def dual_encoder_config(config: EHIConfig) -> EHIConfig:

@@ -14,6 +14,7 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from .benchmark import ABLATIONS  # noqa: E402
+from .config import BACKENDS  # noqa: E402
 
 
 def _budget(text: str) -> float:
@@ -50,6 +51,16 @@ def _int_in(text: str, lo: int, hi: int | None = None) -> int:
     return v
 
 
+def _ms(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= v <= 1000:
+        raise argparse.ArgumentTypeError(f"must be in 0..1000 ms, got {text!r}")
+    return v
+
+
 def _port(text: str) -> int:
     return _int_in(text, 0, 65535)
 
@@ -68,11 +79,13 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        if "default" in text or action.default is None or action.default is False or action.default == argparse.SUPPRESS or not action.option_strings:
             return text
         return text + " (default: %(default)s)"
 
 
+BACKEND_HELP = ("what runs the frozen transformer: auto (ONNX Runtime where it can: the adapter scope on the CPU; else torch), "
+                "torch, onnx (same embeddings, faster) or onnx-int8 (quantized: faster, a little less exact)")
 NO_PROGRESS = "no progress bars, even on a terminal (a line per phase still says what runs; bars are drawn only on a terminal anyway)"
 
 
@@ -108,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--scope", choices=["adapter", "top-k", "full"], help="trainable part of the encoder")
     t.add_argument("--top-k-layers", type=int, help="--scope top-k: transformer layers trained")
     t.add_argument("--model", help="sentence-transformers model name or folder")
+    t.add_argument("--encoder-backend", choices=BACKENDS, help=BACKEND_HELP + " (saved in the model; config default auto)")
     t.add_argument("--hard-negatives", type=int, help="negatives per query drawn from the leaves it reaches (0 = in-batch only)")
     t.add_argument("--refresh-every", type=int, help="epochs between refreshes of the hard negatives (r)")
     t.add_argument("--d2l", type=int, help="leaves each document is stored in")
@@ -151,12 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     ib.add_argument("--out", help="write the changed model here (a new folder; an ehi model there needs --overwrite)")
     ib.add_argument("--overwrite", action="store_true", help="replace the model at --out, or without --out the model itself")
     ib.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
+    ib.add_argument("--encoder-backend", choices=BACKENDS, help=BACKEND_HELP + " (default: the model's)")
     ia = isub.add_parser("add", help="route new documents into their leaves (no retraining)")
     ia.add_argument("model", help="model directory")
     ia.add_argument("corpus", help="corpus.jsonl of the new documents")
     ia.add_argument("--out", help="write the changed model here (a new folder; an ehi model there needs --overwrite)")
     ia.add_argument("--overwrite", action="store_true", help="replace the model at --out, or without --out the model itself")
     ia.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
+    ia.add_argument("--encoder-backend", choices=BACKENDS, help=BACKEND_HELP + " (default: the model's)")
     ir = isub.add_parser("remove", help="drop documents by id")
     ir.add_argument("model", help="model directory")
     ir.add_argument("ids", help="text file, one document id per line")
@@ -176,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON")
     s.add_argument("--ids", help="text file, one document id per line: only these may be returned (the best k of them are found)")
     s.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
+    s.add_argument("--encoder-backend", choices=BACKENDS, help=BACKEND_HELP + " (default: the model's)")
 
     e = sub.add_parser("evaluate", help="metrics against fraction visited, with exact search and Faiss-IVF; or score a run file")
     e.add_argument("model", nargs="?", help="model directory (not with --run)")
@@ -188,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="write every row to this JSON file")
     e.add_argument("--strict", action="store_true", help="qrels naming unknown queries or documents are errors")
     e.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
+    e.add_argument("--encoder-backend", choices=BACKENDS, help=BACKEND_HELP + " (default: the model's)")
 
     c = sub.add_parser("cache", help="the feature cache: size, or clear it")
     c.add_argument("cache_command", choices=["info", "clear"], help="info: files and size; clear: delete them")
@@ -196,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("model", help="model directory (opened memory-mapped, read-only)")
     v.add_argument("--host", default="127.0.0.1", help="address to listen on")
     v.add_argument("--port", type=_port, default=8000, help="port to listen on")
+    v.add_argument("--encoder-backend", choices=BACKENDS, help=BACKEND_HELP + " (default: the model's)")
+    v.add_argument("--max-wait-ms", type=_ms, default=0.0,
+                   help="how long a micro-batch waits for more requests (0: a batch is what queued while the last one ran)")
     v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's log level")
 
     b = sub.add_parser("benchmark", help="EHI vs DE, untrained encoder and EHI encoder + exact / Faiss-IVF / ScaNN, several seeds, report and plots")
@@ -236,6 +257,7 @@ def _config_from_args(args):
         "scope": ("encoder", "scope"),
         "top_k_layers": ("encoder", "top_k_layers"),
         "model": ("encoder", "model_name"),
+        "encoder_backend": ("encoder", "backend"),
         "hard_negatives": ("train", "hard_negatives"),
         "refresh_every": ("train", "refresh_every"),
         "d2l": ("index", "d2l"),
@@ -397,7 +419,7 @@ def cmd_index(args) -> None:
         check_target(args.out, overwrite=args.overwrite)
     elif not args.overwrite:
         raise ValueError(f"this would rewrite {args.model} in place; pass --overwrite to do so, or --out NEW_DIR to keep it")
-    model = EHIModel.load(args.model, device=getattr(args, "device", "cpu"))
+    model = EHIModel.load(args.model, device=getattr(args, "device", "cpu"), backend=getattr(args, "encoder_backend", None))
     before = leaf_report(model) if model.index is not None else None
     if args.index_command == "build":
         corpus = load_beir(args.data).corpus
@@ -486,7 +508,7 @@ def cmd_search(args) -> None:
     if args.run and Path(args.run).is_dir():
         raise ValueError(f"--run {args.run}: is a folder; give a file path")
     allowed = _read_ids(args.ids) if args.ids else None
-    model = EHIModel.load(args.model, device=args.device, mmap=True)
+    model = EHIModel.load(args.model, device=args.device, mmap=True, backend=args.encoder_backend)
     if model.index is None:
         raise ValueError(f"{args.model}: the model has no index; run 'ehi index build' first")
     qids, texts = [q for q, _ in pairs], [t for _, t in pairs]
@@ -555,7 +577,7 @@ def cmd_evaluate(args) -> None:
 
             write_file_atomic(args.json, json.dumps({"run": args.run, "split": args.split, "queries": n, "metrics": metrics}, indent=2))
         return
-    model = EHIModel.load(args.model, device=args.device)
+    model = EHIModel.load(args.model, device=args.device, backend=args.encoder_backend)
     if judged:
         ds.check_qrels(args.split, strict=args.strict)
     else:
@@ -630,7 +652,7 @@ def cmd_serve(args) -> None:
     _need("serve", "fastapi", "uvicorn")
     from .server import serve
 
-    serve(args.model, args.host, args.port, args.log_level)
+    serve(args.model, args.host, args.port, args.log_level, backend=args.encoder_backend, max_wait_ms=args.max_wait_ms)
 
 
 COMMANDS = {"cache": cmd_cache, "serve": cmd_serve, "tune": cmd_tune, "train": cmd_train, "index": cmd_index, "search": cmd_search, "evaluate": cmd_evaluate, "benchmark": cmd_benchmark}

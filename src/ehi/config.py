@@ -6,6 +6,8 @@ CPU budget and beat Faiss-IVF at equal fraction of the corpus visited.
 
 from __future__ import annotations
 
+import copy
+
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -24,6 +26,10 @@ SCOPES, INITS, NEGATIVES_FROM, CODECS = get_args(Scope), get_args(Init), get_arg
 CONDITIONINGS, NODE_INITS, LEAF_RANKS = get_args(Conditioning), get_args(NodeInit), get_args(LeafRank)
 
 
+# what runs the frozen transformer (ehi.encoder_onnx): auto = ONNX Runtime where it can
+BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
+
+
 @dataclass
 class EncoderConfig:
     model_name: str = DEFAULT_MODEL
@@ -35,6 +41,9 @@ class EncoderConfig:
     max_seq_length: int = 256
     encode_batch_size: int = 64
     dim: int = 0  # embedding size; only read for precomputed embeddings
+    # what runs the frozen transformer: auto = ONNX Runtime where it can (adapter scope on the
+    # CPU: the same embeddings to 1e-7, faster), else torch; onnx-int8 is quantized (opt-in)
+    backend: str = "auto"
 
     def validate(self) -> None:
         if self.model_name == PRECOMPUTED and (self.scope != "adapter" or self.dim < 1):
@@ -43,6 +52,8 @@ class EncoderConfig:
             raise ValueError(f"encoder scope must be one of {SCOPES}, got {self.scope!r}")
         if self.top_k_layers < 1:
             raise ValueError("top_k_layers must be >= 1")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"encoder backend must be one of {BACKENDS}, got {self.backend!r}")
 
 
 @dataclass
@@ -286,3 +297,14 @@ class EHIConfig:
             train=build(TrainConfig, d.get("train", {})),
             index=build(IndexConfig, d.get("index", {})),
         )
+
+
+def apply_overrides(config: "EHIConfig", overrides: dict) -> "EHIConfig":
+    """A validated copy of ``config`` with ``{"section.field": value}`` overrides applied."""
+    cfg = copy.deepcopy(config)
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        if not hasattr(getattr(cfg, section), name):
+            raise ValueError(f"unknown config field {key!r}")
+        setattr(getattr(cfg, section), name, value)
+    return cfg.validate()

@@ -128,9 +128,15 @@ def cache_files() -> list[Path]:
     return sorted(d.glob("*.npz")) if d.is_dir() else []
 
 
+def _onnx_files() -> list[Path]:
+    """Exported ONNX graphs kept beside the features (re-exported on demand)."""
+    d = cache_dir() / "onnx"
+    return sorted(d.glob("*.onnx")) + sorted(d.glob(".*.tmp")) if d.is_dir() else []
+
+
 def cache_usage() -> tuple[int, int]:
-    """(files, bytes) in the feature cache."""
-    files = cache_files()
+    """(files, bytes) in the feature cache, exported ONNX graphs included."""
+    files = cache_files() + _onnx_files()
     return len(files), sum(f.stat().st_size for f in files if f.exists())
 
 
@@ -138,7 +144,7 @@ def clear_cache() -> tuple[int, int]:
     """Delete every cached feature file (and stale temporaries); (files, bytes) freed."""
     n, size = 0, 0
     d = cache_dir()
-    for f in cache_files() + (sorted(d.glob(".*.tmp")) if d.is_dir() else []):
+    for f in cache_files() + (sorted(d.glob(".*.tmp")) if d.is_dir() else []) + _onnx_files():
         try:
             st = f.stat().st_size
             f.unlink()
@@ -227,6 +233,10 @@ class Encoder(nn.Module):
         self.precomputed = config.model_name == PRECOMPUTED
         self.st = None if self.precomputed else load_sentence_transformer(config.model_name, device, config.max_seq_length)
         self.dim = config.dim if self.precomputed else self.st.get_embedding_dimension()
+        from .encoder_onnx import resolve_backend
+
+        self.backend = "torch" if self.precomputed else resolve_backend(config.backend, self.st, config.scope, device)
+        self._onnx = None
         self.adapter = nn.Linear(self.dim, self.dim)
         nn.init.zeros_(self.adapter.weight)
         nn.init.zeros_(self.adapter.bias)
@@ -336,7 +346,8 @@ class Encoder(nn.Module):
         if scope == "full":
             return None
         layers = self.frozen_layers if scope == "top-k" else ""
-        key = f"{self.fingerprint}-{scope}{layers}-L{self.config.max_seq_length}-{texts_fingerprint(texts)}-{len(texts)}"
+        backend = "" if self.backend == "torch" else f"-{self.backend}"  # onnx-int8's features differ
+        key = f"{self.fingerprint}-{scope}{layers}{backend}-L{self.config.max_seq_length}-{texts_fingerprint(texts)}-{len(texts)}"
         return cache_dir() / f"{key}.npz"
 
     def _read(self, z) -> Features:
@@ -382,8 +393,20 @@ class Encoder(nn.Module):
             phase(f"{desc}: {n} texts")
         return long and bars()
 
+    def onnx_session(self):
+        """The ONNX Runtime encoder of the frozen transformer (exported on first use)."""
+        if self._onnx is None:
+            from .encoder_onnx import OnnxFrozen
+
+            self._onnx = OnnxFrozen(self.st, cache_dir() / "onnx", self.fingerprint, self.config.max_seq_length, int8=self.backend == "onnx-int8")
+        return self._onnx
+
     @torch.no_grad()
     def _encode_frozen_dense(self, texts: list[str], desc: str) -> torch.Tensor:
+        if self.backend != "torch":
+            show = self._announce(len(texts), desc)
+            bar = (lambda it: tqdm(it, desc=desc)) if show else None
+            return torch.from_numpy(self.onnx_session().encode(list(texts), self.config.encode_batch_size, bar))
         emb = self.st.encode(
             list(texts),
             batch_size=self.config.encode_batch_size,

@@ -14,7 +14,6 @@ import numpy as np
 from ir_measures import RR, R, nDCG
 
 from .budget import BUDGET_RULE, WidthSearch  # noqa: F401  (the rule lives in budget.py)
-from .unsupervised import neighbour_recall
 
 BUDGETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 MEASURES = [R @ 10, R @ 20, R @ 50, R @ 100, nDCG @ 1, nDCG @ 3, nDCG @ 5, nDCG @ 10, RR @ 10]
@@ -237,3 +236,24 @@ def base_embeddings(model, dataset, query_texts: list[str]):
     q = enc.features(query_texts, "encoding queries").dense.numpy()
     d = enc.features(dataset.corpus.documents(), "encoding corpus").dense.numpy()
     return q, d
+
+
+def exact_neighbours(q_emb: np.ndarray, d_emb: np.ndarray, k: int = 100, self_rows: np.ndarray | None = None) -> np.ndarray:
+    """(Q, min(k, N)) rows of the most similar documents (exact search), best first: the truth
+    of neighbour recall. ``self_rows[i]`` (a document standing in for query i) is never its
+    own neighbour."""
+    from .baselines import exact_search
+
+    if self_rows is None:
+        return exact_search(q_emb, d_emb, k)[0]
+    k = min(k, d_emb.shape[0] - 1)
+    idx = exact_search(q_emb, d_emb, k + 1)[0]
+    return np.stack([row[row != own][:k] for row, own in zip(idx, self_rows)])
+
+
+def neighbour_recall(found: np.ndarray, truth: np.ndarray, k: int) -> np.ndarray:
+    """Per query, the share of its exact top-``k`` (``truth`` rows, best first) among the
+    top-``k`` ``found`` rows (best first, -1 padded): what ANN benchmarks call recall@k."""
+    t, f = truth[:, :k], found[:, :k]
+    hits = (f[:, :, None] == t[:, None, :]) & (t[:, None, :] >= 0)
+    return hits.any(1).sum(1) / np.maximum((t >= 0).sum(1), 1)

@@ -292,31 +292,12 @@ class LeafIndex:
         if nq and I[:, -1].min() < 0:  # rows are sorted: a short one ends in -1
             D[I < 0] = -np.inf
         if self.codec == "pq" and self.rerank:
-            D, I = self._rerank(q, I)
+            D, I = _rerank(self, q, I)
         if self.d2l > 1:
             D, I = _dedupe(D, I)
         if fetch != k:
             D, I = np.ascontiguousarray(D[:, :k]), np.ascontiguousarray(I[:, :k])
         return SearchResult(I, D, visited, "beam" if allowed is None else "filtered")
-
-    def search_rows(self, queries: np.ndarray, rows: np.ndarray, k: int) -> SearchResult:
-        """The exact top ``k`` of the documents ``rows`` by cosine, wherever they live: a
-        gather of their float vectors, no routing (a filter small enough to score whole)."""
-        q = _f32(queries)
-        rows = _i64(rows)
-        if len(rows) > 1 and not (rows[1:] > rows[:-1]).all():
-            rows = np.unique(rows)
-        vecs = self.rows_vectors(rows)
-        S = q @ vecs.T  # (Q, n) cosine: vectors and queries are unit length
-        kk = min(k, len(rows))
-        top = np.argpartition(-S, kk - 1, axis=1)[:, :kk] if kk < len(rows) else np.tile(np.arange(len(rows)), (len(q), 1))
-        ts = np.take_along_axis(S, top, 1)
-        order = np.argsort(-ts, axis=1, kind="stable")
-        D = np.full((len(q), k), -np.inf, dtype=np.float32)
-        I = np.full((len(q), k), -1, dtype=np.int64)
-        D[:, :kk] = np.take_along_axis(ts, order, 1)
-        I[:, :kk] = rows[np.take_along_axis(top, order, 1)]
-        return SearchResult(I, D, np.full(len(q), len(rows), dtype=np.int64), "exact")
 
     def rows_vectors(self, rows: np.ndarray) -> np.ndarray:
         """Float vectors of some rows (sorted): from the kept or mapped copy, else read out of
@@ -366,17 +347,6 @@ class LeafIndex:
             return np.zeros(leaves.shape, dtype=np.float32)  # read by nothing: no residuals
         return _f32(np.einsum("qd,qbd->qb", q, self.centroids[np.maximum(leaves, 0)]))
 
-    def _rerank(self, q: np.ndarray, I: np.ndarray):
-        """Exact cosine of the candidates from the float vectors (read from disk if mapped)."""
-        ok = I >= 0
-        rows = np.where(ok, I, 0)
-        uniq, inv = np.unique(rows, return_inverse=True)
-        vecs = _f32(self.vectors[uniq])  # one sorted gather from the (memory-mapped) vectors
-        S = np.einsum("qkd,qd->qk", vecs[inv.reshape(rows.shape)], q)
-        S = np.where(ok, S, -np.inf)
-        order = np.argsort(-S, axis=1, kind="stable")
-        return np.take_along_axis(S, order, 1).astype(np.float32), np.take_along_axis(np.where(ok, I, -1), order, 1)
-
     # ---- persistence ------------------------------------------------------------------------
     def write(self, folder: Path) -> list[str]:
         """Files written into ``folder`` (the caller's atomic artifact)."""
@@ -416,26 +386,8 @@ class LeafIndex:
         return out
 
     def leaf_stats(self, query_leaves: np.ndarray | None = None) -> dict:
-        """Balance of the documents over the leaves.
-
-        The expected documents scanned in one leaf is sum_i p_i c_i, with c_i the size of
-        leaf i and p_i the share of queries whose top leaf it is (``query_leaves``, else the
-        documents' own top leaves stand in for the queries); a balanced tree gives N*d2l / L.
-        """
-        sizes = self._sizes
-        top = self.doc_leaves[:, 0] if query_leaves is None else np.asarray(query_leaves).reshape(len(query_leaves), -1)[:, 0]
-        p = np.bincount(top, minlength=self.num_leaves) / max(len(top), 1)
-        return {
-            "leaves": int(self.num_leaves),
-            "documents": int(self.num_docs),
-            "min": int(sizes.min()),
-            "median": float(np.median(sizes)),
-            "max": int(sizes.max()),
-            "empty": int((sizes == 0).sum()),
-            "expected_per_leaf": float((p * sizes).sum()),
-            "ideal_per_leaf": self.num_docs * self.d2l / self.num_leaves,
-        }
-
+        """Balance of the documents over the leaves (``leaf_stats``)."""
+        return leaf_stats(self, query_leaves)
 
 def id_selector(rows: np.ndarray, n: int):
     """A Faiss selector of document rows: a bitmap of the ``n`` rows (n/8 bytes, one bit test
@@ -446,6 +398,28 @@ def id_selector(rows: np.ndarray, n: int):
     sel = faiss.IDSelectorBitmap(n, faiss.swig_ptr(bits))
     sel._bits = bits  # the selector reads this buffer: kept alive with it
     return sel
+
+
+def leaf_stats(index: "LeafIndex", query_leaves: np.ndarray | None = None) -> dict:
+    """Balance of the documents over the leaves.
+
+    The expected documents scanned in one leaf is sum_i p_i c_i, with c_i the size of
+    leaf i and p_i the share of queries whose top leaf it is (``query_leaves``, else the
+    documents' own top leaves stand in for the queries); a balanced tree gives N*d2l / L.
+    """
+    sizes = index.leaf_sizes()
+    top = index.doc_leaves[:, 0] if query_leaves is None else np.asarray(query_leaves).reshape(len(query_leaves), -1)[:, 0]
+    p = np.bincount(top, minlength=index.num_leaves) / max(len(top), 1)
+    return {
+        "leaves": int(index.num_leaves),
+        "documents": int(index.num_docs),
+        "min": int(sizes.min()),
+        "median": float(np.median(sizes)),
+        "max": int(sizes.max()),
+        "empty": int((sizes == 0).sum()),
+        "expected_per_leaf": float((p * sizes).sum()),
+        "ideal_per_leaf": index.num_docs * index.d2l / index.num_leaves,
+    }
 
 
 def leaf_centroids(doc_leaves: np.ndarray, emb: np.ndarray, num_leaves: int, normalise: bool = True) -> np.ndarray:
@@ -466,6 +440,18 @@ def _default_pq_m(d: int) -> int:
         if d % m == 0:
             return m
     return 1
+
+
+def _rerank(index: "LeafIndex", q: np.ndarray, I: np.ndarray):
+    """Exact cosine of the candidates from the float vectors (read from disk if mapped)."""
+    ok = I >= 0
+    rows = np.where(ok, I, 0)
+    uniq, inv = np.unique(rows, return_inverse=True)
+    vecs = _f32(index.vectors[uniq])  # one sorted gather from the (memory-mapped) vectors
+    S = np.einsum("qkd,qd->qk", vecs[inv.reshape(rows.shape)], q)
+    S = np.where(ok, S, -np.inf)
+    order = np.argsort(-S, axis=1, kind="stable")
+    return np.take_along_axis(S, order, 1).astype(np.float32), np.take_along_axis(np.where(ok, I, -1), order, 1)
 
 
 def _dedupe(D: np.ndarray, I: np.ndarray):

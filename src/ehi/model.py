@@ -315,46 +315,9 @@ class EHIModel:
         if allowed is None:
             leaves = self.route(q_emb, beam)
             return self.index.search(q_emb, leaves, k), leaves
-        allowed = np.asarray(allowed, dtype=np.int64)
-        if len(allowed) > 1 and not (allowed[1:] > allowed[:-1]).all():  # rows_of gives them sorted already
-            allowed = np.unique(allowed)
-        if len(allowed) == 0:
-            raise ValueError("the filter allows no document")
-        cap = self.budget_documents(beam)
-        if len(allowed) <= cap:
-            return self.index.search_rows(q_emb, allowed, k), [np.empty(0, dtype=np.int64)] * len(q_emb)
-        return self._filtered_search(q_emb, k, beam, allowed, cap)
+        from .filtering import search_allowed
 
-    def _filtered_search(self, q_emb, k: int, beam: int, allowed: np.ndarray, cap: float):
-        """Route once wide enough to hold about 2k allowed documents, keep per query the
-        shortest prefix (at least ``beam`` leaves, in beam order) whose allowed documents reach
-        k or the budget, scan those with the filter; queries still short route wider again."""
-        L = self.tree.num_leaves
-        per_leaf = self.index.leaf_counts(allowed, pad=True)  # index -1 (no leaf) reads a 0
-        width = min(L, max(beam, int(np.ceil(2 * k * L / len(allowed)))))
-        res, leaves, short = self._filtered_pass(q_emb, k, beam, allowed, cap, per_leaf, width)
-        todo = np.flatnonzero(short)
-        while len(todo) and width < L:  # rare: the widest guess held too few allowed documents
-            width = min(L, 2 * width)
-            r, lv, short = self._filtered_pass(q_emb[todo], k, beam, allowed, cap, per_leaf, width)
-            res.indices[todo], res.scores[todo], res.visited[todo] = r.indices, r.scores, r.visited
-            for j, i in enumerate(todo):
-                leaves[i] = lv[j]
-            todo = todo[short]
-        return res, leaves
-
-    def _filtered_pass(self, q_emb, k, beam, allowed, cap, per_leaf, width):
-        lv = np.array(self.route(q_emb, width), dtype=np.int64, order="C")
-        cum = np.cumsum(per_leaf[lv], axis=1)
-        enough = (cum >= min(k, cap)) if cap >= k else (cum >= cap)
-        enough[:, : beam - 1] = False
-        used = np.where(enough.any(1), enough.argmax(1) + 1, lv.shape[1])
-        lv[np.arange(lv.shape[1]) >= used[:, None]] = -1  # Faiss skips leaf -1
-        # one leaf per document: the prefix sums are the allowed documents scored
-        counted = cum[np.arange(len(lv)), used - 1] if self.index.d2l == 1 else None
-        r = self.index.search(q_emb, lv, k, allowed, counted)
-        short = (r.indices[:, -1] < 0) & (r.visited < cap)
-        return r, [row[:u] for row, u in zip(lv, used)], short
+        return search_allowed(self, q_emb, k, beam, allowed)
 
     def rows_of(self, ids) -> np.ndarray:
         """Index rows of document ids; ValueError naming an id that is not indexed."""
@@ -420,9 +383,10 @@ class EHIModel:
         return write_artifact(path, write, meta)
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu", mmap: bool = False) -> "EHIModel":
+    def load(cls, path: str | Path, device: str = "cpu", mmap: bool = False, backend: str | None = None) -> "EHIModel":
         """Open a saved model. With ``mmap`` the index and the float vectors are mapped from
-        disk, read-only: opening costs no memory up front (for search and serving)."""
+        disk, read-only: opening costs no memory up front (for search and serving).
+        ``backend``: run the frozen transformer on this backend instead of the saved one."""
         path = Path(path)
         manifest = read_manifest(path, required=MODEL_FILES)
         indexed = [f for f in INDEX_FILES if f in manifest["files"]]
@@ -438,6 +402,9 @@ class EHIModel:
             config = EHIConfig.from_dict(raw).validate()
         except (ValueError, TypeError) as e:
             raise ArtifactError(f"{path / 'config.json'}: invalid config ({e})") from None
+        if backend is not None:
+            config.encoder.backend = backend
+            config.validate()
         encoder = Encoder(config.encoder, device=device)
         if manifest.get("encoder_fingerprint") not in (None, encoder.fingerprint):
             raise ArtifactError(

@@ -1,9 +1,11 @@
 """HTTP search service: ``ehi serve DIR`` (FastAPI + uvicorn) and its web page.
 
-The model loads once. Concurrent requests are gathered into micro-batches (up to
-``max_batch`` queries or ``max_wait_ms``), encoded together and searched together, one
-batch at a time on a single worker thread, so throughput grows with load instead of
-threads fighting over the CPU.
+The model loads once. Concurrent requests are gathered into micro-batches, encoded together
+and searched together, one batch at a time on a single worker thread (each batch on all
+cores), so throughput grows with load instead of threads fighting over the CPU. A batch is
+whatever queued while the previous one ran (up to ``max_batch`` queries): a lone request
+never waits for company, and under load batches grow by themselves. ``max_wait_ms`` > 0
+also waits that long for more.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ class _Pending:
 class Batcher:
     """Collects concurrent requests and runs them as one encode + one search per beam width."""
 
-    def __init__(self, model: EHIModel, max_batch: int = 64, max_wait_ms: float = 2.0):
+    def __init__(self, model: EHIModel, max_batch: int = 64, max_wait_ms: float = 0.0):
         self.model = model
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
@@ -126,8 +128,12 @@ class Batcher:
         while True:
             batch = [await self.queue.get()]
             n = len(batch[0].texts)
+            while n < self.max_batch and not self.queue.empty():  # what queued meanwhile: no waiting
+                item = self.queue.get_nowait()
+                batch.append(item)
+                n += len(item.texts)
             deadline = loop.time() + self.max_wait
-            while n < self.max_batch:
+            while n < self.max_batch and self.max_wait > 0:
                 timeout = deadline - loop.time()
                 if timeout <= 0:
                     break
@@ -180,8 +186,8 @@ class Batcher:
         return out
 
 
-def create_app(model_dir: str | Path, max_batch: int = 64, max_wait_ms: float = 2.0) -> FastAPI:
-    model = EHIModel.load(model_dir, mmap=True)  # read-only, mapped: no copy of the index in memory
+def create_app(model_dir: str | Path, max_batch: int = 64, max_wait_ms: float = 0.0, backend: str | None = None) -> FastAPI:
+    model = EHIModel.load(model_dir, mmap=True, backend=backend)  # read-only, mapped: no copy of the index in memory
     if model.index is None:
         raise ValueError(f"{model_dir}: the model has no index; run 'ehi index build' first")
     if model.encoder.precomputed:
@@ -252,7 +258,10 @@ def create_app(model_dir: str | Path, max_batch: int = 64, max_wait_ms: float = 
     return app
 
 
-def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+def serve(
+    model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+    backend: str | None = None, max_wait_ms: float = 0.0,
+) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(model_dir), host=host, port=port, log_level=log_level)
+    uvicorn.run(create_app(model_dir, max_wait_ms=max_wait_ms, backend=backend), host=host, port=port, log_level=log_level)

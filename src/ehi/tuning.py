@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
-from .benchmark import apply_overrides
-from .config import EHIConfig
+from .config import EHIConfig, apply_overrides
 from .data import Dataset
 from .progress import bars
 

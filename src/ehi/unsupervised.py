@@ -18,8 +18,9 @@ from typing import Literal
 
 import numpy as np
 
-from .config import EHIConfig
+from .config import EHIConfig, apply_overrides
 from .data import Dataset, document_spans
+from .evaluation import exact_neighbours
 
 log = logging.getLogger(__name__)
 
@@ -54,22 +55,7 @@ class PseudoQuerySet:
 
 def unsupervised_config(config: EHIConfig | None = None) -> EHIConfig:
     """``config`` with the unsupervised settings (``OVERRIDES``) applied."""
-    from .benchmark import apply_overrides
-
     return apply_overrides(config or EHIConfig(), OVERRIDES)
-
-
-def exact_neighbours(q_emb: np.ndarray, d_emb: np.ndarray, k: int = 100, self_rows: np.ndarray | None = None) -> np.ndarray:
-    """(Q, min(k, N)) rows of the most similar documents (exact search), best first: the truth
-    of neighbour recall. ``self_rows[i]`` (a document standing in for query i) is never its
-    own neighbour."""
-    from .baselines import exact_search
-
-    if self_rows is None:
-        return exact_search(q_emb, d_emb, k)[0]
-    k = min(k, d_emb.shape[0] - 1)
-    idx = exact_search(q_emb, d_emb, k + 1)[0]
-    return np.stack([row[row != own][:k] for row, own in zip(idx, self_rows)])
 
 
 def pseudo_queries(
@@ -170,11 +156,3 @@ def _sample(n: int, at_most: int, seed: int) -> np.ndarray:
 def _unit(x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def neighbour_recall(found: np.ndarray, truth: np.ndarray, k: int) -> np.ndarray:
-    """Per query, the share of its exact top-``k`` (``truth`` rows, best first) among the
-    top-``k`` ``found`` rows (best first, -1 padded): what ANN benchmarks call recall@k."""
-    t, f = truth[:, :k], found[:, :k]
-    hits = (f[:, :, None] == t[:, None, :]) & (t[:, None, :] >= 0)
-    return hits.any(1).sum(1) / np.maximum((t >= 0).sum(1), 1)

@@ -1,0 +1,186 @@
+"""Selection: which trained state ships, and why.
+
+Held-out queries score the learned tree and k-means over the current encoder after every
+epoch; the best state is kept, the run refits on every training query for that many epochs,
+and the router fit is scaled by the factor held-out queries prefer (validation.py scores,
+routing.py fits). A mixin of ``training.Trainer``."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data import document_spans
+from .encoder import PRECOMPUTED, Features
+from .epochs import TrainingSet, _normalised, seed_everything
+from .model import EHIModel
+from .routing import fit_router, routing_examples, shrunk
+from .validation import format_validation, selection_message
+
+log = logging.getLogger("ehi.training")
+
+
+class Selection:
+    """Validation of candidates, the choice and its reason, the refit plan, the router fit."""
+
+    def _refit_set(self, split, query_ids, val_qids, val_feats, query_embeddings) -> None:
+        """Every training query and its features, for the refit (when the held-out queries
+        came from the training split and the refit is on)."""
+        dataset, tc = self.dataset, self.config.train
+        self.full_set: TrainingSet | None = None
+        if val_qids and self.val_split == split and tc.val_refit:
+            rel = dataset.relevant(split)
+            # every training query: a grouped hold-out also set aside those touching both kinds
+            full = sorted(set(q for q in (query_ids if query_ids is not None else rel) if q in rel))
+            self.full_set = TrainingSet.from_dataset(dataset, split, full)
+            feats = dict(zip(self.train_set.query_ids, self.q_feats.rows()))
+            feats.update(zip(val_qids, val_feats.rows()))
+            rest = [q for q in self.full_set.query_ids if q not in feats]
+            if rest:
+                if query_embeddings is not None:
+                    row = {q: i for i, q in enumerate(dataset.queries)}
+                    rows = _normalised(query_embeddings[[row[q] for q in rest]]).numpy()
+                else:
+                    rows = self._features([dataset.queries[q] for q in rest], "encoding queries").rows()
+                feats.update(zip(rest, rows))
+            self.full_q_feats = Features.from_rows([feats[q] for q in self.full_set.query_ids], self.q_feats)
+
+    def _kmeans_tree(self, d_emb: np.ndarray | None = None) -> None:
+        """The tree's weights only: k-means over the current documents, U at its small start."""
+        seed = self.config.train.seed
+        d_emb = self._doc_embeddings() if d_emb is None else d_emb
+        self.tree.init_kmeans(d_emb, seed=seed)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for level in self.tree.levels:  # not zero: ReLU'(0) = 0 would freeze U
+                n = level.U.shape[0]
+                level.U.copy_(torch.randn(level.U.shape, generator=g) * (1e-3 / n**0.5))
+
+    def _validate(self, epoch: int, progress: bool) -> dict:
+        tc = self.config.train
+        with self.phase("validate"):
+            d_emb = self._doc_embeddings()  # once: only the tree changes between the candidates
+            entry = {"epoch": epoch, **self.validator(EHIModel(self.config, self.encoder, self.tree), d_emb)}
+            learned = self._state()
+            candidates = [(entry["score"], False, learned)]
+            if tc.val_recluster and epoch > 0:
+                self._kmeans_tree(d_emb)
+                km = self.validator(EHIModel(self.config, self.encoder, self.tree), d_emb)
+                entry["kmeans"] = km
+                candidates.append((km["score"], True, self._state()))
+                self._load_state(learned)
+        self.validation.append(entry)
+        for score, reclustered, state in candidates:
+            if self.best is None or score > self.best[1]:
+                self.best = (epoch, score, state, reclustered)
+        if progress:
+            tqdm.write(f"validation epoch {epoch}: " + format_validation(entry))
+        return entry
+
+    def restore_best(self, progress: bool = True) -> None:
+        """Go back to the best validated state (the k-means start if training never beat it)."""
+        if self.best is None:
+            return
+        epoch, score, state, reclustered = self.best
+        self._load_state(state)
+        msg = selection_message(self.validation, epoch, reclustered)
+        log.info(msg)
+        if progress:
+            tqdm.write(msg)
+
+    def validation_report(self) -> dict | None:
+        """What goes into the model's metadata and the benchmark report."""
+        if self.validator is None:
+            return None
+        return {
+            "held_out": self.validator.describe(),
+            "budgets": list(self.validator.budgets),
+            "score": "mean Recall@100 over the budgets; a budget even beam 1 exceeds is scored on the line from 0 to beam 1",
+            "kept_epoch": self.best[0] if self.best else None,
+            "kept_tree": ("k-means over that epoch's encoder" if self.best[3] else "learned") if self.best else None,
+            "refit": (
+                {"epochs": self.refit_epochs, "queries": len(self.full_set.query_ids)} if self.stage == "refit" else None
+            ),
+            "why": selection_message(self.validation, self.best[0], self.best[3]) if self.best else "",
+            "route_fit": self.route_fit,
+            "curve": self.validation,
+        }
+
+    # ---- the router fitted to search (routing.py) -------------------------------------------
+    def _span_set(self) -> tuple[Features, np.ndarray]:
+        """A few spans of every document and their document rows, encoded once."""
+        if self.spans is None and self.config.encoder.model_name == PRECOMPUTED:  # no text to cut
+            self.spans = (self.doc_feats, np.arange(len(self.doc_feats)))  # each document stands for itself
+        if self.spans is None:
+            tc, corpus = self.config.train, self.dataset.corpus
+            texts, rows = [], []
+            for s in range(tc.spans_per_document(len(corpus))):
+                t, r = document_spans(corpus, len(corpus), seed=tc.seed + s)
+                texts += t
+                rows.append(r)
+            self.spans = (self._features(texts, "encoding document spans"), np.concatenate(rows))
+        return self.spans
+
+    def _fit_router(self, train_set: TrainingSet, q_feats: Features, d_emb: np.ndarray) -> dict[str, torch.Tensor]:
+        """Fit the current tree's router (every rank alike, same seed); returns the fitted state.
+        ``d_emb``: the corpus under the current encoder, which the fit leaves unchanged."""
+        tc = self.config.train
+        with self.phase("route_fit"):
+            span_feats, span_rows = self._span_set()
+            ex = routing_examples(
+                self.encoder.embed_all(q_feats), train_set.positives, self._top_paths(d_emb),
+                self.encoder.embed_all(span_feats), span_rows, tc.route_fit_span_weight,
+            )
+            fit_router(self.tree, ex, tc.route_fit_epochs, tc.route_fit_lr, tc.weight_decay, tc.seed)
+        return self._state()
+
+    def choose_route_fit(self, progress: bool = True) -> None:
+        """Fit on the training queries, score each shrink factor on the held-out ones against
+        the unfitted router, and go back to the unfitted state (the fit is applied at the end,
+        on every training query)."""
+        tc = self.config.train
+        if self.validator is None or self.best is None:  # nothing to choose on
+            self.route_fit = {"kept": max(tc.route_fit_shrink), "scores": None}
+            return
+        start = self._state()
+        d_emb = self._doc_embeddings()  # once: the fit and its candidates share the encoder
+        fitted = self._fit_router(self.train_set, self.q_feats, d_emb)
+        scores = {"0": self.best[1]}
+        with self.phase("validate"):
+            for a in tc.route_fit_shrink:
+                self._load_state(shrunk(start, fitted, a))
+                scores[f"{a:g}"] = self.validator(EHIModel(self.config, self.encoder, self.tree), d_emb)["score"]
+        self._load_state(start)
+        kept = max(scores, key=lambda k: (scores[k], -float(k)))
+        self.route_fit = {"kept": float(kept), "scores": scores}
+        if progress:
+            tqdm.write(f"router fit: held-out score by shrink factor {' '.join(f'{k}:{v:.2f}' for k, v in scores.items())}; kept {kept}")
+
+    def apply_route_fit(self, progress: bool = True) -> None:
+        """Fit the final tree's router on every training query, scaled by the kept factor."""
+        start = self._state()
+        train_set, q_feats = (self.full_set, self.full_q_feats) if self.full_set is not None else (self.train_set, self.q_feats)
+        fitted = self._fit_router(train_set, q_feats, self._doc_embeddings())
+        self._load_state(shrunk(start, fitted, self.route_fit["kept"]))
+        if progress:
+            tqdm.write(f"router fit on {len(train_set.query_ids)} training queries, shrink {self.route_fit['kept']:g}")
+
+    def _enter_refit(self, epochs: int, progress: bool = False) -> None:
+        """Back to the start (k-means tree, identity adapter, fresh optimiser and RNG), now with
+        every training query, for the number of epochs validation chose."""
+        tc = self.config.train
+        self.stage, self.refit_epochs = "refit", epochs
+        self._load_state(self.start_state)
+        self.optimizer = self._optimizer()
+        seed_everything(tc.seed)
+        self.rng = np.random.default_rng(tc.seed)
+        self.train_set, self.q_feats = self.full_set, self.full_q_feats
+        getattr(self.joint, "module", self.joint).q_feats = self.q_feats
+        self.pool = None
+        self.route_targets = None
+        self.start_epoch = 0
+        if progress:
+            tqdm.write(f"refit: training again on all {len(self.train_set.query_ids)} training queries for {epochs} epochs")
