@@ -243,3 +243,38 @@ def test_a_filtered_request_finds_allowed_documents_outside_the_visited_leaves(c
     r = client.post("/search", json={"query": "guitar chord melody", "k": 5, "beam": 1, "ids": ["cooking-1", "music-2"]})
     res = r.json()["results"][0]
     assert [h["id"] for h in res["hits"]] == ["music-2", "cooking-1"] and res["strategy"] == "exact" and res["visited"] == 2
+
+
+def test_a_lone_request_never_waits_for_company_but_a_loaded_server_does(model_dir, monkeypatch):
+    """The batcher waits for more requests only after a batch that held several."""
+    import asyncio
+
+    import ehi.server as server
+    from ehi.model import EHIModel
+
+    waits = []
+
+    async def no_company(aw, timeout):  # records the wait; no request comes
+        waits.append(timeout)
+        aw.close()  # the queue.get() coroutine it would have awaited
+        raise asyncio.TimeoutError
+
+    monkeypatch.setattr(server.asyncio, "wait_for", no_company)
+
+    async def run():
+        b = server.Batcher(EHIModel.load(model_dir), max_wait_ms=10_000)
+        b.start()
+        await b.submit(["guitar chord"], 3, 2)  # alone after idle: no wait
+        alone = len(waits)
+        b.task.cancel()
+        b = server.Batcher(b.model, max_wait_ms=10_000)
+        jobs = [asyncio.ensure_future(b.submit([q], 3, 2)) for q in ["oven flour", "stock bond", "galaxy orbit"]]
+        await asyncio.sleep(0)
+        b.start()
+        await asyncio.gather(*jobs)  # one batch of three: the server is loaded
+        await b.submit(["guitar chord"], 3, 2)  # so the next batch waits for company
+        await b.stop()
+        return alone
+
+    assert asyncio.run(run()) == 0
+    assert len(waits) == 1 and waits[0] <= 10.0

@@ -215,8 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--host", default="127.0.0.1", help="address to listen on")
     v.add_argument("--port", type=_port, default=8000, help="port to listen on")
     v.add_argument("--encoder-backend", choices=BACKENDS, help=BACKEND_HELP + " (default: the model's)")
-    v.add_argument("--max-wait-ms", type=_ms, default=0.0,
-                   help="how long a micro-batch waits for more requests (0: a batch is what queued while the last one ran)")
+    v.add_argument("--max-wait-ms", type=_ms, default=2.0,
+                   help="under load (the previous batch held several requests), how long a micro-batch waits for more; "
+                   "a lone request never waits (0: never wait)")
     v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's log level")
 
     b = sub.add_parser("benchmark", help="EHI vs DE, untrained encoder and EHI encoder + exact / Faiss-IVF / ScaNN, several seeds, report and plots")

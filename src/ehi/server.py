@@ -3,9 +3,9 @@
 The model loads once. Concurrent requests are gathered into micro-batches, encoded together
 and searched together, one batch at a time on a single worker thread (each batch on all
 cores), so throughput grows with load instead of threads fighting over the CPU. A batch is
-whatever queued while the previous one ran (up to ``max_batch`` queries): a lone request
-never waits for company, and under load batches grow by themselves. ``max_wait_ms`` > 0
-also waits that long for more.
+whatever queued while the previous one ran (up to ``max_batch`` queries), and only under load
+(the previous batch held more than one request) does it also wait up to ``max_wait_ms`` for
+more: a lone request never waits for company.
 """
 
 from __future__ import annotations
@@ -102,14 +102,15 @@ class _Pending:
 class Batcher:
     """Collects concurrent requests and runs them as one encode + one search per beam width."""
 
-    def __init__(self, model: EHIModel, max_batch: int = 64, max_wait_ms: float = 0.0):
+    def __init__(self, model: EHIModel, max_batch: int = 64, max_wait_ms: float = 2.0, adaptive: bool = True):
         self.model = model
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
         self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ehi-search")
         self.task: asyncio.Task | None = None
-
+        self.adaptive = adaptive  # False: every batch waits (the server before adaptive waiting)
+        self.loaded = False  # the previous batch held more than one request
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run())
 
@@ -133,7 +134,7 @@ class Batcher:
                 batch.append(item)
                 n += len(item.texts)
             deadline = loop.time() + self.max_wait
-            while n < self.max_batch and self.max_wait > 0:
+            while n < self.max_batch and self.max_wait > 0 and (self.loaded or not self.adaptive):
                 timeout = deadline - loop.time()
                 if timeout <= 0:
                     break
@@ -143,6 +144,7 @@ class Batcher:
                     break
                 batch.append(item)
                 n += len(item.texts)
+            self.loaded = len(batch) > 1
             try:
                 results = await loop.run_in_executor(self.pool, self._search, batch)
                 for item, res in zip(batch, results):
@@ -186,13 +188,15 @@ class Batcher:
         return out
 
 
-def create_app(model_dir: str | Path, max_batch: int = 64, max_wait_ms: float = 0.0, backend: str | None = None) -> FastAPI:
+def create_app(
+    model_dir: str | Path, max_batch: int = 64, max_wait_ms: float = 2.0, backend: str | None = None, adaptive: bool = True
+) -> FastAPI:
     model = EHIModel.load(model_dir, mmap=True, backend=backend)  # read-only, mapped: no copy of the index in memory
     if model.index is None:
         raise ValueError(f"{model_dir}: the model has no index; run 'ehi index build' first")
     if model.encoder.precomputed:
         raise ValueError(f"{model_dir}: trained on precomputed embeddings, it cannot encode text queries to serve")
-    batcher = Batcher(model, max_batch, max_wait_ms)
+    batcher = Batcher(model, max_batch, max_wait_ms, adaptive)
     sizes = model.index.leaf_sizes()
     counts, edges = np.histogram(sizes, bins=min(30, max(1, int(sizes.max()) + 1)))
     stats = {
@@ -260,7 +264,7 @@ def create_app(model_dir: str | Path, max_batch: int = 64, max_wait_ms: float = 
 
 def serve(
     model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-    backend: str | None = None, max_wait_ms: float = 0.0,
+    backend: str | None = None, max_wait_ms: float = 2.0,
 ) -> None:
     import uvicorn
 
