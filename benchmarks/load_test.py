@@ -6,7 +6,7 @@ k = 10) from an asyncio client, and reports errors, p50 / p99 latency and throug
 concurrency, with the backend's Recall@100 at 10 % on the test claims beside it. The first
 setup is the previous server (torch encoder, every micro-batch waiting 2 ms for company): the
 baseline the others are compared with in the same run. The server runs as ``ehi serve`` does
-(``create_app`` under uvicorn), with the batcher's settings per setup. Bounded: a fixed number of requests
+(``ehi.server.serve``), with the batcher's settings per setup. Bounded: a fixed number of requests
 and an overall time limit; only the loopback address is used.
 
     python benchmarks/load_test.py runs/scifact --data ../shared/datasets/scifact --out reports/load_test.json
@@ -131,10 +131,10 @@ def backend_recall(model_dir: str, data: str, backend: str) -> float:
 
 
 SERVE = """
-import sys, uvicorn
-from ehi.server import create_app
+import sys
+from ehi.server import serve
 model, port, backend, wait, adaptive = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), sys.argv[5] == "1"
-uvicorn.run(create_app(model, max_wait_ms=wait, backend=backend, adaptive=adaptive), host="127.0.0.1", port=port, log_level="warning")
+serve(model, "127.0.0.1", port, "warning", backend=backend, max_wait_ms=wait, adaptive=adaptive)
 """
 
 

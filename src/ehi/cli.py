@@ -86,18 +86,29 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 BACKEND_HELP = ("what runs the frozen transformer: auto (ONNX Runtime where it can: the adapter scope on the CPU; else torch), "
                 "torch, onnx (same embeddings, faster) or onnx-int8 (quantized: faster, a little less exact)")
+def _backend_override(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encoder-backend", choices=BACKENDS, help=BACKEND_HELP + " (default: the model's)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every parser, subcommands' included (argparse makes them of their parent's class),
+    shows option defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
+
+
 NO_PROGRESS = "no progress bars, even on a terminal (a line per phase still says what runs; bars are drawn only on a terminal anyway)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="ehi", description="End-to-end Hierarchical Indexing for dense retrieval", formatter_class=_Help)
+    p = _Parser(prog="ehi", description="End-to-end Hierarchical Indexing for dense retrieval")
     p.add_argument("-v", "--verbose", action="store_true", help="log INFO messages")
     p.add_argument("--version", action="version", version=f"ehi {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    _sub = sub.add_parser
-    sub.add_parser = lambda *a, **kw: _sub(*a, formatter_class=_Help, **kw)  # every command shows its defaults
 
     t = sub.add_parser("train", help="train encoder and tree jointly, build the index, save the model")
     t.add_argument("--data", help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/) or BEIR name")
@@ -153,8 +164,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("index", help="build, add to or remove from a trained model's index")
     isub = i.add_subparsers(dest="index_command", required=True)
-    _isub = isub.add_parser
-    isub.add_parser = lambda *a, **kw: _isub(*a, formatter_class=_Help, **kw)
     ib = isub.add_parser("build", help="index a corpus with a trained model")
     ib.add_argument("model", help="model directory")
     ib.add_argument("--data", required=True, help="BEIR folder whose corpus.jsonl is indexed")
@@ -165,14 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     ib.add_argument("--out", help="write the changed model here (a new folder; an ehi model there needs --overwrite)")
     ib.add_argument("--overwrite", action="store_true", help="replace the model at --out, or without --out the model itself")
     ib.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
-    ib.add_argument("--encoder-backend", choices=BACKENDS, help=BACKEND_HELP + " (default: the model's)")
+    _backend_override(ib)
     ia = isub.add_parser("add", help="route new documents into their leaves (no retraining)")
     ia.add_argument("model", help="model directory")
     ia.add_argument("corpus", help="corpus.jsonl of the new documents")
     ia.add_argument("--out", help="write the changed model here (a new folder; an ehi model there needs --overwrite)")
     ia.add_argument("--overwrite", action="store_true", help="replace the model at --out, or without --out the model itself")
     ia.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
-    ia.add_argument("--encoder-backend", choices=BACKENDS, help=BACKEND_HELP + " (default: the model's)")
+    _backend_override(ia)
     ir = isub.add_parser("remove", help="drop documents by id")
     ir.add_argument("model", help="model directory")
     ir.add_argument("ids", help="text file, one document id per line")
@@ -192,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON")
     s.add_argument("--ids", help="text file, one document id per line: only these may be returned (the best k of them are found)")
     s.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
-    s.add_argument("--encoder-backend", choices=BACKENDS, help=BACKEND_HELP + " (default: the model's)")
+    _backend_override(s)
 
     e = sub.add_parser("evaluate", help="metrics against fraction visited, with exact search and Faiss-IVF; or score a run file")
     e.add_argument("model", nargs="?", help="model directory (not with --run)")
@@ -205,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="write every row to this JSON file")
     e.add_argument("--strict", action="store_true", help="qrels naming unknown queries or documents are errors")
     e.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
-    e.add_argument("--encoder-backend", choices=BACKENDS, help=BACKEND_HELP + " (default: the model's)")
+    _backend_override(e)
 
     c = sub.add_parser("cache", help="the feature cache: size, or clear it")
     c.add_argument("cache_command", choices=["info", "clear"], help="info: files and size; clear: delete them")
@@ -214,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("model", help="model directory (opened memory-mapped, read-only)")
     v.add_argument("--host", default="127.0.0.1", help="address to listen on")
     v.add_argument("--port", type=_port, default=8000, help="port to listen on")
-    v.add_argument("--encoder-backend", choices=BACKENDS, help=BACKEND_HELP + " (default: the model's)")
+    _backend_override(v)
     v.add_argument("--max-wait-ms", type=_ms, default=2.0,
                    help="under load (the previous batch held several requests), how long a micro-batch waits for more; "
                    "a lone request never waits (0: never wait)")

@@ -7,7 +7,6 @@ CPU budget and beat Faiss-IVF at equal fraction of the corpus visited.
 from __future__ import annotations
 
 import copy
-
 import dataclasses
 import json
 from dataclasses import dataclass, field

@@ -17,8 +17,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-
-from .config import BACKENDS
+import torch
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -45,9 +44,8 @@ def unsupported(st, scope: str, device: str) -> str | None:
 
 def resolve_backend(backend: str, st, scope: str, device: str) -> str:
     """The backend an encoder uses: ``auto`` is ``onnx`` wherever it can run, else torch; an
-    explicit ONNX backend that cannot run is a ValueError saying why."""
-    if backend not in BACKENDS:
-        raise ValueError(f"encoder backend must be one of {BACKENDS}, got {backend!r}")
+    explicit ONNX backend that cannot run is a ValueError saying why (``EncoderConfig``
+    validates the name)."""
     if backend == "torch" or st is None:
         return "torch"
     why = unsupported(st, scope, device)
@@ -58,23 +56,17 @@ def resolve_backend(backend: str, st, scope: str, device: str) -> str:
     raise ValueError(f"encoder backend {backend!r} cannot run: {why}; use 'torch'")
 
 
-class _Pooled:
+class _Pooled(torch.nn.Module):
     """The transformer and mean pooling as one traced module (what the ONNX graph holds)."""
 
-    def __new__(cls, bert):
-        import torch
+    def __init__(self, bert):
+        super().__init__()
+        self.bert = bert
 
-        class Pooled(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.bert = bert
-
-            def forward(self, input_ids, attention_mask, token_type_ids):
-                h = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
-                m = attention_mask.unsqueeze(-1).to(h.dtype)
-                return (h * m).sum(1) / m.sum(1).clamp_min(1e-9)
-
-        return Pooled()
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        h = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
 
 @contextlib.contextmanager
@@ -95,8 +87,6 @@ def _quiet_tools():
 def export(st, path: Path, int8: bool) -> Path:
     """Write the frozen transformer + mean pooling as ONNX (int8: dynamically quantized);
     atomic: a crash leaves no half-written graph."""
-    import torch
-
     path.parent.mkdir(parents=True, exist_ok=True)
     fp32 = path.with_name(path.name.replace("-int8", "")) if int8 else path
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

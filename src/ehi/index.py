@@ -206,13 +206,18 @@ class LeafIndex:
 
     def _read_flat_lists(self) -> np.ndarray:
         out = np.empty((self.num_docs, self.dim), dtype=np.float32)
-        inv = self.ivf.invlists
         for lst in np.flatnonzero(self._sizes):
-            n = inv.list_size(int(lst))
-            ids = faiss.rev_swig_ptr(inv.get_ids(int(lst)), n)
-            codes = faiss.rev_swig_ptr(inv.get_codes(int(lst)), n * inv.code_size)
-            out[ids] = np.frombuffer(codes, dtype=np.float32).reshape(n, self.dim)
+            ids, vecs = self._flat_list(int(lst))
+            out[ids] = vecs
         return out
+
+    def _flat_list(self, lst: int) -> tuple[np.ndarray, np.ndarray]:
+        """A flat list's document rows and float vectors, as views of Faiss's memory."""
+        inv = self.ivf.invlists
+        n = inv.list_size(lst)
+        ids = faiss.rev_swig_ptr(inv.get_ids(lst), n)
+        codes = faiss.rev_swig_ptr(inv.get_codes(lst), n * inv.code_size)
+        return ids, np.frombuffer(codes, dtype=np.float32).reshape(n, self.dim)
 
     embeddings = vectors  # the name earlier versions used
 
@@ -308,12 +313,9 @@ class LeafIndex:
         where_list, where_at = self._locations()
         out = np.empty((len(rows), self.dim), dtype=np.float32)
         lists = where_list[rows]
-        inv = self.ivf.invlists
         for lst in np.unique(lists):
-            n = inv.list_size(int(lst))
-            codes = np.frombuffer(faiss.rev_swig_ptr(inv.get_codes(int(lst)), n * inv.code_size), dtype=np.float32).reshape(n, self.dim)
             mine = np.flatnonzero(lists == lst)
-            out[mine] = codes[where_at[rows[mine]]]
+            out[mine] = self._flat_list(int(lst))[1][where_at[rows[mine]]]
         return out
 
     def _locations(self):
@@ -321,11 +323,9 @@ class LeafIndex:
         if self._where is None:
             where_list = np.zeros(self.num_docs, dtype=np.int64)
             where_at = np.zeros(self.num_docs, dtype=np.int64)
-            inv = self.ivf.invlists
             for lst in np.flatnonzero(self._sizes):
-                n = inv.list_size(int(lst))
-                ids = faiss.rev_swig_ptr(inv.get_ids(int(lst)), n)
-                where_list[ids], where_at[ids] = lst, np.arange(n)
+                ids = self._flat_list(int(lst))[0]
+                where_list[ids], where_at[ids] = lst, np.arange(len(ids))
             self._where = (where_list, where_at)
         return self._where
 

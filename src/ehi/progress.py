@@ -31,13 +31,3 @@ def phase(message: str) -> None:
     tqdm.write(f"[ehi] {message}", file=sys.stderr)
     sys.stderr.flush()
 
-
-def bar(iterable=None, desc: str = "", wanted: bool = True, **kw):
-    """A tqdm bar when ``bars(wanted)``; otherwise the iterable itself, after a phase line
-    (when ``desc`` names the step)."""
-    if bars(wanted):
-        return tqdm(iterable, desc=desc, **kw)
-    if desc and wanted is not None:
-        total = kw.get("total") or (len(iterable) if hasattr(iterable, "__len__") else None)
-        phase(f"{desc}" + (f" ({total} steps)" if total else ""))
-    return tqdm(iterable, desc=desc, disable=True, **kw)

@@ -111,6 +111,7 @@ class Batcher:
         self.task: asyncio.Task | None = None
         self.adaptive = adaptive  # False: every batch waits (the server before adaptive waiting)
         self.loaded = False  # the previous batch held more than one request
+
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run())
 
@@ -129,19 +130,20 @@ class Batcher:
         while True:
             batch = [await self.queue.get()]
             n = len(batch[0].texts)
-            while n < self.max_batch and not self.queue.empty():  # what queued meanwhile: no waiting
-                item = self.queue.get_nowait()
-                batch.append(item)
-                n += len(item.texts)
+            # what queued meanwhile joins at once; only a loaded server waits for more
+            wait = self.max_wait > 0 and (self.loaded or not self.adaptive)
             deadline = loop.time() + self.max_wait
-            while n < self.max_batch and self.max_wait > 0 and (self.loaded or not self.adaptive):
-                timeout = deadline - loop.time()
-                if timeout <= 0:
-                    break
-                try:
-                    item = await asyncio.wait_for(self.queue.get(), timeout)
-                except asyncio.TimeoutError:
-                    break
+            while n < self.max_batch:
+                if not self.queue.empty():
+                    item = self.queue.get_nowait()
+                else:
+                    timeout = deadline - loop.time()
+                    if not wait or timeout <= 0:
+                        break
+                    try:
+                        item = await asyncio.wait_for(self.queue.get(), timeout)
+                    except asyncio.TimeoutError:
+                        break
                 batch.append(item)
                 n += len(item.texts)
             self.loaded = len(batch) > 1
@@ -264,8 +266,9 @@ def create_app(
 
 def serve(
     model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-    backend: str | None = None, max_wait_ms: float = 2.0,
+    backend: str | None = None, max_wait_ms: float = 2.0, adaptive: bool = True,
 ) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(model_dir, max_wait_ms=max_wait_ms, backend=backend), host=host, port=port, log_level=log_level)
+    app = create_app(model_dir, max_wait_ms=max_wait_ms, backend=backend, adaptive=adaptive)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
