@@ -125,6 +125,24 @@ def build_streaming(model, corpus, L, codec, sample_x, args, upto: int | None = 
     return index
 
 
+def train_on_sample(sample_x: np.ndarray, row_of: dict, train_pos: np.ndarray, train_q: np.ndarray, args):
+    """EHI in bring-your-own-embeddings mode: adapter + tree on the training pairs, the sample
+    as the corpus (no index built)."""
+    cfg = EHIConfig()
+    cfg.tree.branching, cfg.tree.height = args.branching, args.height
+    cfg.train.epochs = args.epochs
+    cfg.train.batch_size = 256
+    cfg.train.seed = args.seed
+    n = len(sample_x)
+    ds = Dataset(
+        root=Path("."),
+        corpus=Corpus([str(i) for i in range(n)], [""] * n, [""] * n),
+        queries={str(i): "" for i in range(len(train_pos))},
+        qrels={"train": {str(i): {str(row_of[int(d)]): 1} for i, d in enumerate(train_pos)}},
+    )
+    return Trainer(cfg, ds, doc_embeddings=sample_x, query_embeddings=train_q).fit(progress=False, build_index=False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--docs", type=int, default=1_000_000)
@@ -165,21 +183,8 @@ def main() -> None:
     rss0 = _status("VmRSS")
     reset_peak()
     t = time.perf_counter()
-    cfg = EHIConfig()
-    cfg.tree.branching, cfg.tree.height = args.branching, args.height
-    cfg.train.epochs = args.epochs
-    cfg.train.batch_size = 256
-    cfg.train.seed = args.seed
-    ds = Dataset(
-        root=Path("."),
-        corpus=Corpus([str(i) for i in range(len(sample))], [""] * len(sample), [""] * len(sample)),
-        queries={str(i): "" for i in range(len(train_pos))},
-        qrels={"train": {str(i): {str(row_of[int(d)]): 1} for i, d in enumerate(train_pos)}},
-    )
-    trainer = Trainer(cfg, ds, doc_embeddings=sample_x, query_embeddings=train_q)
-    model = trainer.fit(progress=False, build_index=False)
+    model = train_on_sample(sample_x, row_of, train_pos, train_q, args)
     ehi_train = time.perf_counter() - t
-    del trainer, ds
     release_memory()
     t = time.perf_counter()
     model.index = build_streaming(model, corpus, L, "flat", sample_x, args)

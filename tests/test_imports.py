@@ -63,3 +63,15 @@ def test_no_import_cycle():
 
 def test_the_checker_sees_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_core_does_not_import_ray():
+    """Ray is an extra: training, search and serving one process never load it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, ehi.cli, ehi.model, ehi.server, ehi.sharding, ehi.training, ehi.evaluation\n"
+        "assert 'ray' not in sys.modules, 'ray imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -194,7 +194,7 @@ def test_the_core_searches_without_extras_and_says_which_extra_a_command_needs(t
 
     model = tmp_path / "m"
     assert main(["train", "--data", str(tiny_beir), "--out", str(model), "-B", "6", "--epochs", "1", "--no-progress"]) == 0
-    for name in ("fastapi", "uvicorn", "scann", "matplotlib"):
+    for name in ("fastapi", "uvicorn", "scann", "matplotlib", "ray"):
         monkeypatch.setitem(sys.modules, name, None)  # as if not installed
     capsys.readouterr()
     assert main(["search", str(model), "guitar chord"]) == 0
@@ -203,3 +203,8 @@ def test_the_core_searches_without_extras_and_says_which_extra_a_command_needs(t
     assert main(["benchmark", "--data", str(tiny_beir), "--out", str(tmp_path / "b")]) == 2
     assert "pip install 'ehi[bench]'" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+    assert main(["index", "build", str(model), "--data", str(tiny_beir), "--ray", "--out", str(tmp_path / "r")]) == 2
+    assert "pip install 'ehi[ray]'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    assert main(["index", "shard", str(model), "--shards", "2", "--out", str(tmp_path / "s")]) == 0  # the core shards
+    assert main(["search", str(tmp_path / "s"), "guitar chord"]) == 0

@@ -2,40 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import re
-import sys
-import tempfile
-from contextlib import contextmanager
 
 import numpy as np
+
+from .progress import filtered_stderr
 
 # ScaNN logs through absl's C++ logging straight to file descriptor 2 ("All log messages
 # before absl::InitializeLog() ...", then an I-line per partitioner run): facts about its
 # k-means a user cannot act on. Those lines are dropped; anything else it writes is kept.
 _ABSL_NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|I\d{4} \d\d:\d\d:\d\d)")
-
-
-@contextmanager
-def _without_absl_info():
-    sys.stderr.flush()
-    try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, ValueError, OSError):  # no real descriptor (some notebooks): leave it
-        yield
-        return
-    saved = os.dup(fd)
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), fd)
-        try:
-            yield
-        finally:
-            os.dup2(saved, fd)
-            os.close(saved)
-            tmp.seek(0)
-            kept = [ln for ln in tmp.read().decode("utf-8", "replace").splitlines() if not _ABSL_NOISE.match(ln)]
-            if kept:
-                print("\n".join(kept), file=sys.stderr)
 
 
 class IVFBaseline:
@@ -120,7 +96,7 @@ class ScaNNBaseline:
             "scoring": "brute_force float32, no reordering",
             "seed": "ScaNN's own (not settable from Python)",
         }
-        with _without_absl_info():
+        with filtered_stderr(_ABSL_NOISE):
             self.searcher = (
                 scann.scann_ops_pybind.builder(x, 100, "dot_product")
                 .tree(num_leaves=num_leaves, num_leaves_to_search=1, training_sample_size=self.n, min_partition_size=1, spherical=True)

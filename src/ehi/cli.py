@@ -99,6 +99,7 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
+LOCAL_RAY = "local"  # --ray without an address: a Ray started on this machine
 NO_PROGRESS = "no progress bars, even on a terminal (a line per phase still says what runs; bars are drawn only on a terminal anyway)"
 
 
@@ -174,7 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     ib.add_argument("--out", help="write the changed model here (a new folder; an ehi model there needs --overwrite)")
     ib.add_argument("--overwrite", action="store_true", help="replace the model at --out, or without --out the model itself")
     ib.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
+    ib.add_argument("--ray", nargs="?", const=LOCAL_RAY, metavar="ADDRESS",
+                    help="embed and route on Ray workers (the 'ray' extra): the cluster at ADDRESS ('auto', 'ray://host:10001'), or a local Ray without one")
+    ib.add_argument("--workers", type=_positive, default=2, help="--ray: workers that each load the model once and embed and route a share of the corpus")
+    ib.add_argument("--shards", type=_positive, help="save the lists as this many shard files, leaves balanced by documents, for 'ehi serve --shards' (default: the model's, 1)")
     _backend_override(ib)
+    ih = isub.add_parser("shard", help="re-save a model's index as S shard files (no re-encoding), for 'ehi serve --shards S'")
+    ih.add_argument("model", help="model directory")
+    ih.add_argument("--shards", type=_positive, required=True, help="shard files; 1 joins them back into index.faiss")
+    ih.add_argument("--out", help="write the changed model here (a new folder; an ehi model there needs --overwrite)")
+    ih.add_argument("--overwrite", action="store_true", help="replace the model at --out, or without --out the model itself")
+
     ia = isub.add_parser("add", help="route new documents into their leaves (no retraining)")
     ia.add_argument("model", help="model directory")
     ia.add_argument("corpus", help="corpus.jsonl of the new documents")
@@ -227,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-wait-ms", type=_ms, default=2.0,
                    help="under load (the previous batch held several requests), how long a micro-batch waits for more; "
                    "a lone request never waits (0: never wait)")
+    v.add_argument("--shards", type=_positive,
+                   help="serve the index from this many Ray actors, one per shard file (the 'ray' extra; the model saved in as many: 'ehi index shard')")
+    v.add_argument("--ray", metavar="ADDRESS", help="--shards: the Ray cluster to run them on ('auto', 'ray://host:10001'; default: a local Ray)")
     v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's log level")
 
     b = sub.add_parser("benchmark", help="EHI vs DE, untrained encoder and EHI encoder + exact / Faiss-IVF / ScaNN, several seeds, report and plots")
@@ -429,12 +443,24 @@ def cmd_index(args) -> None:
         check_target(args.out, overwrite=args.overwrite)
     elif not args.overwrite:
         raise ValueError(f"this would rewrite {args.model} in place; pass --overwrite to do so, or --out NEW_DIR to keep it")
+    if getattr(args, "ray", None):
+        _need("ray", "ray")
     model = EHIModel.load(args.model, device=getattr(args, "device", "cpu"), backend=getattr(args, "encoder_backend", None))
     before = leaf_report(model) if model.index is not None else None
     if args.index_command == "build":
         corpus = load_beir(args.data).corpus
-        model.index_corpus(corpus, d2l=args.d2l, codec=args.codec, pq_m=args.pq_m, rerank=args.rerank)
-        what = f"indexed {len(corpus)} documents"
+        address = None if args.ray in (None, LOCAL_RAY) else args.ray
+        model.index_corpus(
+            corpus, d2l=args.d2l, codec=args.codec, pq_m=args.pq_m, rerank=args.rerank, shards=args.shards,
+            workers=args.workers if args.ray else None, ray_address=address,
+        )
+        on = f" on {args.workers} Ray workers" if args.ray else ""
+        what = f"indexed {len(corpus)} documents{on}"
+    elif args.index_command == "shard":
+        if model.index is None:
+            raise ValueError(f"{args.model}: the model has no index to shard; run 'ehi index build' first")
+        model.set_index_options(shards=args.shards)
+        what = f"saved the index in {args.shards} shard{'s' * (args.shards > 1)}"
     elif args.index_command == "add":
         new = load_corpus(args.corpus)
         model.add_corpus(new)
@@ -454,9 +480,13 @@ def cmd_index(args) -> None:
     out = args.out or args.model
     model.save(out)
     print(f"{what}; {model.index.num_docs} documents in {out}")
-    if before and args.index_command != "build":
+    if model.config.index.shards > 1:
+        shard_map = json.loads((Path(out) / "shards.json").read_text())
+        print(f"shards: {model.config.index.shards}, documents per shard {shard_map['documents']}")
+    changed = before and args.index_command in ("add", "remove")
+    if changed:
         print(f"before: {before}")
-    print(f"{'after: ' if before and args.index_command != 'build' else ''}{leaf_report(model)}")
+    print(f"{'after: ' if changed else ''}{leaf_report(model)}")
 
 
 def _read_queries(file: str) -> list[tuple[str, str]]:
@@ -662,7 +692,11 @@ def cmd_serve(args) -> None:
     _need("serve", "fastapi", "uvicorn")
     from .server import serve
 
-    serve(args.model, args.host, args.port, args.log_level, backend=args.encoder_backend, max_wait_ms=args.max_wait_ms)
+    if args.ray and not args.shards:
+        raise ValueError("--ray runs the shards of --shards S; give --shards too")
+    if args.shards:
+        _need("ray", "ray")
+    serve(args.model, args.host, args.port, args.log_level, backend=args.encoder_backend, max_wait_ms=args.max_wait_ms, shards=args.shards, ray_address=args.ray)
 
 
 COMMANDS = {"cache": cmd_cache, "serve": cmd_serve, "tune": cmd_tune, "train": cmd_train, "index": cmd_index, "search": cmd_search, "evaluate": cmd_evaluate, "benchmark": cmd_benchmark}

@@ -249,10 +249,15 @@ class IndexConfig:
     codec: Codec = "flat"
     pq_m: int = 0
     rerank: int = 0
+    # files the lists are saved in: 1 = index.faiss; S > 1 = S shard files holding whole
+    # leaves, balanced by documents, for serving from S processes or machines (sharding.py)
+    shards: int = 1
 
     def validate(self) -> None:
         if self.d2l < 1:
             raise ValueError("d2l must be >= 1")
+        if self.shards < 1:
+            raise ValueError("shards must be >= 1")
         if self.codec not in CODECS:
             raise ValueError(f"index.codec must be one of {', '.join(CODECS)}, got {self.codec!r}")
         if self.pq_m < 0 or self.rerank < 0:

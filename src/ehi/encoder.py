@@ -275,6 +275,16 @@ class Encoder(nn.Module):
         """Only what training changes: the base model is referenced by name and fingerprint."""
         return {k: v.detach() for k, v in self.named_parameters() if v.requires_grad}
 
+    def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
+        """Trained tensors (``trainable_state``) into this encoder; ValueError naming one that
+        does not fit."""
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for k, v in state.items():
+                if k not in params or params[k].shape != v.shape:
+                    raise ValueError(f"unexpected tensor {k}")
+                params[k].copy_(v)
+
     # ---- frozen part -------------------------------------------------------------------
     def features(self, texts: list[str], desc: str = "encoding", use_cache: bool = True) -> Features:
         """What the frozen part computes for ``texts``: the texts already in the on-disk cache

@@ -276,26 +276,13 @@ class LeafIndex:
         ``visited``: the documents each query scores, when the caller counted them already."""
         q = _f32(queries)
         leaves = _i64(leaves).reshape(len(q), -1)
-        nq, beta = leaves.shape
         if visited is None:
             visited = self.visited_counts(leaves, allowed)  # with a filter: the allowed documents scored
         # copies of a document in several visited leaves come back once each: fetch enough
         fetch = k * self.d2l
         if self.codec == "pq" and self.rerank:
             fetch = max(fetch, self.rerank)
-        D = np.empty((nq, fetch), dtype=np.float32)
-        I = np.empty((nq, fetch), dtype=np.int64)
-        if nq:
-            sel = None if allowed is None else id_selector(allowed, self.num_docs)
-            params = self._params(beta, sel)
-            # residual codes add each leaf's coarse score <q, centroid>; flat ignores it
-            coarse = self._coarse(q, leaves)
-            self.ivf.search_preassigned_c(
-                nq, faiss.swig_ptr(q), fetch, faiss.swig_ptr(leaves), faiss.swig_ptr(coarse),
-                faiss.swig_ptr(D), faiss.swig_ptr(I), False, params,
-            )
-        if nq and I[:, -1].min() < 0:  # rows are sorted: a short one ends in -1
-            D[I < 0] = -np.inf
+        D, I = self.scan(q, leaves, fetch, allowed, self.num_docs)
         if self.codec == "pq" and self.rerank:
             D, I = _rerank(self, q, I)
         if self.d2l > 1:
@@ -303,6 +290,28 @@ class LeafIndex:
         if fetch != k:
             D, I = np.ascontiguousarray(D[:, :k]), np.ascontiguousarray(I[:, :k])
         return SearchResult(I, D, visited, "beam" if allowed is None else "filtered")
+
+    def scan(self, q: np.ndarray, leaves: np.ndarray, fetch: int, allowed: np.ndarray | None = None, n: int | None = None):
+        """Faiss's scan of the lists ``leaves`` (Q, beta; -1 = none): the best ``fetch``
+        (scores, rows) per query, best first, -inf / -1 past the candidates. ``allowed``: rows
+        of the ``n`` documents a filtered scan may return."""
+        q = _f32(q)
+        leaves = _i64(leaves).reshape(len(q), -1)
+        nq, beta = leaves.shape
+        D = np.empty((nq, fetch), dtype=np.float32)
+        I = np.empty((nq, fetch), dtype=np.int64)
+        if nq:
+            sel = None if allowed is None else id_selector(allowed, self.num_docs if n is None else n)
+            params = self._params(beta, sel)
+            # residual codes add each leaf's coarse score <q, centroid>; flat ignores it
+            coarse = self._coarse(q, leaves)
+            self.ivf.search_preassigned_c(
+                nq, faiss.swig_ptr(q), fetch, faiss.swig_ptr(leaves), faiss.swig_ptr(coarse),
+                faiss.swig_ptr(D), faiss.swig_ptr(I), False, params,
+            )
+            if I[:, -1].min() < 0:  # rows are sorted: a short one ends in -1
+                D[I < 0] = -np.inf
+        return D, I
 
     def rows_vectors(self, rows: np.ndarray) -> np.ndarray:
         """Float vectors of some rows (sorted): from the kept or mapped copy, else read out of
@@ -349,45 +358,69 @@ class LeafIndex:
 
     # ---- persistence ------------------------------------------------------------------------
     def write(self, folder: Path) -> list[str]:
-        """Files written into ``folder`` (the caller's atomic artifact)."""
+        """Files written into ``folder`` (the caller's atomic artifact); ``sharding.write_shards``
+        writes the lists as several files instead."""
         faiss.write_index(self.ivf, str(folder / "index.faiss"))
+        return ["index.faiss", *self.write_rows(folder)]
+
+    def write_rows(self, folder: Path) -> list[str]:
+        """Each row's leaves and float vector (what routing-free reads and re-ranks need)."""
         np.save(folder / "doc_leaves.npy", self.doc_leaves)
         np.save(folder / "doc_embeddings.npy", _f32(self.vectors))
-        return ["index.faiss", "doc_leaves.npy", "doc_embeddings.npy"]
+        return ["doc_leaves.npy", "doc_embeddings.npy"]
 
     @classmethod
-    def read(cls, folder: Path, doc_leaves: np.ndarray, vectors: np.ndarray, num_leaves: int, mmap: bool = False) -> "LeafIndex":
-        """Open a saved index; with ``mmap`` its lists are mapped from disk (read-only), so
-        opening costs no memory up front. Raises ValueError if it does not match the rows."""
-        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
-        try:
-            ivf = faiss.read_index(str(folder / "index.faiss"), flags)  # already its own type; a downcast copy would not own it
-        except RuntimeError as e:
-            raise ValueError(f"unreadable Faiss index ({str(e).splitlines()[0][:200]})") from None
-        if not isinstance(ivf, (faiss.IndexIVFFlat, faiss.IndexIVFScalarQuantizer, faiss.IndexIVFPQ)):
-            raise ValueError(f"expected an IVF index, got {type(ivf).__name__}")
+    def read(
+        cls, folder: Path, doc_leaves: np.ndarray, vectors: np.ndarray, num_leaves: int, mmap: bool = False, ivf=None, check_lists: bool = True,
+    ) -> "LeafIndex":
+        """Open a saved index (``index.faiss``, or the given Faiss ``ivf``); with ``mmap`` its
+        lists are mapped from disk (read-only), so opening costs no memory up front. Raises
+        ValueError if it does not match the rows."""
+        if ivf is None:
+            ivf = read_ivf(folder / "index.faiss", mmap)
         if ivf.nlist != num_leaves or ivf.d != vectors.shape[1]:
             raise ValueError(f"index has {ivf.nlist} lists of dimension {ivf.d}; the model has {num_leaves} leaves of {vectors.shape[1]}")
         doc_leaves = _i64(doc_leaves).reshape(len(doc_leaves), -1)
-        sizes = np.array([ivf.invlists.list_size(i) for i in range(num_leaves)], dtype=np.int64)
-        if not np.array_equal(sizes, np.bincount(doc_leaves.ravel(), minlength=num_leaves)):
+        out = cls.from_ivf(ivf, doc_leaves, vectors, read_only=mmap)
+        if check_lists and not np.array_equal(out._sizes, np.bincount(doc_leaves.ravel(), minlength=num_leaves)):
             raise ValueError("its lists do not hold the documents doc_leaves.npy assigns")
+        out._sizes = np.bincount(doc_leaves.ravel(), minlength=num_leaves).astype(np.int64)
+        return out
+
+    @classmethod
+    def from_ivf(cls, ivf, doc_leaves: np.ndarray, vectors: np.ndarray | None, read_only: bool) -> "LeafIndex":
+        """An index around a Faiss IVF read from disk (its lists' sizes as they are)."""
         out = object.__new__(cls)
         out.ivf, out.quantizer = ivf, faiss.downcast_index(ivf.quantizer)
         ivf.parallel_mode = PARALLEL_OVER_QUERIES
-        out.centroids = out.quantizer.reconstruct_n(0, num_leaves)
-        out.num_leaves = num_leaves
+        out.num_leaves = ivf.nlist
+        out.centroids = out.quantizer.reconstruct_n(0, ivf.nlist)
         out.codec = "flat" if isinstance(ivf, faiss.IndexIVFFlat) else ("sq8" if isinstance(ivf, faiss.IndexIVFScalarQuantizer) else "pq")
         out.pq_m = ivf.pq.M if out.codec == "pq" else 0
         out.rerank = 0
+        out._code_size = ivf.code_size
         out.doc_leaves = doc_leaves
-        out._chunks, out._vectors = [vectors], vectors
-        out._sizes, out._members, out._pad, out._where, out.read_only = sizes, None, None, None, mmap
+        out._chunks, out._vectors = ([vectors], vectors) if vectors is not None else ([], None)
+        out._sizes = np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
+        out._members = out._pad = out._where = None
+        out.read_only = read_only
         return out
 
     def leaf_stats(self, query_leaves: np.ndarray | None = None) -> dict:
         """Balance of the documents over the leaves (``leaf_stats``)."""
         return leaf_stats(self, query_leaves)
+
+def read_ivf(path: Path, mmap: bool):
+    """A saved Faiss IVF (its own type); ValueError naming the file if it is not one."""
+    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    try:
+        ivf = faiss.read_index(str(path), flags)  # already its own type; a downcast copy would not own it
+    except RuntimeError as e:
+        raise ValueError(f"{path.name}: unreadable Faiss index ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(ivf, (faiss.IndexIVFFlat, faiss.IndexIVFScalarQuantizer, faiss.IndexIVFPQ)):
+        raise ValueError(f"{path.name}: expected an IVF index, got {type(ivf).__name__}")
+    return ivf
+
 
 def id_selector(rows: np.ndarray, n: int):
     """A Faiss selector of document rows: a bitmap of the ``n`` rows (n/8 bytes, one bit test

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from safetensors.torch import load_file, save_file
 
 from .artifacts import ArtifactError, read_manifest, write_artifact
@@ -16,6 +15,7 @@ from .budget import calibrated_width, resolve_width
 from .config import EHIConfig
 from .encoder import Encoder
 from .index import LeafIndex
+from .sharding import read_shard_map, write_shards
 from .tree import Tree
 
 
@@ -72,6 +72,7 @@ class Hits:
 MODEL_FILES = ("config.json", "encoder.safetensors", "tree.safetensors")
 INDEX_FILES = ("index.faiss", "doc_leaves.npy", "doc_embeddings.npy", "documents.json")
 LEGACY_INDEX_FILES = INDEX_FILES[1:]  # before the Faiss index: rebuilt from these on load
+SHARDED_INDEX_FILES = ("shards.json", *LEGACY_INDEX_FILES)  # the lists in shard files (sharding.py)
 
 
 def _read_index(path: Path, num_leaves: int, dim: int):
@@ -165,35 +166,49 @@ class EHIModel:
         return entries[min(i, len(entries) - 1)][1]
 
     def build_index(
-        self, doc_emb: np.ndarray, doc_ids: list[str], doc_titles: list[str] | None = None, codec: str | None = None
+        self, doc_emb: np.ndarray, doc_ids: list[str], doc_titles: list[str] | None = None, codec: str | None = None, leaves: np.ndarray | None = None
     ) -> LeafIndex:
-        """Store each document (final embeddings) in its top-d2l leaves, encoded with the
-        config's codec (or ``codec``)."""
+        """Store each document (final embeddings) in its top-d2l leaves (routed here unless
+        ``leaves`` were routed elsewhere), encoded with the config's codec (or ``codec``)."""
         ic = self.config.index
-        leaves = self.route(doc_emb, ic.d2l)
+        leaves = self.route(doc_emb, ic.d2l) if leaves is None else leaves
         self.index = LeafIndex(leaves, doc_emb, self.tree.num_leaves, codec or ic.codec, ic.pq_m, ic.rerank, self.config.train.seed)
         self.doc_ids = list(doc_ids)
         self.doc_titles = list(doc_titles) if doc_titles is not None else [""] * len(doc_ids)
         return self.index
 
-    def set_index_options(self, d2l=None, codec=None, pq_m=None, rerank=None) -> None:
-        """Change how the next index is built (saved in the config); checked at once."""
+    def set_index_options(self, d2l=None, codec=None, pq_m=None, rerank=None, shards=None) -> None:
+        """Change how the next index is built and saved (kept in the config); checked at once."""
         ic = self.config.index
-        for name, v in (("d2l", d2l), ("codec", codec), ("pq_m", pq_m), ("rerank", rerank)):
+        for name, v in (("d2l", d2l), ("codec", codec), ("pq_m", pq_m), ("rerank", rerank), ("shards", shards)):
             if v is not None:
                 setattr(ic, name, v)
         self.config.validate()
+        if ic.shards > self.tree.num_leaves:
+            raise ValueError(f"{ic.shards} shards for {self.tree.num_leaves} leaves: at most one shard per leaf")
         if self.index is not None and rerank is not None:
             self.index.rerank = ic.rerank
 
     def embed_corpus(self, corpus, desc: str = "corpus") -> np.ndarray:
         return self.encoder.embed_all(self.encoder.features(corpus.documents(), f"encoding {desc}"), desc=f"embedding {desc}")
 
-    def index_corpus(self, corpus, d2l: int | None = None, codec: str | None = None, pq_m: int | None = None, rerank: int | None = None) -> None:
+    def index_corpus(
+        self, corpus, d2l: int | None = None, codec: str | None = None, pq_m: int | None = None, rerank: int | None = None,
+        shards: int | None = None, workers: int | None = None, ray_address: str | None = None,
+    ) -> None:
         """Encode and index a whole corpus (``data.Corpus``), replacing any index; the budget
-        calibration is re-measured with documents standing in for queries."""
-        self.set_index_options(d2l, codec, pq_m, rerank)
-        self.build_index(self.embed_corpus(corpus), corpus.ids, corpus.titles)
+        calibration is re-measured with documents standing in for queries. ``workers``: embed
+        and route on that many Ray workers (``ehi.cluster``; at ``ray_address``, else a local
+        Ray) instead of in this process: the same leaves and lists. ``shards``: save the lists
+        as that many shard files."""
+        self.set_index_options(d2l, codec, pq_m, rerank, shards)
+        if workers:
+            from .cluster import embed_and_route
+
+            emb, leaves = embed_and_route(self, texts=corpus.documents(), d2l=self.config.index.d2l, workers=workers, address=ray_address)
+            self.build_index(emb, corpus.ids, corpus.titles, leaves=leaves)
+        else:
+            self.build_index(self.embed_corpus(corpus), corpus.ids, corpus.titles)
         self.corpus_fingerprint = corpus.fingerprint()
         self.recalibrate()
 
@@ -369,7 +384,10 @@ class EHIModel:
             save_file({k: v.contiguous().cpu() for k, v in self.encoder.trainable_state().items()}, str(tmp / "encoder.safetensors"))
             save_file({k: v.detach().contiguous().cpu() for k, v in self.tree.state_dict().items()}, str(tmp / "tree.safetensors"))
             if self.index is not None:
-                self.index.write(tmp)
+                if self.config.index.shards > 1:
+                    write_shards(self.index, tmp, self.config.index.shards)
+                else:
+                    self.index.write(tmp)
                 (tmp / "documents.json").write_text(json.dumps({"ids": self.doc_ids, "titles": self.doc_titles}))
 
         meta = {
@@ -383,17 +401,27 @@ class EHIModel:
         return write_artifact(path, write, meta)
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu", mmap: bool = False, backend: str | None = None) -> "EHIModel":
+    def load(
+        cls, path: str | Path, device: str = "cpu", mmap: bool = False, backend: str | None = None,
+        shards: int | None = None, ray_address: str | None = None,
+    ) -> "EHIModel":
         """Open a saved model. With ``mmap`` the index and the float vectors are mapped from
         disk, read-only: opening costs no memory up front (for search and serving).
-        ``backend``: run the frozen transformer on this backend instead of the saved one."""
+        ``backend``: run the frozen transformer on this backend instead of the saved one.
+        ``shards``: serve the index from that many Ray actors, one per shard file (the model
+        must be saved in that many: ``ehi index shard``), on the Ray cluster at
+        ``ray_address`` (default: a local one); read-only, like ``mmap``."""
         path = Path(path)
         manifest = read_manifest(path, required=MODEL_FILES)
-        indexed = [f for f in INDEX_FILES if f in manifest["files"]]
-        legacy = "index.faiss" not in indexed and len(indexed) == len(LEGACY_INDEX_FILES)
-        if indexed and len(indexed) != len(INDEX_FILES) and not legacy:
-            missing = sorted(set(INDEX_FILES) - set(indexed))
+        listed = manifest["files"]
+        layout = INDEX_FILES if "index.faiss" in listed else (SHARDED_INDEX_FILES if "shards.json" in listed else LEGACY_INDEX_FILES)
+        indexed = [f for f in layout if f in listed]
+        legacy = layout is LEGACY_INDEX_FILES
+        if indexed and len(indexed) != len(layout):
+            missing = sorted(set(layout) - set(indexed))
             raise ArtifactError(f"{path / 'manifest.json'}: lists part of an index but not {', '.join(missing)}")
+        if shards is not None and not indexed:
+            raise ValueError(f"{path}: the model has no index to serve from shards")
         try:
             raw = json.loads((path / "config.json").read_text())
             if isinstance(raw, dict) and isinstance(raw.get("tree"), dict):
@@ -416,39 +444,76 @@ class EHIModel:
             tree_state = load_file(str(path / "tree.safetensors"))
         except Exception as e:  # safetensors raises its own error types
             raise ArtifactError(f"{path}: unreadable weights ({e})") from None
-        params = dict(encoder.named_parameters())
-        with torch.no_grad():
-            for k, v in enc_state.items():
-                if k not in params or params[k].shape != v.shape:
-                    raise ArtifactError(f"{path / 'encoder.safetensors'}: unexpected tensor {k}")
-                params[k].copy_(v)
-        tree = Tree(encoder.dim, config.tree).to(device)
-        try:
-            tree.load_state_dict(tree_state)
-        except RuntimeError as e:
-            raise ArtifactError(f"{path / 'tree.safetensors'}: does not match the config ({e})") from None
-        model = cls(
-            config,
-            encoder,
-            tree,
-            corpus_fingerprint=manifest.get("corpus_fingerprint", ""),
-            beam_calibration=manifest.get("beam_calibration") or [],
-            validation=manifest.get("validation"),
-        )
+        model = cls.from_weights(config, encoder, enc_state, tree_state, path)
+        model.corpus_fingerprint = manifest.get("corpus_fingerprint", "")
+        model.beam_calibration = manifest.get("beam_calibration") or []
+        model.validation = manifest.get("validation")
         if indexed:
-            leaves, emb, ids, titles = _read_index(path, tree.num_leaves, encoder.dim)
+            leaves, emb, ids, titles = _read_index(path, model.tree.num_leaves, encoder.dim)
             ic = config.index
             if legacy:  # saved before the Faiss index: rebuilt (and written on the next save)
-                model.index = LeafIndex(leaves, np.asarray(emb), tree.num_leaves, ic.codec, ic.pq_m, ic.rerank)
+                model.index = LeafIndex(leaves, np.asarray(emb), model.tree.num_leaves, ic.codec, ic.pq_m, ic.rerank)
             else:
-                try:
-                    model.index = LeafIndex.read(path, leaves, emb if mmap else np.asarray(emb), tree.num_leaves, mmap=mmap)
-                except ValueError as e:
-                    raise ArtifactError(f"{path / 'index.faiss'}: {e}") from None
+                model.index = _open_index(path, layout, leaves, emb, model.tree.num_leaves, mmap, shards, ray_address, listed, manifest)
                 if model.index.codec != ic.codec:
-                    raise ArtifactError(f"{path / 'index.faiss'}: holds {model.index.codec} codes but config.json says {ic.codec}")
+                    raise ArtifactError(f"{path / layout[0]}: holds {model.index.codec} codes but config.json says {ic.codec}")
                 model.index.rerank = ic.rerank
+                if layout is SHARDED_INDEX_FILES:
+                    ic.shards = len(read_shard_map(path, model.tree.num_leaves, listed)["files"])
             model.doc_ids, model.doc_titles = ids, titles
-        encoder.eval()
-        tree.eval()
         return model
+
+    @classmethod
+    def from_weights(cls, config: EHIConfig, encoder: Encoder, enc_state: dict, tree_state: dict, where: str | Path = "") -> "EHIModel":
+        """A model without an index, from its config and trained tensors."""
+        try:
+            encoder.load_trainable(enc_state)
+        except ValueError as e:
+            raise ArtifactError(f"{Path(where) / 'encoder.safetensors'}: {e}") from None
+        try:
+            tree = Tree.from_state(encoder.dim, config.tree, tree_state, encoder.device_name)
+        except ValueError as e:
+            raise ArtifactError(f"{Path(where) / 'tree.safetensors'}: {e}") from None
+        encoder.eval()
+        return cls(config, encoder, tree)
+
+
+def _open_index(path: Path, layout, leaves, emb, num_leaves: int, mmap: bool, shards, ray_address, listed, manifest) -> LeafIndex:
+    """The saved index: whole, merged from its shard files, or served by its shards (in this
+    process when mapped, or by Ray actors with ``shards``)."""
+    from .index import read_ivf
+    from .sharding import check_shard_lists, merged_ivf
+
+    sharded = layout is SHARDED_INDEX_FILES
+    try:
+        shard_map = read_shard_map(path, num_leaves, listed) if sharded else None
+    except ValueError as e:
+        raise ArtifactError(str(e)) from None
+    count = shard_map["count"] if sharded else 1
+    if shards is not None and shards != count:
+        raise ValueError(
+            f"{path}: saved in {count} shard{'s' * (count > 1)}, not {shards}: run 'ehi index shard {path} --shards {shards} --overwrite' first"
+        )
+    try:
+        if not sharded and shards is None:
+            return LeafIndex.read(path, leaves, emb if mmap else np.asarray(emb), num_leaves, mmap=mmap)
+        if sharded and shards is None and not mmap:
+            return LeafIndex.read(path, leaves, np.asarray(emb), num_leaves, ivf=merged_ivf(path, shard_map))
+        files = shard_map["files"] if sharded else ["index.faiss"]
+        first = read_ivf(path / files[0], mmap=True)
+        base = LeafIndex.read(path, leaves, emb, num_leaves, mmap=True, ivf=first, check_lists=not sharded)
+        leaf_shard = shard_map["leaf_shard"] if sharded else np.zeros(num_leaves, dtype=np.int64)
+        if shards is None:  # mapped in this process: each shard scans its own lists
+            from .sharding import LocalShard, ShardedIndex, open_shard
+
+            local = []
+            for s, name in enumerate(files):
+                shard = open_shard(path / name, s, count)
+                check_shard_lists(shard.ivf, name, leaf_shard, s, base.leaf_sizes())
+                local.append(LocalShard(shard, s))
+            return ShardedIndex(base, leaf_shard, local)
+    except ValueError as e:
+        raise ArtifactError(f"{path / layout[0]}: {e}") from None
+    from .cluster import serve_shards
+
+    return serve_shards(path, base, leaf_shard, files, [manifest["files"][f] for f in files], ray_address)

@@ -8,7 +8,10 @@ wanted, not silenced and stderr is a terminal, and a long step always says when 
 from __future__ import annotations
 
 import os
+import re
 import sys
+import tempfile
+from contextlib import contextmanager
 
 from tqdm.auto import tqdm
 
@@ -31,3 +34,29 @@ def phase(message: str) -> None:
     tqdm.write(f"[ehi] {message}", file=sys.stderr)
     sys.stderr.flush()
 
+
+
+@contextmanager
+def filtered_stderr(noise: re.Pattern):
+    """Lines that third-party C++ writes straight to file descriptor 2 and that match
+    ``noise`` are dropped; the rest is printed once the block ends. Yields a stream on the
+    real stderr, for what must show meanwhile (a bar)."""
+    sys.stderr.flush()
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, ValueError, OSError):  # no real descriptor (some notebooks): leave it
+        yield sys.stderr
+        return
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as tmp, os.fdopen(os.dup(saved), "w", buffering=1) as real:
+        os.dup2(tmp.fileno(), fd)
+        try:
+            yield real
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [ln for ln in tmp.read().decode("utf-8", "replace").splitlines() if not noise.search(ln)]
+            if kept:
+                print("\n".join(kept), file=sys.stderr)

@@ -26,6 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .model import EHIModel, check_query
+from .sharding import ShardUnavailable
 
 MAX_QUERIES = 64
 
@@ -153,9 +154,10 @@ class Batcher:
                     if not item.future.done():
                         item.future.set_result(res)
             except Exception as e:
-                if len(batch) == 1:
-                    if not batch[0].future.done():
-                        batch[0].future.set_exception(e)
+                if len(batch) == 1 or isinstance(e, ShardUnavailable):  # a missing shard fails them all alike
+                    for item in batch:
+                        if not item.future.done():
+                            item.future.set_exception(e)
                     continue
                 # one request must not fail the others batched with it: run each alone
                 for item in batch:
@@ -191,9 +193,12 @@ class Batcher:
 
 
 def create_app(
-    model_dir: str | Path, max_batch: int = 64, max_wait_ms: float = 2.0, backend: str | None = None, adaptive: bool = True
+    model_dir: str | Path, max_batch: int = 64, max_wait_ms: float = 2.0, backend: str | None = None, adaptive: bool = True,
+    shards: int | None = None, ray_address: str | None = None,
 ) -> FastAPI:
-    model = EHIModel.load(model_dir, mmap=True, backend=backend)  # read-only, mapped: no copy of the index in memory
+    """The service; with ``shards`` its index is served by that many Ray actors (``ehi.cluster``)."""
+    # read-only, mapped: no copy of the index in memory (with shards: in the shards' actors)
+    model = EHIModel.load(model_dir, mmap=True, backend=backend, shards=shards, ray_address=ray_address)
     if model.index is None:
         raise ValueError(f"{model_dir}: the model has no index; run 'ehi index build' first")
     if model.encoder.precomputed:
@@ -212,6 +217,8 @@ def create_app(
         "leaf_stats": model.index.leaf_stats(),
         "beam_calibration": model.beam_calibration,
         "config": model.config.to_dict(),
+        # documents each shard holds (one entry: a single index)
+        "shards": model.index.shard_documents() if hasattr(model.index, "shard_documents") else [int(model.index.leaf_sizes().sum())],
     }
 
     @asynccontextmanager
@@ -221,6 +228,7 @@ def create_app(
         await batcher.stop()
 
     app = FastAPI(title="ehi", description="End-to-end Hierarchical Indexing: search service", lifespan=lifespan)
+    app.state.model = model
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request, exc: RequestValidationError) -> JSONResponse:
@@ -254,7 +262,10 @@ def create_app(
             allowed = None if req.ids is None else model.rows_of(req.ids)
         except ValueError as e:
             raise HTTPException(422, str(e)) from None
-        results = await batcher.submit(texts, req.k, beam, allowed)
+        try:
+            results = await batcher.submit(texts, req.k, beam, allowed)
+        except ShardUnavailable as e:  # never an answer from the other shards alone
+            raise HTTPException(503, str(e)) from None
         return {
             "results": results if isinstance(req.query, list) else results[:1],
             "beam": beam,
@@ -266,9 +277,9 @@ def create_app(
 
 def serve(
     model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-    backend: str | None = None, max_wait_ms: float = 2.0, adaptive: bool = True,
+    backend: str | None = None, max_wait_ms: float = 2.0, adaptive: bool = True, shards: int | None = None, ray_address: str | None = None,
 ) -> None:
     import uvicorn
 
-    app = create_app(model_dir, max_wait_ms=max_wait_ms, backend=backend, adaptive=adaptive)
+    app = create_app(model_dir, max_wait_ms=max_wait_ms, backend=backend, adaptive=adaptive, shards=shards, ray_address=ray_address)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

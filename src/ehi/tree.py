@@ -92,6 +92,16 @@ class Tree(nn.Module):
             for h in range(self.H)
         )
 
+    @classmethod
+    def from_state(cls, dim: int, config: TreeConfig, state: dict, device: str = "cpu") -> "Tree":
+        """A saved tree in evaluation mode; ValueError if the tensors do not match the config."""
+        tree = cls(dim, config).to(device)
+        try:
+            tree.load_state_dict(state)
+        except RuntimeError as e:
+            raise ValueError(f"does not match the config ({e})") from None
+        return tree.eval()
+
     @property
     def num_leaves(self) -> int:
         return self.B**self.H
