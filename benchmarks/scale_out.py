@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from common import write_json
-from scale import DIM, Corpus1M, near, recall_at_100, release_memory, train_on_sample
+from scale import DIM, Corpus1M, near, recall_at_100, release_memory, reset_peak, train_on_sample
 from ehi.cluster import connect, embed_and_route, shard_memory
 from ehi.model import EHIModel
 
@@ -50,11 +50,14 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def train_model(corpus: Corpus1M, args, rng):
-    """scale.py's EHI: adapter + tree on training pairs and a document sample."""
+def train_model(corpus: Corpus1M, args, rng, train: bool = True):
+    """scale.py's EHI: adapter + tree on training pairs and a document sample (``train``
+    False: only draws what training draws, so that the test queries come out the same)."""
     train_pos = rng.choice(args.docs, size=args.train_pairs, replace=False)
     sample = np.union1d(train_pos, rng.choice(args.docs, size=min(args.sample, args.docs), replace=False))
     train_q = near(corpus.rows(train_pos), rng, args.query_spread)
+    if not train:
+        return None
     return train_on_sample(corpus.rows(sample), {int(d): i for i, d in enumerate(sample)}, train_pos, train_q, args)
 
 
@@ -80,6 +83,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", help="where the sharded models are written (default: a temporary folder, removed)")
+    ap.add_argument("--keep-model", help="save the trained model (no index) here, or load it from here if it is there")
+    ap.add_argument("--shard-timeout", type=float, default=600, help="seconds a shard may take for one batched search")
     ap.add_argument("--out", default="reports/scale_out.json")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -89,7 +94,15 @@ def main() -> None:
     out: dict = {"docs": args.docs, "dim": DIM, "leaves": args.branching, "args": vars(args), "cpus": 2}
 
     t = time.perf_counter()
-    model = train_model(corpus, args, rng)
+    kept = Path(args.keep_model) if args.keep_model else None
+    if kept and (kept / "manifest.json").exists():  # a rerun: the same training, not repeated
+        train_model(corpus, args, rng, train=False)
+        model = EHIModel.load(kept)
+        out["model_loaded_from"] = str(kept)  # train_seconds is then the load
+    else:
+        model = train_model(corpus, args, rng)
+        if kept:
+            model.save(kept)
     out["train_seconds"] = time.perf_counter() - t
     test_pos = rng.choice(args.docs, size=args.test_queries, replace=False)
     test_q = near(corpus.rows(test_pos), rng, args.query_spread)
@@ -99,6 +112,7 @@ def main() -> None:
 
     # ---- build: one process, then Ray Data workers ------------------------------------------
     builds = {}
+    reset_peak()  # this process's peak from here: the corpus it holds, plus the build
     t = time.perf_counter()
     emb = model.encoder.embed_vectors(x)
     leaves = model.route(emb, 1)
@@ -143,7 +157,7 @@ def main() -> None:
             save_s = time.perf_counter() - t
             files = sorted(folder.glob("index.faiss" if S == 1 else "shard-*.faiss"))
             log("loading: mapped in this process, and on Ray actors")
-            setups = [("mapped, one process", EHIModel.load(folder, mmap=True)), (f"{S} Ray actor{'s' * (S > 1)}", EHIModel.load(folder, shards=S))]
+            setups = [("mapped, one process", EHIModel.load(folder, mmap=True)), (f"{S} Ray actor{'s' * (S > 1)}", EHIModel.load(folder, shards=S, shard_timeout=args.shard_timeout))]
             times: dict = {(name, b): [] for name, _ in setups for b in beams}
             same: dict = {}
             found_by: dict = {}

@@ -61,6 +61,16 @@ def _ms(text: str) -> float:
     return v
 
 
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < v <= 3600:
+        raise argparse.ArgumentTypeError(f"must be in (0, 3600] seconds, got {text!r}")
+    return v
+
+
 def _port(text: str) -> int:
     return _int_in(text, 0, 65535)
 
@@ -241,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--shards", type=_positive,
                    help="serve the index from this many Ray actors, one per shard file (the 'ray' extra; the model saved in as many: 'ehi index shard')")
     v.add_argument("--ray", metavar="ADDRESS", help="--shards: the Ray cluster to run them on ('auto', 'ray://host:10001'; default: a local Ray)")
+    v.add_argument("--shard-timeout", type=_seconds, default=5.0, metavar="SECONDS", help="--shards: a search whose shards have not all answered by then gets a 503 naming the shard")
     v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's log level")
 
     b = sub.add_parser("benchmark", help="EHI vs DE, untrained encoder and EHI encoder + exact / Faiss-IVF / ScaNN, several seeds, report and plots")
@@ -696,7 +707,8 @@ def cmd_serve(args) -> None:
         raise ValueError("--ray runs the shards of --shards S; give --shards too")
     if args.shards:
         _need("ray", "ray")
-    serve(args.model, args.host, args.port, args.log_level, backend=args.encoder_backend, max_wait_ms=args.max_wait_ms, shards=args.shards, ray_address=args.ray)
+    serve(args.model, args.host, args.port, args.log_level, backend=args.encoder_backend, max_wait_ms=args.max_wait_ms, shards=args.shards, ray_address=args.ray,
+          shard_timeout=args.shard_timeout)
 
 
 COMMANDS = {"cache": cmd_cache, "serve": cmd_serve, "tune": cmd_tune, "train": cmd_train, "index": cmd_index, "search": cmd_search, "evaluate": cmd_evaluate, "benchmark": cmd_benchmark}

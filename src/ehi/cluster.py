@@ -117,7 +117,7 @@ def embed_and_route(
     precomputed base ``vectors``), computed by ``workers`` Ray actors that each load the model
     once (on a GPU where the cluster has them); rows come back in input order. ``stats``, if
     given, receives each worker's peak resident bytes."""
-    ray = connect(address, num_cpus=None if address else max(2, workers))
+    ray = connect(address)
     import pyarrow as pa
 
     _quiet_data(ray)
@@ -181,14 +181,14 @@ def embed_and_route(
 class ShardActor:
     """Holds one shard file, memory-mapped, and scans the lists it holds."""
 
-    def __init__(self, folder: str, name: str, shard: int, count: int, digest: str, leaf_shard: np.ndarray, sizes: np.ndarray, threads: int):
+    def __init__(self, folder: str, name: str, shard: int, digest: str, leaf_shard: np.ndarray, sizes: np.ndarray, threads: int):
         import faiss
 
         path = Path(folder) / name
         if sha256_file(path) != digest:
             raise ArtifactError(f"{path}: checksum mismatch (file corrupted or truncated)")
         faiss.omp_set_num_threads(max(1, threads))
-        self.index = open_shard(path, shard, count)
+        self.index = open_shard(path)
         check_shard_lists(self.index.ivf, name, leaf_shard, shard, sizes)
         self.shard = shard
 
@@ -244,17 +244,19 @@ class RemoteShard:
 
 def serve_shards(
     folder: Path, base, leaf_shard: np.ndarray, files: list[str], digests: list[str], address: str | None = None,
-    timeout: float = SHARD_TIMEOUT_S, start_timeout: float = 600,
+    timeout: float = SHARD_TIMEOUT_S, start_timeout: float = 600, cpus_per_shard: float | None = None,
 ) -> ShardedIndex:
-    """One Ray actor per shard file (restarted by Ray when it dies), ready before this returns."""
+    """One Ray actor per shard file (restarted by Ray when it dies), ready before this returns.
+    Each asks for ``cpus_per_shard`` CPUs (default: an equal share of the cluster's) and scans
+    on as many threads."""
     ray = connect(address)
     count = len(files)
     cpus = ray.cluster_resources().get("CPU", 1)
-    per_shard = min(1.0, cpus / count)  # several shards share a small machine's cores
+    per_shard = cpus / count if cpus_per_shard is None else cpus_per_shard
     remote = ray.remote(ShardActor).options(max_restarts=-1, max_task_retries=0, num_cpus=per_shard)
     sizes = base.leaf_sizes()
     actors = [
-        remote.remote(str(Path(folder).resolve()), name, s, count, digest, np.asarray(leaf_shard), sizes, max(1, int(per_shard)))
+        remote.remote(str(Path(folder).resolve()), name, s, digest, np.asarray(leaf_shard), sizes, max(1, int(per_shard)))
         for s, (name, digest) in enumerate(zip(files, digests))
     ]
     shards = [RemoteShard(a, s, count) for s, a in enumerate(actors)]

@@ -15,7 +15,7 @@ from .budget import calibrated_width, resolve_width
 from .config import EHIConfig
 from .encoder import Encoder
 from .index import LeafIndex
-from .sharding import read_shard_map, write_shards
+from .sharding import SHARD_TIMEOUT_S, read_shard_map, write_shards
 from .tree import Tree
 
 
@@ -403,14 +403,15 @@ class EHIModel:
     @classmethod
     def load(
         cls, path: str | Path, device: str = "cpu", mmap: bool = False, backend: str | None = None,
-        shards: int | None = None, ray_address: str | None = None,
+        shards: int | None = None, ray_address: str | None = None, shard_timeout: float = SHARD_TIMEOUT_S,
     ) -> "EHIModel":
         """Open a saved model. With ``mmap`` the index and the float vectors are mapped from
         disk, read-only: opening costs no memory up front (for search and serving).
         ``backend``: run the frozen transformer on this backend instead of the saved one.
         ``shards``: serve the index from that many Ray actors, one per shard file (the model
         must be saved in that many: ``ehi index shard``), on the Ray cluster at
-        ``ray_address`` (default: a local one); read-only, like ``mmap``."""
+        ``ray_address`` (default: a local one); read-only, like ``mmap``. A shard that has not
+        answered a search within ``shard_timeout`` seconds fails it (``ShardUnavailable``)."""
         path = Path(path)
         manifest = read_manifest(path, required=MODEL_FILES)
         listed = manifest["files"]
@@ -454,7 +455,7 @@ class EHIModel:
             if legacy:  # saved before the Faiss index: rebuilt (and written on the next save)
                 model.index = LeafIndex(leaves, np.asarray(emb), model.tree.num_leaves, ic.codec, ic.pq_m, ic.rerank)
             else:
-                model.index = _open_index(path, layout, leaves, emb, model.tree.num_leaves, mmap, shards, ray_address, listed, manifest)
+                model.index = _open_index(path, layout, leaves, emb, model.tree.num_leaves, mmap, shards, (ray_address, shard_timeout), listed, manifest)
                 if model.index.codec != ic.codec:
                     raise ArtifactError(f"{path / layout[0]}: holds {model.index.codec} codes but config.json says {ic.codec}")
                 model.index.rerank = ic.rerank
@@ -478,7 +479,7 @@ class EHIModel:
         return cls(config, encoder, tree)
 
 
-def _open_index(path: Path, layout, leaves, emb, num_leaves: int, mmap: bool, shards, ray_address, listed, manifest) -> LeafIndex:
+def _open_index(path: Path, layout, leaves, emb, num_leaves: int, mmap: bool, shards, ray, listed, manifest) -> LeafIndex:
     """The saved index: whole, merged from its shard files, or served by its shards (in this
     process when mapped, or by Ray actors with ``shards``)."""
     from .index import read_ivf
@@ -508,7 +509,7 @@ def _open_index(path: Path, layout, leaves, emb, num_leaves: int, mmap: bool, sh
 
             local = []
             for s, name in enumerate(files):
-                shard = open_shard(path / name, s, count)
+                shard = open_shard(path / name)
                 check_shard_lists(shard.ivf, name, leaf_shard, s, base.leaf_sizes())
                 local.append(LocalShard(shard, s))
             return ShardedIndex(base, leaf_shard, local)
@@ -516,4 +517,4 @@ def _open_index(path: Path, layout, leaves, emb, num_leaves: int, mmap: bool, sh
         raise ArtifactError(f"{path / layout[0]}: {e}") from None
     from .cluster import serve_shards
 
-    return serve_shards(path, base, leaf_shard, files, [manifest["files"][f] for f in files], ray_address)
+    return serve_shards(path, base, leaf_shard, files, [manifest["files"][f] for f in files], *ray)

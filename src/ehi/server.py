@@ -26,7 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .model import EHIModel, check_query
-from .sharding import ShardUnavailable
+from .sharding import SHARD_TIMEOUT_S, ShardUnavailable
 
 MAX_QUERIES = 64
 
@@ -194,11 +194,11 @@ class Batcher:
 
 def create_app(
     model_dir: str | Path, max_batch: int = 64, max_wait_ms: float = 2.0, backend: str | None = None, adaptive: bool = True,
-    shards: int | None = None, ray_address: str | None = None,
+    shards: int | None = None, ray_address: str | None = None, shard_timeout: float = SHARD_TIMEOUT_S,
 ) -> FastAPI:
     """The service; with ``shards`` its index is served by that many Ray actors (``ehi.cluster``)."""
     # read-only, mapped: no copy of the index in memory (with shards: in the shards' actors)
-    model = EHIModel.load(model_dir, mmap=True, backend=backend, shards=shards, ray_address=ray_address)
+    model = EHIModel.load(model_dir, mmap=True, backend=backend, shards=shards, ray_address=ray_address, shard_timeout=shard_timeout)
     if model.index is None:
         raise ValueError(f"{model_dir}: the model has no index; run 'ehi index build' first")
     if model.encoder.precomputed:
@@ -278,8 +278,9 @@ def create_app(
 def serve(
     model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
     backend: str | None = None, max_wait_ms: float = 2.0, adaptive: bool = True, shards: int | None = None, ray_address: str | None = None,
+    shard_timeout: float = SHARD_TIMEOUT_S,
 ) -> None:
     import uvicorn
 
-    app = create_app(model_dir, max_wait_ms=max_wait_ms, backend=backend, adaptive=adaptive, shards=shards, ray_address=ray_address)
+    app = create_app(model_dir, max_wait_ms=max_wait_ms, backend=backend, adaptive=adaptive, shards=shards, ray_address=ray_address, shard_timeout=shard_timeout)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -163,7 +163,7 @@ class LocalShard:
         return lambda timeout: out
 
 
-def open_shard(path: Path, number: int, count: int, mmap: bool = True) -> LeafIndex:
+def open_shard(path: Path, mmap: bool = True) -> LeafIndex:
     """One shard file as a scan-only ``LeafIndex`` (no rows of its own: the router keeps them)."""
     ivf = read_ivf(path, mmap)
     return LeafIndex.from_ivf(ivf, np.zeros((0, 1), dtype=np.int64), None, read_only=mmap)
