@@ -31,19 +31,11 @@ import numpy as np
 import torch
 
 from common import write_json
-from scale import DIM, Corpus1M, near, recall_at_100, release_memory, reset_peak, train_on_sample
+from scale import DIM, Corpus1M, _status, near, recall_at_100, release_memory, reset_peak, train_on_sample
 from ehi.cluster import connect, embed_and_route, shard_memory
 from ehi.model import EHIModel
 
 GiB = 2**30
-
-
-def _status_gib(field: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 2**20
-    return float("nan")
 
 
 def log(msg: str) -> None:
@@ -116,7 +108,7 @@ def main() -> None:
     t = time.perf_counter()
     emb = model.encoder.embed_vectors(x)
     leaves = model.route(emb, 1)
-    builds["one process"] = {"seconds": time.perf_counter() - t, "process_peak_gib": _status_gib("VmHWM")}
+    builds["one process"] = {"seconds": time.perf_counter() - t, "process_peak_gib": _status("VmHWM")}
     connect(num_cpus=2)
     for w in args.workers:
         stats: dict = {}

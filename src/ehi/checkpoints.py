@@ -22,6 +22,20 @@ def checkpoint_path(out_dir: str | Path) -> Path:
     return out_dir.with_name(out_dir.name + ".checkpoint")
 
 
+def joint_state(encoder, tree) -> dict[str, torch.Tensor]:
+    """The trained tensors of encoder and tree under one set of names (``encoder.*``,
+    ``tree.*``), detached, contiguous, on the CPU: what a checkpoint or a Ray worker carries."""
+    state = {f"encoder.{k}": v.contiguous().cpu() for k, v in encoder.trainable_state().items()}
+    state.update({f"tree.{k}": v.detach().contiguous().cpu() for k, v in tree.state_dict().items()})
+    return state
+
+
+def split_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """``joint_state``'s names back into the encoder's and the tree's (other keys ignored)."""
+    enc = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
+    return enc, {k[len("tree.") :]: v for k, v in state.items() if k.startswith("tree.")}
+
+
 def _jsonable(x):
     return [_jsonable(v) for v in x] if isinstance(x, (list, tuple)) else ({k: _jsonable(v) for k, v in x.items()} if isinstance(x, dict) else x)
 
@@ -39,20 +53,16 @@ class Checkpoints:
         return state
 
     def _load_state(self, state: dict[str, torch.Tensor]) -> None:
-        params = dict(self.encoder.named_parameters())
-        with torch.no_grad():
-            for k, v in state.items():
-                if k.startswith("encoder."):
-                    params[k[len("encoder.") :]].copy_(v)
-        self.tree.load_state_dict({k[len("tree.") :]: v for k, v in state.items() if k.startswith("tree.")})
+        enc, tree = split_state(state)
+        self.encoder.load_trainable(enc)
+        self.tree.load_state_dict(tree)
 
     def save_checkpoint(self, path: Path, epoch: int) -> None:
         """Everything needed to continue bit-identically after ``epoch`` complete epochs:
         weights, optimiser state, RNG states and the mined negatives (safetensors, npy, JSON)."""
 
         def write(tmp: Path):
-            weights = {f"encoder.{k}": v.contiguous().cpu() for k, v in self.encoder.trainable_state().items()}
-            weights.update({f"tree.{k}": v.detach().contiguous().cpu() for k, v in self.tree.state_dict().items()})
+            weights = joint_state(self.encoder, self.tree)
             weights["rng.torch"] = torch.get_rng_state()
             if self.best is not None:
                 weights.update({f"best.{k}": v.contiguous().cpu() for k, v in self.best[2].items()})

@@ -51,24 +51,22 @@ def _int_in(text: str, lo: int, hi: int | None = None) -> int:
     return v
 
 
-def _ms(text: str) -> float:
+def _float_in(text: str, ok, bounds: str) -> float:
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= v <= 1000:
-        raise argparse.ArgumentTypeError(f"must be in 0..1000 ms, got {text!r}")
+    if not ok(v):
+        raise argparse.ArgumentTypeError(f"must be in {bounds}, got {text!r}")
     return v
+
+
+def _ms(text: str) -> float:
+    return _float_in(text, lambda v: 0 <= v <= 1000, "0..1000 ms")
 
 
 def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < v <= 3600:
-        raise argparse.ArgumentTypeError(f"must be in (0, 3600] seconds, got {text!r}")
-    return v
+    return _float_in(text, lambda v: 0 < v <= 3600, "(0, 3600] seconds")
 
 
 def _port(text: str) -> int:

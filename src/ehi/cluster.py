@@ -66,9 +66,9 @@ def _weights(model) -> bytes:
     """The trained tensors a worker needs (safetensors bytes: no pickle of the model)."""
     from safetensors.torch import save
 
-    state = {f"encoder.{k}": v.contiguous().cpu() for k, v in model.encoder.trainable_state().items()}
-    state.update({f"tree.{k}": v.detach().contiguous().cpu() for k, v in model.tree.state_dict().items()})
-    return save(state)
+    from .checkpoints import joint_state
+
+    return save(joint_state(model.encoder, model.tree))
 
 
 class _EmbedRoute:
@@ -81,18 +81,19 @@ class _EmbedRoute:
         import torch
         from safetensors.torch import load
 
+        from .checkpoints import split_state
         from .config import EHIConfig
         from .encoder import Encoder
         from .tree import Tree
 
         torch.set_num_threads(max(1, threads))
-        state = load(_ray().get(weights[0]))
+        enc_state, tree_state = split_state(load(_ray().get(weights[0])))
         config = EHIConfig.from_dict(json.loads(config_json)).validate()
         self.encoder = Encoder(config.encoder, device=device)
-        self.encoder.load_trainable({k[8:]: v for k, v in state.items() if k.startswith("encoder.")})
+        self.encoder.load_trainable(enc_state)
         self.encoder.eval()
         self.encoder.progress = False
-        tree = Tree.from_state(self.encoder.dim, config.tree, {k[5:]: v for k, v in state.items() if k.startswith("tree.")}, device)
+        tree = Tree.from_state(self.encoder.dim, config.tree, tree_state, device)
         self.router, self.d2l, self.upper = tree.router(), d2l, upper
 
     def __call__(self, batch: dict) -> dict:

@@ -224,6 +224,10 @@ class LeafIndex:
     def leaf_sizes(self) -> np.ndarray:
         return self._sizes.copy()
 
+    def shard_documents(self) -> list[int]:
+        """Documents (copies) each shard holds: one index is one shard."""
+        return [int(self._sizes.sum())]
+
     def nbytes(self) -> int:
         """Bytes the scanned codes and ids take (what a search holds in memory)."""
         code = self.ivf.code_size
@@ -382,9 +386,10 @@ class LeafIndex:
             raise ValueError(f"index has {ivf.nlist} lists of dimension {ivf.d}; the model has {num_leaves} leaves of {vectors.shape[1]}")
         doc_leaves = _i64(doc_leaves).reshape(len(doc_leaves), -1)
         out = cls.from_ivf(ivf, doc_leaves, vectors, read_only=mmap)
-        if check_lists and not np.array_equal(out._sizes, np.bincount(doc_leaves.ravel(), minlength=num_leaves)):
+        sizes = np.bincount(doc_leaves.ravel(), minlength=num_leaves).astype(np.int64)
+        if check_lists and not np.array_equal(out._sizes, sizes):
             raise ValueError("its lists do not hold the documents doc_leaves.npy assigns")
-        out._sizes = np.bincount(doc_leaves.ravel(), minlength=num_leaves).astype(np.int64)
+        out._sizes = sizes  # the rows' count (a shard's lists hold only part of them)
         return out
 
     @classmethod

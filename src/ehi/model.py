@@ -455,12 +455,17 @@ class EHIModel:
             if legacy:  # saved before the Faiss index: rebuilt (and written on the next save)
                 model.index = LeafIndex(leaves, np.asarray(emb), model.tree.num_leaves, ic.codec, ic.pq_m, ic.rerank)
             else:
-                model.index = _open_index(path, layout, leaves, emb, model.tree.num_leaves, mmap, shards, (ray_address, shard_timeout), listed, manifest)
+                shard_map = None
+                if layout is SHARDED_INDEX_FILES:
+                    try:
+                        shard_map = read_shard_map(path, model.tree.num_leaves, listed)
+                    except ValueError as e:
+                        raise ArtifactError(str(e)) from None
+                    ic.shards = shard_map["count"]
+                model.index = _open_index(path, shard_map, leaves, emb, model.tree.num_leaves, mmap, shards, (ray_address, shard_timeout), manifest)
                 if model.index.codec != ic.codec:
                     raise ArtifactError(f"{path / layout[0]}: holds {model.index.codec} codes but config.json says {ic.codec}")
                 model.index.rerank = ic.rerank
-                if layout is SHARDED_INDEX_FILES:
-                    ic.shards = len(read_shard_map(path, model.tree.num_leaves, listed)["files"])
             model.doc_ids, model.doc_titles = ids, titles
         return model
 
@@ -479,17 +484,13 @@ class EHIModel:
         return cls(config, encoder, tree)
 
 
-def _open_index(path: Path, layout, leaves, emb, num_leaves: int, mmap: bool, shards, ray, listed, manifest) -> LeafIndex:
-    """The saved index: whole, merged from its shard files, or served by its shards (in this
-    process when mapped, or by Ray actors with ``shards``)."""
+def _open_index(path: Path, shard_map: dict | None, leaves, emb, num_leaves: int, mmap: bool, shards, ray, manifest) -> LeafIndex:
+    """The saved index (``shard_map``: saved in shards): whole, merged from its shard files, or
+    served by its shards (in this process when mapped, or by Ray actors with ``shards``)."""
     from .index import read_ivf
     from .sharding import check_shard_lists, merged_ivf
 
-    sharded = layout is SHARDED_INDEX_FILES
-    try:
-        shard_map = read_shard_map(path, num_leaves, listed) if sharded else None
-    except ValueError as e:
-        raise ArtifactError(str(e)) from None
+    sharded = shard_map is not None
     count = shard_map["count"] if sharded else 1
     if shards is not None and shards != count:
         raise ValueError(
@@ -509,12 +510,12 @@ def _open_index(path: Path, layout, leaves, emb, num_leaves: int, mmap: bool, sh
 
             local = []
             for s, name in enumerate(files):
-                shard = open_shard(path / name)
+                shard = open_shard(path / name, ivf=first if s == 0 else None)  # the first is read already
                 check_shard_lists(shard.ivf, name, leaf_shard, s, base.leaf_sizes())
                 local.append(LocalShard(shard, s))
             return ShardedIndex(base, leaf_shard, local)
     except ValueError as e:
-        raise ArtifactError(f"{path / layout[0]}: {e}") from None
+        raise ArtifactError(f"{path / ('shards.json' if sharded else 'index.faiss')}: {e}") from None
     from .cluster import serve_shards
 
     return serve_shards(path, base, leaf_shard, files, [manifest["files"][f] for f in files], *ray)

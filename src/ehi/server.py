@@ -218,7 +218,7 @@ def create_app(
         "beam_calibration": model.beam_calibration,
         "config": model.config.to_dict(),
         # documents each shard holds (one entry: a single index)
-        "shards": model.index.shard_documents() if hasattr(model.index, "shard_documents") else [int(model.index.leaf_sizes().sum())],
+        "shards": model.index.shard_documents(),
     }
 
     @asynccontextmanager

@@ -151,6 +151,9 @@ class Shard(Protocol):
     def submit(self, q: np.ndarray, leaves: np.ndarray, fetch: int, allowed: np.ndarray | None, n: int) -> Callable[[float], tuple]:
         """Start a scan; the returned function waits up to its argument (seconds) for (D, I)."""
 
+    def close(self) -> None:
+        """Stop whatever serves the shard."""
+
 
 class LocalShard:
     """A shard opened in this process (memory-mapped): scans at once."""
@@ -162,10 +165,14 @@ class LocalShard:
         out = self.index.scan(q, leaves, fetch, allowed, n)
         return lambda timeout: out
 
+    def close(self) -> None:
+        """Nothing runs apart from this process."""
 
-def open_shard(path: Path, mmap: bool = True) -> LeafIndex:
-    """One shard file as a scan-only ``LeafIndex`` (no rows of its own: the router keeps them)."""
-    ivf = read_ivf(path, mmap)
+
+def open_shard(path: Path, mmap: bool = True, ivf=None) -> LeafIndex:
+    """One shard file (or its ``ivf``, read already) as a scan-only ``LeafIndex``: no rows of
+    its own, the router keeps them."""
+    ivf = read_ivf(path, mmap) if ivf is None else ivf
     return LeafIndex.from_ivf(ivf, np.zeros((0, 1), dtype=np.int64), None, read_only=mmap)
 
 
@@ -220,8 +227,7 @@ class ShardedIndex(LeafIndex):
     def close(self) -> None:
         """Stop the shards' processes (Ray actors); the index cannot search afterwards."""
         for shard in self.shards:
-            if hasattr(shard, "close"):
-                shard.close()
+            shard.close()
         self.shards = []
 
     def write(self, folder: Path) -> list[str]:
