@@ -9,7 +9,13 @@ baseline the others are compared with in the same run. The server runs as ``ehi 
 (``ehi.server.serve``), with the batcher's settings per setup. Bounded: a fixed number of requests
 and an overall time limit; only the loopback address is used.
 
+``--mixed``: fairness. 31 light clients (one claim, k = 10) alone, then beside one client that
+sends the largest request the server takes (64 queries of 2,000 characters, k = 1000) back to
+back; the light clients' p50 / p99 in both, with fair batching and with one chunk per request
+(the server before it), each in the same run.
+
     python benchmarks/load_test.py runs/scifact --data ../shared/datasets/scifact --out reports/load_test.json
+    python benchmarks/load_test.py runs/scifact --mixed --out benchmarks/results/load_test_mixed.json
 """
 
 from __future__ import annotations
@@ -75,6 +81,92 @@ async def run(url: str, queries: list[str], n: int, concurrency: int, limit_s: f
     }
 
 
+HEAVY_K = 1000
+
+
+def heavy_body(queries: list[str]) -> dict:
+    """The largest request the server takes: 64 queries of 2,000 characters (claims run
+    together), k = 1000."""
+    text = " ".join(queries)
+    return {"query": [text[i * 97 : i * 97 + 2000] for i in range(64)], "k": HEAVY_K, "budget": 0.1}
+
+
+async def mixed(url: str, queries: list[str], light_clients: int, per_client: int, heavy: bool, limit_s: float) -> dict:
+    """``light_clients`` clients each sending ``per_client`` one-claim requests (k = 10, budget
+    10 %), beside one client sending maximal requests back to back while they run (``heavy``):
+    the light requests' latencies, and how many heavy requests were answered."""
+    latencies: list[float] = []
+    errors: list[str] = []
+    heavy_done: list[float] = []
+    stop = asyncio.Event()
+
+    async def light(client: httpx.AsyncClient, c: int) -> None:
+        for i in range(per_client):
+            body = {"query": queries[(c * per_client + i) % len(queries)], "k": 10, "budget": 0.1}
+            t = time.perf_counter()
+            try:
+                r = await client.post(url + "/search", json=body)
+            except httpx.HTTPError as e:
+                errors.append(type(e).__name__)
+                continue
+            if r.status_code != 200:
+                errors.append(f"HTTP {r.status_code}")
+                continue
+            latencies.append(time.perf_counter() - t)
+
+    async def heavy_client(client: httpx.AsyncClient) -> None:
+        body = heavy_body(queries)
+        while not stop.is_set():
+            t = time.perf_counter()
+            r = await client.post(url + "/search", json=body)
+            if r.status_code != 200:
+                errors.append(f"heavy HTTP {r.status_code}")
+                return
+            heavy_done.append(time.perf_counter() - t)
+
+    limits = httpx.Limits(max_connections=light_clients + 1, max_keepalive_connections=light_clients + 1)
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(timeout=120.0, limits=limits) as client:
+        h = asyncio.ensure_future(heavy_client(client)) if heavy else None
+        if h is not None:
+            await asyncio.sleep(0.2)  # the heavy request is in the server first
+        await asyncio.wait_for(asyncio.gather(*(light(client, c) for c in range(light_clients))), limit_s)
+        stop.set()
+        if h is not None:
+            await asyncio.wait_for(h, 300)
+    lat = np.array(latencies) * 1000
+    return {
+        "light_clients": light_clients,
+        "light_requests": light_clients * per_client,
+        "heavy_client": heavy,
+        "ok": len(latencies),
+        "errors": len(errors),
+        "error_kinds": sorted(set(errors)),
+        "wall_seconds": time.perf_counter() - t0,
+        "light_p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+        "light_p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
+        "heavy_requests_answered": len(heavy_done),
+        "heavy_mean_s": float(np.mean(heavy_done)) if heavy_done else None,
+    }
+
+
+def mixed_main(args, queries) -> None:
+    """--mixed: the light clients' p99 alone and beside one heavy client, per batching."""
+    out = {"light_clients": args.light_clients, "per_client": args.per_client, "heavy_request": "64 x 2000 characters, k = 1000", "setups": {}}
+    for name, chunks in (("fair batching (chunks)", True), ("one chunk per request", False)):
+        rows = serve_and_load(args, queries, "auto", 2.0, True, chunks=chunks, levels=lambda url: [
+            asyncio.run(mixed(url, queries, args.light_clients, args.per_client, heavy, args.limit)) for heavy in (False, True)
+        ])
+        alone, beside = rows
+        ratio = beside["light_p99_ms"] / alone["light_p99_ms"] if alone["light_p99_ms"] and beside["light_p99_ms"] else None
+        out["setups"][name] = {"alone": alone, "beside_heavy": beside, "light_p99_ratio": ratio}
+        for r in rows:
+            print(f"{name:<32} heavy client {'yes' if r['heavy_client'] else 'no ':<3} | light p50 {r['light_p50_ms']:7.1f} ms, "
+                  f"p99 {r['light_p99_ms']:7.1f} ms, {r['errors']} errors; heavy answered {r['heavy_requests_answered']}", flush=True)
+        print(f"{name:<32} light p99 beside the heavy client / alone: {ratio:.2f}x", flush=True)
+    write_json(args.out, out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", help="trained model directory (e.g. from scripts/main.sh: runs/scifact)")
@@ -84,9 +176,15 @@ def main() -> None:
     ap.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     ap.add_argument("--limit", type=float, default=600, help="overall time limit per level (s)")
     ap.add_argument("--out", default="reports/load_test.json")
+    ap.add_argument("--mixed", action="store_true",
+                    help="instead: light clients alone and beside one client sending maximal requests, with and without fair batching")
+    ap.add_argument("--light-clients", type=int, default=31)
+    ap.add_argument("--per-client", type=int, default=20, help="--mixed: requests per light client")
     args = ap.parse_args()
 
     queries = list(load_queries(Path(args.data) / "queries.jsonl").values())
+    if args.mixed:
+        return mixed_main(args, queries)
     out = {"requests": args.requests, "setups": {}}
     for name in args.setups:
         backend, wait, adaptive = SETUPS[name]
@@ -133,17 +231,18 @@ def backend_recall(model_dir: str, data: str, backend: str) -> float:
 SERVE = """
 import sys
 from ehi.server import serve
-model, port, backend, wait, adaptive = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), sys.argv[5] == "1"
-serve(model, "127.0.0.1", port, "warning", backend=backend, max_wait_ms=wait, adaptive=adaptive)
+model, port, backend, wait, adaptive, chunks = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4]), sys.argv[5] == "1", sys.argv[6] == "1"
+# chunks only when off: the same script then also drives an older server (PYTHONPATH=OLD/src)
+serve(model, "127.0.0.1", port, "warning", backend=backend, max_wait_ms=wait, adaptive=adaptive, **({} if chunks else {"chunks": False}))
 """
 
 
-def serve_and_load(args, queries, backend: str, wait: float, adaptive: bool) -> list[dict]:
+def serve_and_load(args, queries, backend: str, wait: float, adaptive: bool, chunks: bool = True, levels=None) -> list[dict]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
     server = subprocess.Popen(
-        [sys.executable, "-c", SERVE, args.model, str(port), backend, str(wait), "1" if adaptive else "0"],
+        [sys.executable, "-c", SERVE, args.model, str(port), backend, str(wait), "1" if adaptive else "0", "1" if chunks else "0"],
         env=env,
     )
     try:
@@ -158,6 +257,8 @@ def serve_and_load(args, queries, backend: str, wait: float, adaptive: bool) -> 
                 raise SystemExit("the server did not come up")
             time.sleep(0.2)
         asyncio.run(run(url, queries, 64, 4, 60))  # warm-up
+        if levels is not None:
+            return levels(url)
         return [asyncio.run(run(url, queries, args.requests, c, args.limit)) for c in args.concurrency]
     finally:
         server.terminate()

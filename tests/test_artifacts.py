@@ -63,9 +63,7 @@ def test_newer_format_and_foreign_manifests_are_refused(saved, tmp_path):
 def test_nothing_is_unpickled(saved, tmp_path):
     dst = copy(saved[1], tmp_path)
     np.save(dst / "doc_leaves.npy", np.array([{"evil": 1}], dtype=object), allow_pickle=True)
-    m = json.loads((dst / "manifest.json").read_text())
-    m["files"]["doc_leaves.npy"] = artifacts.sha256_file(dst / "doc_leaves.npy")
-    (dst / "manifest.json").write_text(json.dumps(m))
+    _relist(dst, "doc_leaves.npy")
     with pytest.raises(ValueError, match="allow_pickle"):
         EHIModel.load(dst)
 
@@ -149,15 +147,17 @@ def test_sigkill_at_any_moment_of_repeated_saves_leaves_a_loadable_model(saved, 
 
 
 def _edit_manifest(dst, **changes):
+    """A manifest changed and sealed again: what a buggy writer could leave (a hand edit
+    without its checksum is refused before these checks; test_mistakes.py)."""
     m = json.loads((dst / "manifest.json").read_text())
     m.update(changes)
-    (dst / "manifest.json").write_text(json.dumps(m))
+    (dst / "manifest.json").write_text(json.dumps(artifacts.seal_manifest(m)))
 
 
 def _relist(dst, name):
     m = json.loads((dst / "manifest.json").read_text())
     m["files"][name] = artifacts.sha256_file(dst / name)
-    (dst / "manifest.json").write_text(json.dumps(m))
+    (dst / "manifest.json").write_text(json.dumps(artifacts.seal_manifest(m)))
 
 
 @pytest.mark.parametrize("case,fragment", [
@@ -190,7 +190,7 @@ def test_checksummed_but_inconsistent_models_fail_in_one_line(saved, tmp_path, c
     elif case == "half an index listed":
         m = json.loads((dst / "manifest.json").read_text())
         del m["files"]["documents.json"]
-        (dst / "manifest.json").write_text(json.dumps(m))
+        _edit_manifest(dst, files=m["files"])
     with pytest.raises(ArtifactError, match=fragment) as e:
         EHIModel.load(dst)
     assert "\n" not in str(e.value)

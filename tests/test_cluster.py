@@ -78,7 +78,7 @@ def test_a_killed_shard_gets_a_503_naming_it_then_requests_succeed_again(ray_loc
     assert main(["index", "shard", str(text_model), "--shards", "2", "--out", str(tmp_path / "s")]) == 0
     app = create_app(tmp_path / "s", shards=2)
     body = {"query": "telescope galaxy astronomy", "k": 5, "beam": 8}  # every leaf: both shards
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         first = client.post("/search", json=body)
         assert first.status_code == 200
         index = app.state.model.index

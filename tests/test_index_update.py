@@ -76,12 +76,14 @@ def test_compressed_index_built_by_the_cli_is_saved_searched_and_reloaded(model_
 def test_a_model_saved_before_the_faiss_index_still_loads(model_dir, tmp_path):
     import shutil
 
+    from ehi.artifacts import seal_manifest
+
     old = tmp_path / "old"
     shutil.copytree(model_dir, old)
     (old / "index.faiss").unlink()
     manifest = json.loads((old / "manifest.json").read_text())
     manifest["files"].pop("index.faiss")
-    (old / "manifest.json").write_text(json.dumps(manifest))
+    (old / "manifest.json").write_text(json.dumps(seal_manifest(manifest)))
     q = "oven flour bake sauce"
     want = EHIModel.load(model_dir).search(q, k=5, beam=2)[0]
     got = EHIModel.load(old).search(q, k=5, beam=2)[0]

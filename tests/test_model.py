@@ -122,12 +122,12 @@ def test_a_deep_model_saved_before_per_node_trees_loads_as_one_hot(tiny_beir, tm
     model = train(load_beir(tiny_beir), cfg, out_dir=out, progress=False)
     raw = json.loads((out / "config.json").read_text())
     del raw["tree"]["conditioning"]  # what an older ehi wrote
-    from ehi.artifacts import sha256_file
+    from ehi.artifacts import seal_manifest, sha256_file
 
     (out / "config.json").write_text(json.dumps(raw))
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["files"]["config.json"] = sha256_file(out / "config.json")
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "manifest.json").write_text(json.dumps(seal_manifest(manifest)))
     back = EHIModel.load(out)
     assert back.config.tree.conditioning == "one-hot"
     q = "guitar chord melody"

@@ -23,7 +23,7 @@ def model_dir(tiny_beir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(model_dir):
-    with TestClient(create_app(model_dir)) as c:
+    with TestClient(create_app(model_dir), base_url="http://127.0.0.1") as c:
         yield c
 
 
@@ -177,7 +177,7 @@ def test_a_request_that_fails_in_a_batch_does_not_fail_the_others(model_dir):
     out = asyncio.run(run())
     assert seen[0] == 4  # one batch of four failed, then each ran alone
     assert isinstance(out[1], RuntimeError)
-    assert [len(o[0]["hits"]) for i, o in enumerate(out) if i != 1] == [3, 3, 3]
+    assert [len(json.loads(o[0])["hits"]) for i, o in enumerate(out) if i != 1] == [3, 3, 3]
 
 
 def test_cli_api_and_server_share_one_default_width_and_result_shape(model_dir, tmp_path, capsys):
@@ -194,7 +194,7 @@ def test_cli_api_and_server_share_one_default_width_and_result_shape(model_dir, 
     q = "stock market bond"
     api = model.search(q, k=4)
     assert isinstance(api, list) and len(api) == 1 and len(api[0].leaves) == 3
-    with TestClient(create_app(tmp_path / "m")) as c:
+    with TestClient(create_app(tmp_path / "m"), base_url="http://127.0.0.1") as c:
         server = c.post("/search", json={"query": q, "k": 4}).json()
     capsys.readouterr()
     assert main(["search", str(tmp_path / "m"), q, "-k", "4", "--json"]) == 0

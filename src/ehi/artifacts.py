@@ -4,6 +4,11 @@ A reader never sees a half-written model: files go to a temporary sibling direct
 fsynced, and the directory is swapped with the old one in one atomic step (Linux
 renameat2 RENAME_EXCHANGE; elsewhere two renames). Temporaries a crashed save left are
 removed by the next save. Nothing is ever unpickled.
+
+The manifest lists each file's checksum and carries one of its own values (format 2), so
+that an edit of a value that no file holds (the budget calibration, say) is refused like a
+corrupted file. A save keeps the permissions the user gave the folder and its files (or the
+umask's for new ones): a service account that could read a model still can after a save.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -21,8 +27,9 @@ from typing import Callable
 from . import __version__
 
 FORMAT = "ehi-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest's values are checksummed too (MANIFEST_DIGEST)
 MANIFEST = "manifest.json"
+MANIFEST_DIGEST = "manifest_sha256"
 
 
 class ArtifactError(RuntimeError):
@@ -48,6 +55,32 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (setting it to read
+    it back would briefly loosen it for every other thread)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
+
+
+def manifest_digest(manifest: dict) -> str:
+    """The checksum of a manifest's values (all but the checksum itself), as canonical JSON."""
+    body = {k: v for k, v in manifest.items() if k != MANIFEST_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def seal_manifest(manifest: dict) -> dict:
+    """``manifest`` with the checksum of its values added (what a save writes)."""
+    return {**manifest, MANIFEST_DIGEST: manifest_digest(manifest)}
+
+
 def write_file_atomic(path: str | Path, write: Callable[[object], None] | str | bytes) -> Path:
     """One file, whole or not at all: written beside ``path``, fsynced, renamed over it.
     ``write`` is the content, or a function given the open binary file."""
@@ -55,9 +88,7 @@ def write_file_atomic(path: str | Path, write: Callable[[object], None] | str | 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # a plain file's permissions, not mkstemp's 0600
+        os.fchmod(fd, 0o666 & ~current_umask())  # a plain file's permissions, not mkstemp's 0600
         with os.fdopen(fd, "wb") as fh:
             if callable(write):
                 write(fh)
@@ -135,12 +166,32 @@ def _remove_stale(target: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def _modes(target: Path) -> tuple[int, Callable[[str], int]]:
+    """The folder's mode for a save of ``target``, and each file's by name: what the user gave
+    the existing ones, else what the umask gives new ones (never mkdtemp's 0700, nor a
+    writer's 0600)."""
+    umask = current_umask()
+    try:
+        folder = stat.S_IMODE(target.stat().st_mode)
+    except OSError:
+        folder = 0o777 & ~umask
+
+    def file_mode(name: str) -> int:
+        try:
+            return stat.S_IMODE((target / name).stat().st_mode)
+        except OSError:
+            return 0o666 & ~umask
+
+    return folder, file_mode
+
+
 def write_artifact(target: str | Path, write_files: Callable[[Path], dict], meta: dict) -> Path:
     """``write_files(tmp_dir)`` writes the payload; the manifest and the rename are done here.
     Only an ehi artifact (or an empty folder) is ever replaced."""
     target = check_target(target, overwrite=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(target)
+    folder_mode, file_mode = _modes(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         extra = write_files(tmp) or {}
@@ -148,19 +199,22 @@ def write_artifact(target: str | Path, write_files: Callable[[Path], dict], meta
         for f in sorted(tmp.iterdir()):
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
+            os.chmod(f, file_mode(f.name))
             files[f.name] = sha256_file(f)
-        manifest = {
+        manifest = seal_manifest({
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "ehi_version": __version__,
             "files": files,
             **meta,
             **extra,
-        }
+        })
         with open(tmp / MANIFEST, "w") as fh:
             json.dump(manifest, fh, indent=2, sort_keys=True)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp / MANIFEST, file_mode(MANIFEST))
+        os.chmod(tmp, folder_mode)
         _fsync_dir(tmp)
         if target.exists() and _exchange(tmp, target):
             # one atomic step: the path holds the complete old model, then the complete new one
@@ -206,6 +260,9 @@ def read_manifest(path: str | Path, verify: bool = True, required: tuple[str, ..
     missing = [name for name in required if name not in files]
     if missing:
         raise ArtifactError(f"{mpath}: does not list {', '.join(missing)}")
+    # format 1 (before the values were checksummed) is read as it was written
+    if version >= 2 and manifest.get(MANIFEST_DIGEST) != manifest_digest(manifest):
+        raise ArtifactError(f"{mpath}: its values do not match its checksum (edited or corrupted); restore the model or save it anew")
     if verify:
         for name, digest in files.items():
             f = path / name

@@ -69,6 +69,18 @@ def calibrated_width(calibration: Sequence[Sequence[float]], budget: float) -> i
     return max(ok) if ok else 1
 
 
+def describe_width(calibration, budget: float, width: int) -> str:
+    """Why a search of ``budget`` used ``width``, in words that stay true where the floor of
+    one leaf applies (a budget smaller than any leaf's calibrated mean)."""
+    frac = {int(c[0]): float(c[1]) for c in calibration}.get(width)
+    pct = f"{100 * budget:g} %"
+    if frac is None:
+        return f"budget {pct}: beam {width} (no calibration for it)"
+    if frac > budget + _EPS:
+        return f"budget {pct} is below one leaf: beam {width}, {100 * frac:.1f} % on training queries"
+    return f"budget {pct}: beam {width}, whose calibrated mean on training queries is within it"
+
+
 def resolve_width(max_width: int, calibration, beam: int | None = None, budget: float | None = None) -> int:
     """The width a search uses, from ``beam`` or ``budget`` (not both) or the default budget.
     ValueError saying why for a width or budget that cannot be searched."""

@@ -1,9 +1,15 @@
 """Checkpoints: everything needed to continue training bit-identically after a complete
 epoch (weights, optimiser, RNG states, mined negatives, routing targets), written beside the
-model directory each epoch and read by ``--resume``. A mixin of ``training.Trainer``."""
+model directory each epoch and read by ``--resume``. A mixin of ``training.Trainer``.
+
+A checkpoint records fingerprints of the data it was trained on (corpus, queries, qrels,
+precomputed embeddings), so that ``--resume`` on other data (another corpus, the same one
+reordered, edited qrels) is refused instead of continuing from rows that mean other things.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -34,6 +40,32 @@ def split_state(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """``joint_state``'s names back into the encoder's and the tree's (other keys ignored)."""
     enc = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
     return enc, {k[len("tree.") :]: v for k, v in state.items() if k.startswith("tree.")}
+
+
+def data_fingerprints(dataset, query_ids: list[str], splits: list[str], embeddings=()) -> dict[str, str]:
+    """sha256 fingerprints of what training reads: the corpus (ids, titles, texts in order),
+    the queries it uses (ids and texts in order), the qrels of ``splits`` (those read so far)
+    and any precomputed embeddings."""
+
+    def digest(parts) -> str:
+        h = hashlib.sha256()
+        for part in parts:
+            h.update(part if isinstance(part, bytes) else str(part).encode("utf-8", "surrogatepass"))
+            h.update(b"\x00")
+        return h.hexdigest()
+
+    out = {
+        "corpus": dataset.corpus.fingerprint(),
+        "queries": digest(x for q in query_ids for x in (q, dataset.queries.get(q, ""))),
+        "qrels": digest(
+            x for split in sorted(set(splits)) for q, docs in sorted(dataset.qrels.get(split, {}).items())
+            for x in (split, q, *(f"{d}={s}" for d, s in sorted(docs.items())))
+        ),
+    }
+    arrays = [np.ascontiguousarray(e) for e in embeddings if e is not None]
+    if arrays:
+        out["embeddings"] = digest(x for a in arrays for x in (a.dtype.str, a.shape, a.tobytes()))
+    return out
 
 
 def _jsonable(x):
@@ -86,6 +118,7 @@ class Checkpoints:
             return {
                 "kind": "checkpoint",
                 "epoch": epoch,
+                "data": self.data_fingerprints,
                 "history": self.history,
                 "validation": self.validation,
                 "stage": self.stage,
@@ -106,6 +139,15 @@ class Checkpoints:
         saved = EHIConfig.from_dict(json.loads((path / "config.json").read_text()))
         if saved.to_dict() != self.config.to_dict():
             raise ValueError(f"{path}: the checkpoint was written with a different configuration; train anew or match it")
+        data = manifest.get("data")
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the checkpoint does not record the data it was trained on (an older ehi wrote it); train anew without --resume")
+        differ = [k for k in sorted(set(data) | set(self.data_fingerprints)) if data.get(k) != self.data_fingerprints.get(k)]
+        if differ:
+            raise ValueError(
+                f"{path}: the checkpoint was trained on other data ({', '.join(differ)} differ); "
+                "resume with the data it was written for, or train anew without --resume"
+            )
         if manifest.get("stage") == "refit":
             if self.full_set is None:
                 raise ValueError(f"{path}: the checkpoint is in its refit stage but no queries were held out")

@@ -15,6 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from .benchmark import ABLATIONS  # noqa: E402
 from .config import BACKENDS  # noqa: E402
+from .limits import MAX_K  # noqa: E402
 
 
 def _budget(text: str) -> float:
@@ -75,6 +76,10 @@ def _port(text: str) -> int:
 
 def _positive(text: str) -> int:
     return _int_in(text, 1)
+
+
+def _k(text: str) -> int:
+    return _int_in(text, 1, MAX_K)
 
 
 def _int_nonneg(text: str) -> int:
@@ -213,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("query", nargs="*", help="the query: its words are one query (quote it or not); several queries: --queries FILE")
     s.add_argument("--queries", help="one query per line ('id<TAB>text', or text alone: its line number is its id), or a BEIR queries.jsonl")
     s.add_argument("--run", help="write a TREC run file (qid Q0 docid rank score ehi) that trec_eval, ir-measures and ranx read")
-    s.add_argument("-k", type=_positive, default=10, help="hits per query")
+    s.add_argument("-k", type=_k, default=10, help=f"hits per query, at most {MAX_K}")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--beam", type=_positive, help="leaves to visit")
     g.add_argument("--budget", type=_budget, help="fraction of the corpus to visit, e.g. 0.1 or 10%%: the beam whose mean on training queries is within it (default 10%%)")
@@ -228,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", help="qrels split to evaluate on")
     e.add_argument("--run", help="score this TREC run file (e.g. from 'ehi search --run') against the split's qrels instead of a model")
     e.add_argument("--budgets", type=_budget, nargs="+", help="fractions (default 1%% 2%% 5%% 10%% 20%% ... 100%%)")
-    e.add_argument("-k", type=_positive, default=100, help="documents retrieved per query")
+    e.add_argument("-k", type=_k, default=100, help=f"documents retrieved per query, at most {MAX_K}")
     e.add_argument("--no-baselines", action="store_true", help="only the model, without exact search and Faiss-IVF over its encoder")
     e.add_argument("--json", help="write every row to this JSON file")
     e.add_argument("--strict", action="store_true", help="qrels naming unknown queries or documents are errors")
@@ -250,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve the index from this many Ray actors, one per shard file (the 'ray' extra; the model saved in as many: 'ehi index shard')")
     v.add_argument("--ray", metavar="ADDRESS", help="--shards: the Ray cluster to run them on ('auto', 'ray://host:10001'; default: a local Ray)")
     v.add_argument("--shard-timeout", type=_seconds, default=5.0, metavar="SECONDS", help="--shards: a search whose shards have not all answered by then gets a 503 naming the shard")
+    v.add_argument("--allowed-hosts", nargs="+", metavar="HOST",
+                   help="Host header names the server answers, e.g. search.example.org (default: localhost, 127.0.0.1, ::1 and --host; '*' answers any)")
+    v.add_argument("--docs", action="store_true", help="serve the API docs at /docs and /openapi.json")
     v.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"], help="uvicorn's log level")
 
     b = sub.add_parser("benchmark", help="EHI vs DE, untrained encoder and EHI encoder + exact / Faiss-IVF / ScaNN, several seeds, report and plots")
@@ -501,7 +509,7 @@ def cmd_index(args) -> None:
 def _read_queries(file: str) -> list[tuple[str, str]]:
     """(id, text) pairs of a query file: BEIR queries.jsonl, 'id<TAB>text' lines, or one text
     per line (its line number is its id)."""
-    from .model import check_query
+    from .limits import check_query
 
     path = Path(file)
     if path.suffix == ".jsonl":
@@ -544,7 +552,8 @@ def write_trec_run(path: str, qids: list[str], results, tag: str = "ehi") -> Pat
 
 
 def cmd_search(args) -> None:
-    from .model import EHIModel, check_query
+    from .limits import check_query
+    from .model import EHIModel
 
     if args.queries and args.query:
         raise ValueError("give a query or --queries FILE, not both")
@@ -578,7 +587,7 @@ def cmd_search(args) -> None:
 
 def search_line(model, r, args) -> str:
     """What a search cost, and why: the budget is a calibrated mean, not a cap per query."""
-    from .budget import DEFAULT_BUDGET
+    from .budget import DEFAULT_BUDGET, describe_width
 
     visited = f"visited {r.visited} documents ({100 * r.fraction_visited:.1f} %)"
     if r.strategy == "exact":
@@ -588,7 +597,7 @@ def search_line(model, r, args) -> str:
         why = f"beam {args.beam}"
     else:
         b = args.budget if args.budget is not None else DEFAULT_BUDGET
-        why = f"budget {100 * b:g} %: beam {model.resolve_beam(None, args.budget)}, whose calibrated mean on training queries is within it"
+        why = describe_width(model.beam_calibration, b, model.resolve_beam(None, args.budget))
     if r.strategy == "filtered":
         return f"{visited} {where} ({why}; allowed documents only, leaves added in beam order until {args.k} were found)"
     return f"{visited} {where} ({why})"
@@ -706,7 +715,7 @@ def cmd_serve(args) -> None:
     if args.shards:
         _need("ray", "ray")
     serve(args.model, args.host, args.port, args.log_level, backend=args.encoder_backend, max_wait_ms=args.max_wait_ms, shards=args.shards, ray_address=args.ray,
-          shard_timeout=args.shard_timeout)
+          shard_timeout=args.shard_timeout, allowed_hosts=args.allowed_hosts, docs=args.docs)
 
 
 COMMANDS = {"cache": cmd_cache, "serve": cmd_serve, "tune": cmd_tune, "train": cmd_train, "index": cmd_index, "search": cmd_search, "evaluate": cmd_evaluate, "benchmark": cmd_benchmark}

@@ -286,14 +286,16 @@ class Encoder(nn.Module):
                 params[k].copy_(v)
 
     # ---- frozen part -------------------------------------------------------------------
-    def features(self, texts: list[str], desc: str = "encoding", use_cache: bool = True) -> Features:
+    def features(self, texts: list[str], desc: str = "encoding", use_cache: bool = True, by_length: bool = False) -> Features:
         """What the frozen part computes for ``texts``: the texts already in the on-disk cache
-        (under any earlier list) are read from it, only the others are computed."""
+        (under any earlier list) are read from it, only the others are computed. ``by_length``
+        (uncached only): the ONNX backend batches texts of similar token length (see
+        ``OnnxFrozen.encode``): what search does, where a long query must not pad short ones."""
         path = self.cache_path(texts)
         if path is None:
             return Features(texts=list(texts))
         if not use_cache:
-            return self.compute_features(texts, desc)
+            return self.compute_features(texts, desc, by_length)
         cached = self.load_cached(path)
         if cached is not None:
             return cached
@@ -389,11 +391,11 @@ class Encoder(nn.Module):
             write_file_atomic(path, lambda fh: np.savez(fh, states=feats.states.numpy(), offsets=feats.offsets.numpy(), **extra))
         evict_cache(keep=path)
 
-    def compute_features(self, texts: list[str], desc: str = "encoding") -> Features:
+    def compute_features(self, texts: list[str], desc: str = "encoding", by_length: bool = False) -> Features:
         if self.config.scope == "full":
             return Features(texts=list(texts))
         if self.config.scope == "adapter":
-            return Features(dense=self._encode_frozen_dense(texts, desc))
+            return Features(dense=self._encode_frozen_dense(texts, desc, by_length))
         return self._encode_frozen_states(texts, desc)
 
     def _announce(self, n: int, desc: str) -> bool:
@@ -412,11 +414,11 @@ class Encoder(nn.Module):
         return self._onnx
 
     @torch.no_grad()
-    def _encode_frozen_dense(self, texts: list[str], desc: str) -> torch.Tensor:
+    def _encode_frozen_dense(self, texts: list[str], desc: str, by_length: bool = False) -> torch.Tensor:
         if self.backend != "torch":
             show = self._announce(len(texts), desc)
             bar = (lambda it: tqdm(it, desc=desc)) if show else None
-            return torch.from_numpy(self.onnx_session().encode(list(texts), self.config.encode_batch_size, bar))
+            return torch.from_numpy(self.onnx_session().encode(list(texts), self.config.encode_batch_size, bar, by_length))
         emb = self.st.encode(
             list(texts),
             batch_size=self.config.encode_batch_size,
@@ -517,4 +519,4 @@ class Encoder(nn.Module):
 
     def encode(self, texts: list[str], use_cache: bool = False) -> np.ndarray:
         """Final embeddings of raw texts (queries at search time)."""
-        return self.embed_all(self.features(list(texts), use_cache=use_cache))
+        return self.embed_all(self.features(list(texts), use_cache=use_cache, by_length=not use_cache))

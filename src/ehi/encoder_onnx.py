@@ -128,18 +128,31 @@ class OnnxFrozen:
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.path = path
 
-    def encode(self, texts: list[str], batch_size: int = 64, bar=None) -> np.ndarray:
-        """L2-normalised float32 embeddings, in order (batches sorted by length: less padding)."""
-        order = np.argsort([-len(t) for t in texts], kind="stable")
+    def encode(self, texts: list[str], batch_size: int = 64, bar=None, by_length: bool = False) -> np.ndarray:
+        """L2-normalised float32 embeddings, in order; batches of texts sorted by length (less
+        padding). ``by_length``: sorted by length in tokens, and a batch also ends where the
+        next text is under half its longest, so that one long text never pads a batch of
+        short ones to its length (the server's micro-batches mix 2,000-character queries with
+        3-word ones: 15x faster for one such query among 31 short ones). Batch composition
+        moves embeddings by ~1e-8, so training keeps the plain order, whose features are
+        cached."""
+        if by_length:
+            lengths = [len(ids) for ids in self.tokenizer(list(texts), truncation=True, max_length=self.max_len)["input_ids"]]
+        else:
+            lengths = [len(t) for t in texts]
+        order = np.argsort([-n for n in lengths], kind="stable")
+        batches: list[list[int]] = []
+        for i in order:
+            if not batches or len(batches[-1]) >= batch_size or (by_length and 2 * lengths[i] < lengths[batches[-1][0]]):
+                batches.append([])
+            batches[-1].append(i)
         chunks = []
-        steps = range(0, len(texts), batch_size)
-        for s in (bar(steps) if bar else steps):
-            idx = order[s : s + batch_size]
+        for idx in (bar(batches) if bar else batches):
             tok = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_len, return_tensors="np")
             feed = {k: tok[k].astype(np.int64) if k in tok else np.zeros_like(tok["input_ids"], dtype=np.int64) for k in INPUTS}
             chunks.append(self.session.run(None, feed)[0])
         emb = np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
         out = np.empty_like(emb)
-        out[order] = emb
+        out[np.concatenate(batches) if batches else order] = emb
         out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out.astype(np.float32, copy=False)

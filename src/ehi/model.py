@@ -15,26 +15,19 @@ from .budget import calibrated_width, resolve_width
 from .config import EHIConfig
 from .encoder import Encoder
 from .index import LeafIndex
+from .limits import MAX_QUERY_CHARS, check_k, check_query  # noqa: F401  (MAX_QUERY_CHARS: its old home)
 from .sharding import SHARD_TIMEOUT_S, read_shard_map, write_shards
 from .tree import Tree
 
 
-MAX_QUERY_CHARS = 2000  # one rule for the API, the CLI and the server
+class UnknownIds(ValueError):
+    """Document ids that are not indexed: how many, and the first one's position and id (the
+    server says the position only: it never echoes a request's input)."""
 
-
-def check_query(q) -> str:
-    """A query text as search accepts it; ValueError saying why otherwise."""
-    if not isinstance(q, str):
-        raise ValueError(f"query must be a string, got {type(q).__name__}")
-    try:
-        q.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("query is not valid Unicode text (unpaired surrogate)") from None
-    if not q.strip():
-        raise ValueError("query is empty")
-    if len(q) > MAX_QUERY_CHARS:
-        raise ValueError(f"query longer than {MAX_QUERY_CHARS} characters")
-    return q
+    def __init__(self, count: int, position: int, first: str):
+        shown = first if len(first) <= 60 else first[:57] + "..."
+        super().__init__(f"{count} ids are not indexed (first: {shown!r})")
+        self.count, self.position, self.first = count, position, first
 
 
 @dataclass
@@ -103,6 +96,30 @@ def _read_index(path: Path, num_leaves: int, dim: int):
     if len(set(map(str, ids))) != len(ids):
         raise ArtifactError(f"{path / 'documents.json'}: duplicate document ids")
     return leaves, emb, [str(i) for i in ids], [str(t) for t in titles]
+
+
+def _checked_calibration(cal, num_leaves: int, where: Path) -> list:
+    """A saved budget calibration as search trusts it: rows [beam, mean fraction visited(,
+    nodes kept above the leaves)], beams increasing within the tree's leaves, fractions in
+    [0, 1]; ArtifactError naming the file otherwise."""
+    def bad(why: str):
+        return ArtifactError(f"{where}: beam_calibration {why}")
+
+    if not isinstance(cal, list):
+        raise bad("must be a list of [beam, fraction] rows")
+    prev_beam = 0
+    for i, row in enumerate(cal):
+        if not isinstance(row, list) or len(row) not in (2, 3) or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in row):
+            raise bad(f"row {i} is not [beam, fraction] or [beam, fraction, upper beam]")
+        beam, frac = row[0], row[1]
+        if beam != int(beam) or not prev_beam < beam <= num_leaves:
+            raise bad(f"row {i}: beam {beam} is not an increasing whole number within the {num_leaves} leaves")
+        if not (np.isfinite(frac) and 0 <= frac <= 1 + 1e-9):
+            raise bad(f"row {i}: fraction {frac} is not in [0, 1]")
+        if len(row) == 3 and (row[2] != int(row[2]) or row[2] < 1):
+            raise bad(f"row {i}: upper beam {row[2]} is not a positive whole number")
+        prev_beam = beam
+    return cal
 
 
 def _chain_fingerprint(previous: str, op: str, ids) -> str:
@@ -326,7 +343,9 @@ class EHIModel:
         average is scored whole, exactly (strategy "exact", no routing); a larger one is
         filtered inside the beam's leaves, and a query that finds fewer than ``k`` allowed
         documents there widens its beam (doubling, in beam order) until it has ``k`` or has
-        scored as many allowed documents as the budget (strategy "filtered")."""
+        scored as many allowed documents as the budget (strategy "filtered"). ``k`` beyond
+        the corpus is clamped to it."""
+        k = min(k, self.index.num_docs)
         if allowed is None:
             leaves = self.route(q_emb, beam)
             return self.index.search(q_emb, leaves, k), leaves
@@ -335,11 +354,11 @@ class EHIModel:
         return search_allowed(self, q_emb, k, beam, allowed)
 
     def rows_of(self, ids) -> np.ndarray:
-        """Index rows of document ids; ValueError naming an id that is not indexed."""
+        """Index rows of document ids; ``UnknownIds`` (a ValueError) for ids not indexed."""
         pos = self._rows_by_id()
-        missing = [i for i in ids if i not in pos]
+        missing = [n for n, i in enumerate(ids) if i not in pos]
         if missing:
-            raise ValueError(f"{len(missing)} ids are not indexed (first: {missing[0]!r})")
+            raise UnknownIds(len(missing), missing[0], ids[missing[0]])
         return np.array(sorted({pos[i] for i in ids}), dtype=np.int64)
 
     def to_hits(self, res, leaves: np.ndarray, queries=None, k: int | None = None, offset: int = 0) -> list[Hits]:
@@ -369,8 +388,7 @@ class EHIModel:
         texts = [check_query(q) for q in ([queries] if isinstance(queries, str) else list(queries))]
         if not texts:
             return []
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+        check_k(k)
         beam = self.resolve_beam(beam, budget)
         allowed = None if ids is None else self.rows_of(ids)
         q = self.encoder.encode(texts)
@@ -447,7 +465,7 @@ class EHIModel:
             raise ArtifactError(f"{path}: unreadable weights ({e})") from None
         model = cls.from_weights(config, encoder, enc_state, tree_state, path)
         model.corpus_fingerprint = manifest.get("corpus_fingerprint", "")
-        model.beam_calibration = manifest.get("beam_calibration") or []
+        model.beam_calibration = _checked_calibration(manifest.get("beam_calibration") or [], model.tree.num_leaves, path / "manifest.json")
         model.validation = manifest.get("validation")
         if indexed:
             leaves, emb, ids, titles = _read_index(path, model.tree.num_leaves, encoder.dim)

@@ -3,14 +3,26 @@
 The model loads once. Concurrent requests are gathered into micro-batches, encoded together
 and searched together, one batch at a time on a single worker thread (each batch on all
 cores), so throughput grows with load instead of threads fighting over the CPU. A batch is
-whatever queued while the previous one ran (up to ``max_batch`` queries), and only under load
-(the previous batch held more than one request) does it also wait up to ``max_wait_ms`` for
-more: a lone request never waits for company.
+whatever queued while the previous one ran, and only under load (the previous batch held more
+than one request) does it also wait up to ``max_wait_ms`` for more: a lone request never
+waits for company.
+
+Fair to small requests: each request is cut into chunks of bounded cost (``CHUNK_CHARS`` of
+query text and ``CHUNK_HITS`` hits), and a batch takes one chunk from each waiting request in
+turn, so a 3-word query sent after a maximal one (64 queries of 2,000 characters, k = 1000)
+waits for one chunk of it, not for all of it. Results are written as JSON on the worker
+thread, chunk by chunk, so that a large answer does not hold the event loop either.
+
+Strict at the door: bools and strings are not numbers, every 4xx is ``{"detail": "<one
+sentence>"}`` naming the field and never echoing the input, only the Host names allowed are
+answered (a page elsewhere cannot read a local server through DNS rebinding), and the API
+docs pages are served only when asked for.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from contextlib import asynccontextmanager
 from concurrent.futures import ThreadPoolExecutor
@@ -22,23 +34,34 @@ from typing import Union
 import numpy as np
 from fastapi import FastAPI, HTTPException
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, field_validator, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from .model import EHIModel, check_query
+from .limits import MAX_K, MAX_QUERIES, check_query
+from .model import EHIModel, UnknownIds
 from .sharding import SHARD_TIMEOUT_S, ShardUnavailable
 
-MAX_QUERIES = 64
+# a chunk, the unit a batch takes from each waiting request: at most this much query text and
+# this many hits (k x queries), or one query where a single one is larger
+CHUNK_CHARS = 2000
+CHUNK_HITS = 1000
+# a batch: at most this many chunks' worth (and ``max_batch`` queries)
+BATCH_CHUNKS = 4
+# Host names answered by default: this machine's own (``--allowed-hosts`` adds others)
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "[::1]")
 
 
 class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    query: Union[str, list[str]]
-    k: int = Field(10, ge=1, le=1000)
-    budget: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="fraction of the corpus to visit")
-    beam: int | None = Field(None, ge=1, description="leaves to visit")
-    ids: list[str] | None = Field(None, min_length=1, max_length=100_000, description="only these documents may be returned")
+    # strict: a bool or a string is not a number ("k": true is not 1, "budget": "0.5" is refused)
+    query: Union[StrictStr, list[StrictStr]]
+    k: StrictInt = Field(10, ge=1, le=MAX_K)
+    budget: Union[StrictInt, StrictFloat, None] = Field(None, gt=0, le=1, allow_inf_nan=False, description="fraction of the corpus to visit")
+    beam: StrictInt | None = Field(None, ge=1, description="leaves to visit")
+    ids: list[StrictStr] | None = Field(None, min_length=1, max_length=100_000, description="only these documents may be returned")
 
     @field_validator("query")
     @classmethod
@@ -92,22 +115,57 @@ def validation_sentence(errors) -> str:
 
 
 @dataclass
+class _Request:
+    """One request: its chunks still to run, and the JSON of each query's result as they come."""
+
+    chunks: list["_Pending"]
+    future: asyncio.Future = field(repr=False)
+    results: list[str] = field(default_factory=list)
+    left: int = 0
+
+
+@dataclass
 class _Pending:
+    """A chunk of a request: the unit of work a batch takes from it."""
+
     texts: list[str]
     k: int
     beam: int
-    future: asyncio.Future = field(repr=False)
+    request: _Request = field(repr=False)
     allowed: np.ndarray | None = None  # document rows a filtered request may return
+    start: int = 0  # the request's index of its first query
+
+    @property
+    def cost(self) -> tuple[int, int]:
+        return sum(len(t) for t in self.texts), self.k * len(self.texts)
+
+
+def chunked(texts: list[str], k: int, max_chars: int = CHUNK_CHARS, max_hits: int = CHUNK_HITS) -> list[tuple[int, list[str]]]:
+    """``texts`` cut into runs of at most ``max_chars`` characters and ``max_hits`` hits (at
+    least one query each), with the index of each run's first query."""
+    out, start, chars = [], 0, 0
+    for i, t in enumerate(texts):
+        if i > start and (chars + len(t) > max_chars or (i - start + 1) * k > max_hits):
+            out.append((start, texts[start:i]))
+            start, chars = i, 0
+        chars += len(t)
+    out.append((start, texts[start:]))
+    return out
 
 
 class Batcher:
-    """Collects concurrent requests and runs them as one encode + one search per beam width."""
+    """Collects concurrent requests and runs them as one encode + one search per beam width,
+    taking a chunk from each waiting request in turn (see the module docstring)."""
 
-    def __init__(self, model: EHIModel, max_batch: int = 64, max_wait_ms: float = 2.0, adaptive: bool = True):
+    def __init__(self, model: EHIModel, max_batch: int = 64, max_wait_ms: float = 2.0, adaptive: bool = True, chunks: bool = True):
+        """``chunks=False``: every request is one chunk and batches are bounded by ``max_batch``
+        alone (the server before fair batching, for ``benchmarks/load_test.py --mixed``)."""
         self.model = model
+        self.limits = (CHUNK_CHARS, CHUNK_HITS, BATCH_CHUNKS) if chunks else (float("inf"), float("inf"), 1)
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000
-        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self.waiting: list[_Request] = []  # requests with chunks left, in turn order
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ehi-search")
         self.task: asyncio.Task | None = None
         self.adaptive = adaptive  # False: every batch waits (the server before adaptive waiting)
@@ -121,60 +179,102 @@ class Batcher:
             self.task.cancel()
         self.pool.shutdown(wait=False)
 
-    async def submit(self, texts: list[str], k: int, beam: int, allowed: np.ndarray | None = None):
-        fut = asyncio.get_running_loop().create_future()
-        await self.queue.put(_Pending(texts, k, beam, fut, allowed))
-        return await fut
+    async def submit(self, texts: list[str], k: int, beam: int, allowed: np.ndarray | None = None) -> list[str]:
+        """Each query's result as JSON text (``Hits.to_dict``), in order."""
+        req = _Request([], asyncio.get_running_loop().create_future())
+        req.chunks = [_Pending(part, k, beam, req, allowed, start) for start, part in chunked(texts, k, *self.limits[:2])]
+        req.results, req.left = [""] * len(texts), len(req.chunks)
+        await self.queue.put(req)
+        return await req.future
+
+    def _take(self, batch: list[_Pending]) -> bool:
+        """Adds to ``batch`` the next chunk of each waiting request in turn (a request with
+        chunks left goes to the back) while it has room; False once it is full."""
+        max_chars, max_hits, chunks = self.limits
+        chars = sum(c.cost[0] for c in batch)
+        hits = sum(c.cost[1] for c in batch)
+        queries = sum(len(c.texts) for c in batch)
+        while self.waiting:
+            req = self.waiting[0]
+            if req.future.done():  # failed, or its client went away: the rest need not run
+                self.waiting.pop(0)
+                continue
+            c, h = req.chunks[0].cost
+            n = len(req.chunks[0].texts)
+            if batch and (queries + n > self.max_batch or chars + c > chunks * max_chars or hits + h > chunks * max_hits):
+                return False
+            batch.append(req.chunks.pop(0))
+            chars, hits, queries = chars + c, hits + h, queries + n
+            self.waiting.pop(0)
+            if req.chunks:
+                self.waiting.append(req)
+        return True
+
+    async def _gather(self) -> list[_Pending]:
+        """The next batch: a chunk of each waiting request in turn, with what queued meanwhile;
+        a loaded server waits up to ``max_wait`` for more."""
+        loop = asyncio.get_running_loop()
+        if not self.waiting:
+            self.waiting.append(await self.queue.get())
+        while not self.queue.empty():
+            self.waiting.append(self.queue.get_nowait())
+        batch: list[_Pending] = []
+        room = self._take(batch)
+        wait = self.max_wait > 0 and (self.loaded or not self.adaptive)
+        deadline = loop.time() + self.max_wait
+        while room and wait and not self.waiting:
+            timeout = deadline - loop.time()
+            if timeout <= 0:
+                break
+            try:
+                self.waiting.append(await asyncio.wait_for(self.queue.get(), timeout))
+            except asyncio.TimeoutError:
+                break
+            room = self._take(batch)
+        self.loaded = len({id(c.request) for c in batch}) > 1
+        return batch
+
+    def _done(self, chunk: _Pending, results=None, error: BaseException | None = None) -> None:
+        req = chunk.request
+        if req.future.done():
+            return
+        if error is not None:
+            req.future.set_exception(error)  # its other chunks are dropped by _take
+            return
+        req.results[chunk.start : chunk.start + len(results)] = results
+        req.left -= 1
+        if req.left == 0:
+            req.future.set_result(req.results)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self.queue.get()]
-            n = len(batch[0].texts)
-            # what queued meanwhile joins at once; only a loaded server waits for more
-            wait = self.max_wait > 0 and (self.loaded or not self.adaptive)
-            deadline = loop.time() + self.max_wait
-            while n < self.max_batch:
-                if not self.queue.empty():
-                    item = self.queue.get_nowait()
-                else:
-                    timeout = deadline - loop.time()
-                    if not wait or timeout <= 0:
-                        break
-                    try:
-                        item = await asyncio.wait_for(self.queue.get(), timeout)
-                    except asyncio.TimeoutError:
-                        break
-                batch.append(item)
-                n += len(item.texts)
-            self.loaded = len(batch) > 1
+            batch = await self._gather()
+            if not batch:  # every waiting request had failed or been given up
+                continue
             try:
                 results = await loop.run_in_executor(self.pool, self._search, batch)
-                for item, res in zip(batch, results):
-                    if not item.future.done():
-                        item.future.set_result(res)
+                for chunk, res in zip(batch, results):
+                    self._done(chunk, res)
             except Exception as e:
                 if len(batch) == 1 or isinstance(e, ShardUnavailable):  # a missing shard fails them all alike
-                    for item in batch:
-                        if not item.future.done():
-                            item.future.set_exception(e)
+                    for chunk in batch:
+                        self._done(chunk, error=e)
                     continue
                 # one request must not fail the others batched with it: run each alone
-                for item in batch:
+                for chunk in batch:
                     try:
-                        res = (await loop.run_in_executor(self.pool, self._search, [item]))[0]
+                        res = (await loop.run_in_executor(self.pool, self._search, [chunk]))[0]
                     except Exception as e1:
-                        if not item.future.done():
-                            item.future.set_exception(e1)
+                        self._done(chunk, error=e1)
                     else:
-                        if not item.future.done():
-                            item.future.set_result(res)
+                        self._done(chunk, res)
 
-    def _search(self, batch: list[_Pending]):
+    def _search(self, batch: list[_Pending]) -> list[list[str]]:
         model = self.model
         texts = [t for item in batch for t in item.texts]
         emb = model.encoder.encode(texts)
-        out: list[list[dict] | None] = [None] * len(batch)
+        out: list[list[str] | None] = [None] * len(batch)
         starts = np.cumsum([0] + [len(item.texts) for item in batch])
         # one search per beam width for unfiltered requests; a filtered one searches alone
         groups = [[i for i, item in enumerate(batch) if item.beam == beam and item.allowed is None] for beam in sorted({item.beam for item in batch})]
@@ -187,23 +287,31 @@ class Batcher:
             r = 0
             for i in members:
                 item = batch[i]
-                out[i] = [h.to_dict() for h in model.to_hits(res, leaves, item.texts, item.k, offset=r)]
+                out[i] = [_dumps(h.to_dict()) for h in model.to_hits(res, leaves, item.texts, item.k, offset=r)]
                 r += len(item.texts)
         return out
+
+
+def _dumps(x) -> str:
+    """JSON text of a result; a lone surrogate in a title becomes its JSON escape."""
+    return json.dumps(x, ensure_ascii=False).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def create_app(
     model_dir: str | Path, max_batch: int = 64, max_wait_ms: float = 2.0, backend: str | None = None, adaptive: bool = True,
     shards: int | None = None, ray_address: str | None = None, shard_timeout: float = SHARD_TIMEOUT_S,
+    allowed_hosts: list[str] | None = None, docs: bool = False, chunks: bool = True,
 ) -> FastAPI:
-    """The service; with ``shards`` its index is served by that many Ray actors (``ehi.cluster``)."""
+    """The service; with ``shards`` its index is served by that many Ray actors (``ehi.cluster``).
+    ``allowed_hosts``: the Host names it answers (default ``LOCAL_HOSTS``; ``"*"``: any);
+    ``docs``: serve the API docs at /docs and /openapi.json."""
     # read-only, mapped: no copy of the index in memory (with shards: in the shards' actors)
     model = EHIModel.load(model_dir, mmap=True, backend=backend, shards=shards, ray_address=ray_address, shard_timeout=shard_timeout)
     if model.index is None:
         raise ValueError(f"{model_dir}: the model has no index; run 'ehi index build' first")
     if model.encoder.precomputed:
         raise ValueError(f"{model_dir}: trained on precomputed embeddings, it cannot encode text queries to serve")
-    batcher = Batcher(model, max_batch, max_wait_ms, adaptive)
+    batcher = Batcher(model, max_batch, max_wait_ms, adaptive, chunks)
     sizes = model.index.leaf_sizes()
     counts, edges = np.histogram(sizes, bins=min(30, max(1, int(sizes.max()) + 1)))
     stats = {
@@ -227,8 +335,20 @@ def create_app(
         yield
         await batcher.stop()
 
-    app = FastAPI(title="ehi", description="End-to-end Hierarchical Indexing: search service", lifespan=lifespan)
+    app = FastAPI(
+        title="ehi", description="End-to-end Hierarchical Indexing: search service", lifespan=lifespan,
+        docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None,
+    )
     app.state.model = model
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts or LOCAL_HOSTS))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and request.method == "POST":
+            # FastAPI's one 400: a body it could not parse as JSON (invalid UTF-8, nesting
+            # too deep for the parser); documented, like any unparseable body, as a 422
+            return JSONResponse(status_code=422, content={"detail": "the body is not valid JSON"})
+        return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail}, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request, exc: RequestValidationError) -> JSONResponse:
@@ -254,23 +374,24 @@ def create_app(
         return stats
 
     @app.post("/search")
-    async def search(req: SearchRequest) -> dict:
+    async def search(req: SearchRequest) -> Response:
         t = time.perf_counter()
         texts = [req.query] if isinstance(req.query, str) else list(req.query)
         try:
             beam = model.resolve_beam(req.beam, req.budget)  # the API's rule and default
-            allowed = None if req.ids is None else model.rows_of(req.ids)
         except ValueError as e:
-            raise HTTPException(422, str(e)) from None
+            raise HTTPException(422, f"{'beam' if req.beam is not None else 'budget'}: {e}") from None
+        try:
+            allowed = None if req.ids is None else model.rows_of(req.ids)
+        except UnknownIds as e:  # its count and position, never the ids themselves
+            raise HTTPException(422, f"ids: {e.count} of them are not indexed (the first is item {e.position})") from None
         try:
             results = await batcher.submit(texts, req.k, beam, allowed)
         except ShardUnavailable as e:  # never an answer from the other shards alone
             raise HTTPException(503, str(e)) from None
-        return {
-            "results": results if isinstance(req.query, list) else results[:1],
-            "beam": beam,
-            "latency_ms": 1000 * (time.perf_counter() - t),
-        }
+        # the results are JSON already (written on the worker thread): joined, not re-encoded
+        body = '{"results":[' + ",".join(results) + f'],"beam":{beam},"latency_ms":{1000 * (time.perf_counter() - t)!r}}}'
+        return Response(body.encode("utf-8"), media_type="application/json")
 
     return app
 
@@ -278,9 +399,12 @@ def create_app(
 def serve(
     model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
     backend: str | None = None, max_wait_ms: float = 2.0, adaptive: bool = True, shards: int | None = None, ray_address: str | None = None,
-    shard_timeout: float = SHARD_TIMEOUT_S,
+    shard_timeout: float = SHARD_TIMEOUT_S, allowed_hosts: list[str] | None = None, docs: bool = False, chunks: bool = True,
 ) -> None:
     import uvicorn
 
-    app = create_app(model_dir, max_wait_ms=max_wait_ms, backend=backend, adaptive=adaptive, shards=shards, ray_address=ray_address, shard_timeout=shard_timeout)
+    if allowed_hosts is None and host not in ("0.0.0.0", "::", ""):
+        allowed_hosts = [*LOCAL_HOSTS, host]  # the address it was asked to listen on
+    app = create_app(model_dir, max_wait_ms=max_wait_ms, backend=backend, adaptive=adaptive, shards=shards, ray_address=ray_address,
+                     shard_timeout=shard_timeout, allowed_hosts=allowed_hosts, docs=docs, chunks=chunks)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

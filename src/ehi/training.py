@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .artifacts import read_manifest
-from .checkpoints import Checkpoints, checkpoint_path
+from .checkpoints import Checkpoints, checkpoint_path, data_fingerprints
 from .config import EHIConfig
 from .data import Dataset
 from .distributed import barrier, gather_rows, is_main, map_rows, rank_world, shard_rows
@@ -106,6 +106,11 @@ class Trainer(EpochLoop, Selection, Checkpoints):
                 self.q_feats = self._features([dataset.queries[q] for q in self.train_set.query_ids], "encoding queries")
                 val_feats = self._features([dataset.queries[q] for q in val_qids], "encoding validation queries") if val_qids else None
         val_judged = judgements or self.val_split
+        # what --resume checks the data against (checkpoints.py)
+        self.data_fingerprints = data_fingerprints(
+            dataset, [*self.train_set.query_ids, *(val_qids or [])], [split, self.judgements, *([self.val_split] if val_qids else [])],
+            (doc_embeddings, query_embeddings),
+        )
         self.validator = (
             Validator(dataset, val_judged, val_qids, val_feats, tc.val_budgets,
                       trained_docs=self.train_set.pairs[:, 1] if judgements is None else None)
