@@ -15,7 +15,15 @@ Then, **at equal Recall@100** (the user's comparison): for EHI's widths at 1 / 2
 corpus, the fewest Faiss IVFFlat lists (and ScaNN leaves) whose Recall@100 on the ``--split``
 queries reaches EHI's, and each method's batched QPS and single-query p50 there.
 
+``--curves``: **recall against throughput**, as ann-benchmarks draws it. Every method swept over
+its width (EHI and EHI + PQ: beam; Faiss IVFFlat and IVFPQ: nprobe, as many lists as EHI has
+leaves; ScaNN: leaves searched; Faiss HNSW, M 32 and efConstruction 200: efSearch), each point
+with Recall@100 and Recall@10 on the ``--split`` queries, batched QPS and single-query p50 on
+one thread (encoding excluded), and each method's bytes; a 2 x 2 plot (R@100 and R@10 against
+batched QPS and against p50, log scale) beside the JSON.
+
     python benchmarks/search_speed.py --model runs/scifact --out reports/search_speed.json
+    python benchmarks/search_speed.py --model runs/scifact --curves-only --out benchmarks/results/curves_scifact.json
 """
 
 from __future__ import annotations
@@ -60,11 +68,17 @@ def main() -> None:
     ap.add_argument("--split", default="test", help="judged queries for the equal-recall comparison")
     ap.add_argument("--max-queries", type=int, default=2000, help="queries timed (a sample of the dataset's, seeded)")
     ap.add_argument("--skip-codecs", action="store_true")
+    ap.add_argument("--curves-only", action="store_true", help="only the recall-QPS curves of every method")
     ap.add_argument("--out", default="reports/search_speed.json")
     args = ap.parse_args()
 
     ds = load_beir(args.data)
     model = EHIModel.load(args.model) if args.model else train(ds, EHIConfig(), progress=False)
+    if args.curves_only:
+        out = recall_qps_curves(model, ds, args.split, args.reps, args.single)
+        write_json(args.out, out)
+        plot_curves(out, args.out.rsplit(".", 1)[0] + ".png", f"{ds.root.name} ({args.split}): {out['documents']:,} documents, {out['queries']} queries")
+        return
     qids = sorted(ds.queries)
     if len(qids) > args.max_queries:
         qids = sorted(np.random.default_rng(0).choice(qids, args.max_queries, replace=False).tolist())
@@ -244,6 +258,118 @@ def equal_recall(model, ds, split: str, ivf: IVFBaseline, reps: int, single: int
               + "; ".join(f"{m} QPS {row[m]['batched_qps']:.0f} p50 {row[m]['p50_ms']:.3f} ms" for m in methods)
               + "".join(f"; EHI/{m} QPS {row[f'qps_ratio_ehi_over_{m}']:.2f}x" for m in ("faiss_ivfflat", "scann") if m in row), flush=True)
     return out
+
+
+def recall_qps_curves(model, ds, split: str, reps: int, single: int) -> dict:
+    """Every method over its width: R@100, R@10, batched QPS and single-query p50 on one thread."""
+    from ehi.baselines import HNSWBaseline, ScaNNBaseline
+
+    rel = ds.relevant(split)
+    jq = sorted(rel)
+    qrels = {i: ds.split(split)[i] for i in jq}
+    qe = np.ascontiguousarray(model.encoder.embed_all(model.encoder.features([ds.queries[i] for i in jq], "encoding queries")))
+    d = np.ascontiguousarray(model.index.vectors, dtype=np.float32)
+    n, dim = d.shape
+    L = model.tree.num_leaves
+    ids = model.doc_ids
+    widths = [w for w in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512, 1024) if w <= L]
+    router_bytes = sum(p.numel() * 4 for p in model.tree.parameters())
+    ivf = IVFBaseline(d, L, seed=0)
+    ivfpq = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, L, 48, 8, faiss.METRIC_INNER_PRODUCT)
+    ivfpq.cp.min_points_per_centroid = 1  # as many lists as EHI has leaves, as IVFBaseline does
+    ivfpq.pq.cp.min_points_per_centroid = 1  # 256 codes per sub-quantizer on a small corpus: the recall is what is measured
+    ivfpq.train(d)
+    ivfpq.add(d)
+    sc = ScaNNBaseline(d, L)
+    hn = HNSWBaseline(d)
+    ehi_flat = model.index
+    ic = model.config.index
+    model.config.index.codec, model.config.index.pq_m, model.config.index.rerank = "pq", 48, 200
+    ehi_pq = model.build_index(d, model.doc_ids, model.doc_titles)
+    model.config.index.codec, model.config.index.pq_m, model.config.index.rerank = ic.codec, ic.pq_m, ic.rerank
+
+    def ehi_with(index):
+        def run(q, w):
+            model.index = index
+            return model.search_embeddings(q, 100, w)[0]
+        return lambda q, w: (lambda r: (r.indices, r.scores))(run(q, w))
+
+    def ivf_with(index):
+        def run(q, w):
+            index.nprobe = w
+            D, I = index.search(q, 100)
+            return I, D
+        return run
+
+    def hnsw(q, w):
+        p = faiss.SearchParametersHNSW()
+        p.efSearch = w
+        D, I = hn.index.search(q, 100, params=p)
+        return I, D
+
+    methods = {  # name -> (search(q, width), widths, bytes)
+        "EHI": (ehi_with(ehi_flat), widths, ehi_flat.nbytes() + router_bytes),
+        "EHI + PQ48 (re-rank 200)": (ehi_with(ehi_pq), widths, ehi_pq.nbytes() + router_bytes),
+        "Faiss IVFFlat": (ivf_with(ivf.index), widths, n * dim * 4 + n * 8 + L * dim * 4),
+        "Faiss IVFPQ48": (ivf_with(ivfpq), widths, n * (48 + 8) + L * dim * 4 + 48 * 256 * (dim // 48) * 4),
+        "ScaNN": (lambda q, w: sc.searcher.search_batched(q, final_num_neighbors=100, leaves_to_search=w), widths, n * dim * 4 + L * dim * 4),
+        "Faiss HNSW (M 32)": (hnsw, [16, 32, 64, 100, 128, 200, 256, 400, 512, 800, 1024, 2048], hn.nbytes()),
+    }
+    out = {"split": split, "queries": len(jq), "documents": n, "leaves": L, "threads": 1, "k": 100,
+           "note": "EHI + PQ re-ranks its top 200 with the float32 vectors (memory-mapped from the model), not counted in its bytes",
+           "methods": {}}
+    faiss.omp_set_num_threads(1)
+    limits = threadpool_limits(limits=1)
+    nq = min(single, len(qe))
+    try:
+        for name, (search, ws, nbytes) in methods.items():
+            points = []
+            for w in ws:
+                idx, scores = search(qe, w)
+                m = measure(qrels, make_run(jq, np.asarray(idx), np.asarray(scores), ids))
+                search(qe[:1], w)  # warm-up
+                lat, bat = [], []
+                for _ in range(reps):
+                    lat += timed_each(lambda i: search(qe[i : i + 1], w), nq)
+                    t = time.perf_counter()
+                    search(qe, w)
+                    bat.append(time.perf_counter() - t)
+                points.append({"width": w, "R@100": m["R@100"], "R@10": m["R@10"], "batched_qps": len(qe) / statistics.median(bat),
+                               "p50_ms": pct(lat, 50)})
+            out["methods"][name] = {"bytes": int(nbytes), "points": points}
+            print(f"{name:<26} {nbytes / 2**20:7.1f} MiB | " + "  ".join(
+                f"w{p['width']}: R@100 {p['R@100']:.1f} {p['batched_qps']:.0f} QPS {p['p50_ms']:.3f} ms" for p in points[:: max(1, len(points) // 5)]), flush=True)
+    finally:
+        limits.restore_original_limits()
+        faiss.omp_set_num_threads(2)
+        model.index = ehi_flat
+    return out
+
+
+def plot_curves(out: dict, path: str, title: str) -> None:
+    """R@100 and R@10 against batched QPS and single-query p50 (log scale), one line a method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    for row, measure_name in enumerate(("R@100", "R@10")):
+        for col, (x, label) in enumerate((("batched_qps", "batched queries per second (1 thread)"), ("p50_ms", "single-query p50 latency, ms (1 thread)"))):
+            ax = axes[row][col]
+            for name, m in out["methods"].items():
+                pts = m["points"]
+                ax.plot([p[x] for p in pts], [p[measure_name] for p in pts], marker="o", ms=3, label=f"{name} ({m['bytes'] / 2**20:.1f} MiB)")
+            ax.set_xscale("log")
+            ax.set_xlabel(label)
+            ax.set_ylabel(f"{measure_name} ({out['split']})")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title + "; encoding excluded")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from ehi.baselines import IVFBaseline, ScaNNBaseline, exact_search
+from ehi.baselines import HNSWBaseline, IVFBaseline, ScaNNBaseline, exact_search
 from ehi.benchmark import SeedRun, aggregate, significance, write_report
 from ehi.evaluation import Row, budget_curve
 
@@ -50,6 +50,18 @@ def test_scann_full_search_is_exact_and_counts_visits():
     assert np.array_equal(idx, exact_search(q, d, 10)[0])
     assert (visited == 2000).all()
     assert 0 < sc.visited_fraction(q, 2) < 0.5
+
+
+def test_hnsw_with_ef_over_the_corpus_is_exact_and_counts_what_it_scores():
+    d, q = _emb(2000), _emb(20, seed=3)
+    hn = HNSWBaseline(d)
+    idx, scores, visited = hn.search(q, 10, hn.max_width)
+    ref, ref_scores = exact_search(q, d, 10)
+    assert np.array_equal(idx, ref) and np.allclose(scores, ref_scores, atol=1e-5)
+    assert (visited == 2000).all() and hn.visited_fraction(q, hn.max_width, 10) == 1.0
+    # a narrow search scores a part of the corpus, and more with a wider one
+    assert 0 < hn.visited_fraction(q, 10, 10) < hn.visited_fraction(q, 200, 10) < 1
+    assert hn.nbytes() > 2000 * 16 * 4  # the vectors and the graph
 
 
 def _synthetic_runs(seeds=2):

@@ -2,13 +2,15 @@
 
 Methods, each evaluated at every budget under one rule (``evaluation.BUDGET_RULE``):
 - EHI: the jointly trained encoder and tree;
-- DE + exact / Faiss-IVF / ScaNN: a dual encoder (same base model, trainable scope, epochs and
-  batch size as EHI) trained with the siamese loss only, hard negatives from exact search,
-  then indexed with off-the-shelf partitions of as many lists as EHI has leaves;
-- EHI encoder + exact / Faiss-IVF / ScaNN: EHI's trained encoder with the off-the-shelf
+- DE + exact / Faiss-IVF / ScaNN / HNSW: a dual encoder (same base model, trainable scope,
+  epochs and batch size as EHI) trained with the siamese loss only, hard negatives from exact
+  search, then indexed with off-the-shelf partitions of as many lists as EHI has leaves, or a
+  Faiss HNSW graph (M 32, efConstruction 200; efSearch is its width, the documents it scores
+  its cost);
+- EHI encoder + exact / Faiss-IVF / ScaNN / HNSW: EHI's trained encoder with the off-the-shelf
   indexes on top (paper appendix E.8), which isolates what the learned tree adds;
-- untrained encoder + exact / Faiss-IVF / ScaNN: the base model as it ships, no training at
-  all: what a user gets without ehi;
+- untrained encoder + exact / Faiss-IVF / ScaNN / HNSW: the base model as it ships, no training
+  at all: what a user gets without ehi;
 - ablations of EHI (``--ablation NAME``).
 """
 
@@ -45,7 +47,10 @@ ABLATIONS: dict[str, dict] = {
     "random-init": {"tree.init": "random"},
     "no-balance": {"train.load_balance": 0.0},
 }
-BASELINES = ("DE + Faiss-IVF", "DE + ScaNN", "untrained encoder + Faiss-IVF", "untrained encoder + ScaNN", "EHI encoder + Faiss-IVF")
+BASELINES = (
+    "DE + Faiss-IVF", "DE + ScaNN", "DE + HNSW", "untrained encoder + Faiss-IVF", "untrained encoder + ScaNN", "untrained encoder + HNSW",
+    "EHI encoder + Faiss-IVF",
+)
 REPORT_MEASURES = ("R@10", "R@20", "R@50", "R@100", "nDCG@10", "RR@10")
 
 
@@ -73,10 +78,11 @@ class SeedRun:
     validation: dict | None = None  # EHI's validated-training report (curve, kept epoch)
 
 
-def index_curves(prefix, q_emb, d_emb, nlist, seed, qids, doc_ids, qrels, budgets, k=100, scann=True, exact=None, truth=None):
-    """Exact search, Faiss-IVF and ScaNN over one set of embeddings; ``exact`` and ``truth``:
-    the exact row and neighbours already computed (``exact_row_and_truth``), for neighbour recall."""
-    from .baselines import ScaNNBaseline
+def index_curves(prefix, q_emb, d_emb, nlist, seed, qids, doc_ids, qrels, budgets, k=100, scann=True, exact=None, truth=None, hnsw=True):
+    """Exact search, Faiss-IVF, ScaNN and HNSW over one set of embeddings; ``exact`` and
+    ``truth``: the exact row and neighbours already computed (``exact_row_and_truth``), for
+    neighbour recall."""
+    from .baselines import HNSWBaseline, ScaNNBaseline
 
     rows = [exact or exact_row(f"{prefix} + exact", q_emb, d_emb, qids, doc_ids, qrels, k)]
     ivf_rows, ivf = ivf_curve(f"{prefix} + Faiss-IVF", q_emb, d_emb, nlist, seed, qids, doc_ids, qrels, budgets, k, truth)
@@ -87,6 +93,12 @@ def index_curves(prefix, q_emb, d_emb, nlist, seed, qids, doc_ids, qrels, budget
         rows += budget_curve(
             f"{prefix} + ScaNN", nlist, lambda w: sc.visited_fraction(q_emb, w),
             lambda w: sc.search(q_emb, k, w)[:2], qids, doc_ids, qrels, budgets, truth,
+        )
+    if hnsw:
+        hn = HNSWBaseline(d_emb)
+        rows += budget_curve(
+            f"{prefix} + HNSW", hn.max_width, lambda w: hn.visited_fraction(q_emb, w, k),
+            lambda w: hn.search(q_emb, k, w)[:2], qids, doc_ids, qrels, budgets, truth,
         )
     return rows, sizes
 
