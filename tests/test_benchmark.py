@@ -112,3 +112,27 @@ def test_report_writer_on_a_tiny_synthetic_run(tmp_path):
         data = (tmp_path / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     json.dumps(results)  # everything in the results is JSON-serialisable
+
+
+def test_the_report_shows_touched_and_untouched_queries_apart(tmp_path):
+    from ehi.evaluation import add_touch_split
+
+    runs = _synthetic_runs()
+    qids = sorted(runs[0].rows[0].per_query)
+    groups = (qids[:10], qids[10:])
+    for run in runs:
+        add_touch_split(run.rows, groups)
+        run.touch_counts = {"touched": 10, "untouched": 20}
+    agg = aggregate(runs)
+    results = {
+        "dataset": "toy", "split": "test", "seeds": 2, "budgets": [0.05, 0.1], "command": "ehi benchmark --toy",
+        "aggregate": agg, "significance": significance(runs, (0.05, 0.1)), "timings": {"total": 2.0}, "leaf_sizes": runs[0].leaf_sizes,
+        "runs": [{"seed": r.seed, "touch_counts": r.touch_counts} for r in runs],
+    }
+    write_report(results, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "## Recall@100 on touched queries" in report and "## Recall@100 on untouched queries" in report
+    assert "20 of the 30 queries: no training query points" in report
+    ehi = next(c for c in agg if c["method"] == "EHI" and c["budget"] == 0.1)
+    want = ehi["metrics"]["R@100 untouched"]
+    assert f"{want['mean']:.1f} ± {want['std']:.1f}" in report.split("## Recall@100 on untouched queries")[1].split("\n| EHI |")[1].split("\n")[0]

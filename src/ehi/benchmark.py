@@ -30,7 +30,7 @@ from .artifacts import write_file_atomic
 from .config import EHIConfig, apply_overrides
 from .data import Dataset
 from .progress import bars, phase
-from .evaluation import BUDGET_RULE, BUDGETS, Row, budget_curve, ehi_curve, exact_row, ivf_curve
+from .evaluation import TOUCHED, UNTOUCHED, BUDGET_RULE, BUDGETS, Row, add_touch_split, budget_curve, ehi_curve, exact_row, ivf_curve, split_by_touch
 
 ABLATIONS: dict[str, dict] = {
     "no-siamese": {"train.lambda_siamese": 0.0},
@@ -76,6 +76,7 @@ class SeedRun:
     timings: dict[str, float] = field(default_factory=dict)
     leaf_sizes: dict[str, list[int]] = field(default_factory=dict)
     validation: dict | None = None  # EHI's validated-training report (curve, kept epoch)
+    touch_counts: dict | None = None  # evaluated queries that training queries touch / do not
 
 
 def index_curves(prefix, q_emb, d_emb, nlist, seed, qids, doc_ids, qrels, budgets, k=100, scann=True, exact=None, truth=None, hnsw=True):
@@ -121,6 +122,9 @@ def run_seed(dataset: Dataset, config: EHIConfig, seed: int, split: str, budgets
     qrels = {q: dataset.split(split)[q] for q in qids}
     texts = [dataset.queries[q] for q in qids]
     doc_ids = dataset.corpus.ids
+    touch = split_by_touch(dataset, qids, split)
+    if touch:
+        out.touch_counts = {"touched": len(touch[0]), "untouched": len(touch[1])}
 
     def train(cfg, label):
         t = time.perf_counter()
@@ -160,6 +164,7 @@ def run_seed(dataset: Dataset, config: EHIConfig, seed: int, split: str, budgets
         else:
             m, q_emb = train(apply_overrides(config, ABLATIONS[step]), step)
             out.rows += ehi_curve(f"EHI ({step})", m, q_emb, qids, qrels, budgets)
+        add_touch_split(out.rows[done:], touch)
         out.timings[f"evaluate {step}"] = time.perf_counter() - t - out.timings.get(f"train {step}", 0.0)
         if progress:
             phase(f"seed {seed}: {step} done in {time.perf_counter() - t:.0f}s\n" + finished_rows(out.rows[done:]))
@@ -354,6 +359,17 @@ def write_report(results: dict, out: Path) -> None:
         plot_recall(agg, out / "recall_vs_visited.png", results["dataset"], "NR@100")
         plot_leaf_sizes(results["leaf_sizes"], out / "leaf_sizes.png")
         return
+    counts = next((r.get("touch_counts") for r in results.get("runs", []) if r.get("touch_counts")), None)
+    for measure, group in ((TOUCHED, "touched"), (UNTOUCHED, "untouched")):
+        if not counts or not counts[group]:
+            continue
+        lines += ["", f"## Recall@100 on {group} queries against the fraction of the corpus visited", "",
+                  f"{counts[group]} of the {counts['touched'] + counts['untouched']} queries: "
+                  + ("some training query points at one of their relevant documents." if group == "touched"
+                     else "no training query points at any of their relevant documents (where routing must generalise)."), "",
+                  "| method | " + " | ".join(f"≤{100 * b:g}%" for b in budgets) + " | exact |", "|---|" + "---|" * (len(budgets) + 1)]
+        for m in methods:  # exact search: its one cell in the last column
+            lines.append(f"| {m} | " + " | ".join(_fmt(by.get((m, b)), measure) for b in budgets) + f" | {_fmt(by.get((m, None)), measure)} |")
     for b in [b for b in (0.05, 0.1, 0.2) if b in budgets]:
         lines += ["", f"## All measures at ≤{100 * b:g}% visited (mean fraction visited in brackets)", "",
                   "| method | visited | " + " | ".join(REPORT_MEASURES) + " |", "|---|---|" + "---|" * len(REPORT_MEASURES)]
@@ -525,7 +541,8 @@ def run_benchmark(
         "own_encoder_gap": [],
         "leaf_sizes": runs[0].leaf_sizes,
         "runs": [
-            {"seed": r.seed, "timings": r.timings, "validation": r.validation, "rows": [x.to_dict(per_query=True) for x in r.rows]}
+            {"seed": r.seed, "timings": r.timings, "validation": r.validation, "touch_counts": r.touch_counts,
+             "rows": [x.to_dict(per_query=True) for x in r.rows]}
             for r in runs
         ],
     }

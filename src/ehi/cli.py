@@ -235,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--budgets", type=_budget, nargs="+", help="fractions (default 1%% 2%% 5%% 10%% 20%% ... 100%%)")
     e.add_argument("-k", type=_k, default=100, help=f"documents retrieved per query, at most {MAX_K}")
     e.add_argument("--no-baselines", action="store_true", help="only the model, without exact search and Faiss-IVF over its encoder")
+    e.add_argument("--train-split", default="train",
+                   help="the qrels split the model was trained on: Recall@100 is also reported apart for queries whose relevant documents its queries touch and for those they do not")
     e.add_argument("--json", help="write every row to this JSON file")
     e.add_argument("--strict", action="store_true", help="qrels naming unknown queries or documents are errors")
     e.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -616,7 +618,7 @@ def cmd_cache(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from .data import load_beir
-    from .evaluation import BUDGET_RULE, BUDGETS, evaluate_model, evaluate_run, format_table, has_qrels
+    from .evaluation import BUDGET_RULE, BUDGETS, evaluate_model, evaluate_run, format_table, format_touch_table, has_qrels, split_by_touch
     from .model import EHIModel
 
     if bool(args.run) == bool(args.model):
@@ -642,9 +644,12 @@ def cmd_evaluate(args) -> None:
         print(f"no qrels for split {args.split!r}: neighbour recall only, over all {len(ds.queries)} queries", file=sys.stderr)
     if ds.corpus.fingerprint() != model.corpus_fingerprint:
         print(f"warning: {args.data} corpus differs from the indexed one; run 'ehi index' first", file=sys.stderr)
-    rows = evaluate_model(model, ds, args.split, tuple(args.budgets or BUDGETS), args.k, not args.no_baselines)
+    rows = evaluate_model(model, ds, args.split, tuple(args.budgets or BUDGETS), args.k, not args.no_baselines, train_split=args.train_split)
     print(f"split {args.split!r}, {model.tree.num_leaves} leaves; budget rule: {BUDGET_RULE}\n")
     print(format_table(rows))
+    groups = split_by_touch(ds, sorted(ds.relevant(args.split)), args.split, args.train_split) if judged else None
+    if groups:
+        print("\n" + format_touch_table(rows, groups))
     if args.json:
         from .artifacts import write_file_atomic
 

@@ -187,13 +187,65 @@ def has_qrels(dataset, split: str) -> bool:
     return split in dataset.qrels or (dataset.root / "qrels" / f"{split}.tsv").exists()
 
 
+# Recall@100 apart over the queries whose relevant documents some training query points at
+# ("touched": routing has been taught where they live) and those it does not (a new article,
+# documents added after training: where routing must generalise)
+TOUCHED, UNTOUCHED = "R@100 touched", "R@100 untouched"
+
+
+def untouched_queries(qids, relevant: dict, touched: set) -> list[str]:
+    """The queries none of whose relevant documents is in ``touched`` (the rule validation's
+    ``new_documents`` and the touched / untouched split share)."""
+    return [q for q in qids if not any(d in touched for d in relevant.get(q, ()))]
+
+
+def split_by_touch(dataset, qids, split: str, train_split: str = "train") -> tuple[list[str], list[str]] | None:
+    """(touched, untouched) queries of ``split``: touched when some query of ``train_split``'s
+    qrels has one of its relevant documents. None without training qrels, or when ``split``
+    is the training split itself."""
+    if split == train_split or not has_qrels(dataset, train_split):
+        return None
+    touched = {d for docs in dataset.relevant(train_split).values() for d in docs}
+    new = set(untouched_queries(qids, dataset.relevant(split), touched))
+    return [q for q in qids if q not in new], sorted(new)
+
+
+def add_touch_split(rows: list[Row], groups: tuple[list[str], list[str]] | None) -> None:
+    """Each judged row's Recall@100 over the touched and over the untouched queries (from its
+    per-query Recall@100), added to its metrics; a group without queries is left out."""
+    if groups is None:
+        return
+    for r in rows:
+        if not r.per_query:
+            continue
+        for name, qs in zip((TOUCHED, UNTOUCHED), groups):
+            if qs:
+                r.metrics[name] = 100.0 * float(np.mean([r.per_query.get(q, 0.0) for q in qs]))
+
+
+def format_touch_table(rows: list[Row], groups: tuple[list[str], list[str]]) -> str:
+    """Recall@100 on touched and untouched queries, one line per row that has them."""
+    head = f"{'method':<26} {'budget':>7} {'touched':>8} {'untouched':>10}"
+    lines = [f"Recall@100 by whether a training query touches the relevant documents: {len(groups[0])} touched, {len(groups[1])} untouched queries",
+             head, "-" * len(head)]
+    for r in rows:
+        if TOUCHED in r.metrics or UNTOUCHED in r.metrics:
+            budget = "exact" if r.budget is None else f"{100 * r.budget:.0f}%"
+            cells = [f"{r.metrics[m]:>{w}.1f}" if m in r.metrics else f"{'—':>{w}}" for m, w in ((TOUCHED, 8), (UNTOUCHED, 10))]
+            lines.append(f"{r.method:<26} {budget:>7} " + " ".join(cells))
+    return "\n".join(lines)
+
+
 def evaluate_model(
-    model, dataset, split: str = "test", budgets=BUDGETS, k: int = 100, baselines: bool = True, query_ids=None
+    model, dataset, split: str = "test", budgets=BUDGETS, k: int = 100, baselines: bool = True, query_ids=None,
+    train_split: str = "train",
 ) -> list[Row]:
     """EHI at every budget, exact search over the trained encoder, and (optionally) Faiss-IVF
     with as many lists as EHI has leaves, over the trained and the untrained encoder. Every
     row has neighbour recall against exact search over its own encoder; the qrels measures too
-    when the split has qrels (without them: every query of the dataset, or ``query_ids``)."""
+    when the split has qrels (without them: every query of the dataset, or ``query_ids``), and
+    Recall@100 apart on touched and untouched queries (``split_by_touch`` against
+    ``train_split``) when the dataset has its qrels."""
     if has_qrels(dataset, split):
         rel = dataset.relevant(split)
         if not rel:
@@ -224,6 +276,8 @@ def evaluate_model(
             base_exact, bt = exact_row_and_truth("base encoder, exact", bq, bd, qids, doc_ids, qrels, k)
             rows.append(base_exact)
             rows += ivf_curve("base encoder + Faiss-IVF", bq, bd, nlist, seed, qids, doc_ids, qrels, budgets, k, bt)[0]
+    if qrels is not None:
+        add_touch_split(rows, split_by_touch(dataset, qids, split, train_split))
     return rows
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from .config import TrainConfig
 from .data import Dataset
 from .encoder import Features
-from .evaluation import ehi_curve, make_run, measure
+from .evaluation import ehi_curve, make_run, measure, untouched_queries
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +120,8 @@ class Validator:
         row = {d: i for i, d in enumerate(self.doc_ids)}
         rel = dataset.relevant(split)
         self.pairs = np.array([(qi, row[d]) for qi, q in enumerate(self.query_ids) for d in rel[q] if d in row], dtype=np.int64)
-        seen = set() if trained_docs is None else {int(d) for d in trained_docs}
-        self.new_doc_queries = (
-            [q for q in self.query_ids if not any(row[d] in seen for d in rel[q] if d in row)] if trained_docs is not None else []
-        )
+        touched = set() if trained_docs is None else {self.doc_ids[int(d)] for d in trained_docs}
+        self.new_doc_queries = untouched_queries(self.query_ids, rel, touched) if trained_docs is not None else []
 
     def describe(self) -> str:
         new = f", {len(self.new_doc_queries)} of them on documents no training query touches" if self.new_doc_queries else ""

@@ -1,0 +1,64 @@
+"""Recall@100 apart on queries whose relevant documents training queries touch and on those
+they do not (issue 31): the split's rule, its use in ``ehi evaluate`` and in the benchmark."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ehi.cli import main
+from ehi.data import Corpus, Dataset
+from ehi.evaluation import TOUCHED, UNTOUCHED, Row, add_touch_split, split_by_touch
+
+
+def _dataset():
+    corpus = Corpus([f"d{i}" for i in range(6)], [""] * 6, [""] * 6)
+    queries = {q: q for q in ("t1", "t2", "e1", "e2", "e3", "e4")}
+    qrels = {
+        "train": {"t1": {"d0": 1}, "t2": {"d1": 1, "d5": 0}},  # d5 judged not relevant: untouched
+        "test": {"e1": {"d0": 1}, "e2": {"d2": 1, "d1": 2}, "e3": {"d3": 1, "d4": 1}, "e4": {"d5": 1}},
+    }
+    return Dataset(Path("."), corpus, queries, qrels)
+
+
+def test_a_query_is_touched_when_a_training_query_points_at_one_of_its_documents():
+    ds = _dataset()
+    touched, untouched = split_by_touch(ds, ["e1", "e2", "e3", "e4"], "test")
+    assert touched == ["e1", "e2"] and untouched == ["e3", "e4"]
+    assert split_by_touch(ds, ["t1"], "train") is None  # the training split itself
+    assert split_by_touch(ds, ["e1"], "test", train_split="nope") is None  # no training qrels
+
+
+def test_rows_get_recall_on_each_group_from_their_per_query_recall():
+    rows = [Row("EHI", 0.1, 2, 0.1, {"R@100": 50.0}, {"e1": 1.0, "e2": 0.5, "e3": 0.0, "e4": 0.5}),
+            Row("exact", None, 0, 1.0, {"NR@100": 90.0}, {})]  # no judged per-query values: left alone
+    add_touch_split(rows, (["e1", "e2"], ["e3", "e4"]))
+    assert rows[0].metrics[TOUCHED] == pytest.approx(75.0) and rows[0].metrics[UNTOUCHED] == pytest.approx(25.0)
+    assert TOUCHED not in rows[1].metrics
+    add_touch_split(rows, (["e1", "e2", "e3", "e4"], []))  # an empty group is left out
+    assert UNTOUCHED in rows[0].metrics and rows[0].metrics[TOUCHED] == pytest.approx(50.0)
+
+
+def test_ehi_evaluate_reports_touched_and_untouched_queries_apart(tiny_beir, tmp_path, capsys):
+    data = tmp_path / "d"
+    shutil.copytree(tiny_beir, data)
+    with open(data / "qrels" / "train.tsv", "a") as fh:  # a training query on two test documents
+        fh.write("q-music-1\tmusic-0\t1\nq-music-1\tcooking-0\t1\n")
+    out = tmp_path / "m"
+    assert main(["train", "--data", str(data), "--out", str(out), "-B", "4", "--epochs", "1", "--no-progress"]) == 0
+    capsys.readouterr()
+    report = tmp_path / "eval.json"
+    assert main(["evaluate", str(out), "--data", str(data), "--budgets", "0.5", "1.0", "--json", str(report)]) == 0
+    text = capsys.readouterr().out
+    assert "Recall@100 by whether a training query touches the relevant documents: 2 touched, 10 untouched queries" in text
+    import json
+
+    rows = json.loads(report.read_text())
+    ehi = next(r for r in rows if r["method"] == "EHI" and r["budget"] == 1.0)
+    per = ehi["metrics"]
+    # the groups' recalls average back to the whole split's, weighted by their sizes
+    assert (2 * per[TOUCHED] + 10 * per[UNTOUCHED]) / 12 == pytest.approx(per["R@100"], abs=1e-6)
+    # the split a model trained on has no untouched queries to report
+    assert main(["evaluate", str(out), "--data", str(data), "--split", "train", "--budgets", "1.0"]) == 0
+    assert "touches the relevant documents" not in capsys.readouterr().out
