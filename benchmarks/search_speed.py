@@ -343,7 +343,24 @@ def recall_qps_curves(model, ds, split: str, reps: int, single: int) -> dict:
         limits.restore_original_limits()
         faiss.omp_set_num_threads(2)
         model.index = ehi_flat
+    out["at_recall"] = at_recall(out)
     return out
+
+
+def at_recall(out: dict, targets=(80, 85, 90, 93)) -> dict:
+    """Per R@100 target: each method's best batched QPS and best single-query p50 among the
+    widths that reach it (None: none does), printed as a table."""
+    table = {}
+    print(f"\n{'R@100 >=':<10}" + "".join(f"{m[:22]:>24}" for m in out["methods"]) + "   (batched QPS / p50 us)")
+    for t in targets:
+        row = {}
+        for name, m in out["methods"].items():
+            pts = [p for p in m["points"] if p["R@100"] >= t]
+            row[name] = {"batched_qps": max(p["batched_qps"] for p in pts), "p50_ms": min(p["p50_ms"] for p in pts)} if pts else None
+        table[str(t)] = row
+        cells = [f"{c['batched_qps']:.0f} / {1000 * c['p50_ms']:.0f}" if c else "-" for c in row.values()]
+        print(f"{t:<10}" + "".join(f"{c:>24}" for c in cells))
+    return table
 
 
 def plot_curves(out: dict, path: str, title: str) -> None:
