@@ -377,7 +377,7 @@ def write_report(results: dict, out: Path) -> None:
             c = by.get((m, b))
             if c:
                 lines.append(f"| {m} | {100 * c['fraction_visited']['mean']:.1f}% | " + " | ".join(_fmt(c, x) for x in REPORT_MEASURES) + " |")
-    lines += ["", "## EHI against the best baseline (DE, untrained encoder or EHI encoder with Faiss-IVF / ScaNN)", "",
+    lines += ["", "## EHI against the best baseline (DE, untrained encoder or EHI encoder with Faiss-IVF / ScaNN / HNSW)", "",
               "| budget | best baseline | EHI R@100 | baseline R@100 | difference | p-value |", "|---|---|---|---|---|---|"]
     for s in results["significance"]:
         lines.append(f"| ≤{100 * s['budget']:g}% | {s['baseline']} | {s['ehi_R@100']:.1f} | {s['baseline_R@100']:.1f} | {s['difference']:+.1f} | {s['p_value']:.2g} |")
