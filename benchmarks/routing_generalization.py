@@ -16,7 +16,14 @@ example's document. What varies is *what it learns from*:
   candidates ``ehi train`` chooses from; ``blend a``: the centroid and the adjusted router's
   log-probabilities mixed (not realisable as one tree, kept for comparison);
 - ``docs re-routed``: the same router also assigns the documents (as EHI's tree does) instead
-  of keeping their k-means leaves.
+  of keeping their k-means leaves;
+- ``mean + λ·spread`` (``--spread λ…``): a training-free router in the spirit of Optimist (Bruch,
+  Krishnan, Nardini, NeurIPS 2025): a leaf scores its mean inner product with the query plus λ
+  times the spread of its documents' inner products along the query, ``q·μ_c + λ‖S_c q‖``, with
+  ``S_c`` the top ``--spread-rank`` principal directions of the leaf's centred documents, scaled
+  by their standard deviations (a sketch of the second moment). It needs no training question,
+  so it has no train / new gap by construction. ``--only NAMES`` keeps only those trained
+  variants (``k-means`` always runs; ``--spans 0`` skips the spans).
 
 Judged only on decision splits, on queries never trained on, at 1 / 2 / 5 / 10 / 20 % of the
 corpus visited (the shared budget rule, measured on the judged queries), Recall@100:
@@ -89,6 +96,34 @@ def recall_at(q_emb, d_emb, doc_leaf, leaf_order, rel_rows, budgets, k=100):
     return out, {key: float(frac[max(w - 1, 0)]) for key, w in widths.items()}
 
 
+def spread_router(d_emb: np.ndarray, doc_leaf: np.ndarray, L: int, lam: float, rank: int):
+    """``q -> q·μ_c + λ‖S_c q‖`` per leaf c (module docstring), as a scorer of (Q, d) rows."""
+    d = d_emb.shape[1]
+    mu = np.zeros((L, d), dtype=np.float32)
+    S = np.zeros((L, rank, d), dtype=np.float32)
+    for c in range(L):
+        x = d_emb[doc_leaf == c]
+        if not len(x):
+            mu[c] = -np.inf  # an empty leaf is never worth visiting
+            continue
+        mu[c] = x.mean(0)
+        if len(x) > 1:
+            _, sv, vt = np.linalg.svd(x - mu[c], full_matrices=False)
+            r = min(rank, len(sv))
+            S[c, :r] = (sv[:r, None] / np.sqrt(len(x))) * vt[:r]
+    flat = S.reshape(L * rank, d).T.copy()  # (d, L*r)
+
+    def score(q: np.ndarray) -> np.ndarray:
+        out = np.empty((len(q), L), dtype=np.float32)
+        for s in range(0, len(q), 1024):
+            qq = q[s : s + 1024]
+            spread = np.linalg.norm((qq @ flat).reshape(len(qq), L, rank), axis=2)
+            out[s : s + 1024] = qq @ mu.T + lam * spread
+        return out
+
+    return score
+
+
 @torch.no_grad()
 def leaf_scores(tree: Tree, x: np.ndarray) -> np.ndarray:
     return np.concatenate([tree.levels[0](torch.from_numpy(x[s : s + 4096])).numpy() for s in range(0, len(x), 4096)])
@@ -122,8 +157,8 @@ def run_corpus(name: str, spec: dict, args) -> dict:
         t, r = document_spans(ds.corpus, len(ds.corpus), seed=s)
         spans += t
         span_rows.append(r)
-    span_rows = np.concatenate(span_rows)
-    sp_emb = embed(enc, spans, f"{name}: spans")
+    span_rows = np.concatenate(span_rows) if span_rows else np.zeros(0, dtype=np.int64)
+    sp_emb = embed(enc, spans, f"{name}: spans") if spans else np.zeros((0, d_emb.shape[1]), dtype=np.float32)
     print(f"[{name}] embeddings ready in {time.perf_counter() - t0:.0f} s: {len(d_emb)} docs, {len(train_q)} train questions, {len(spans)} spans", flush=True)
     L = TreeConfig().resolve_branching(len(d_emb))
     results = {"leaves": L, "train_questions": len(train_q), "spans": len(spans), "splits": {}}
@@ -144,11 +179,15 @@ def run_corpus(name: str, spec: dict, args) -> dict:
                 tq_w.append(1.0 / len(docs))
         tq_x, tq_leaf, tq_w = np.array(tq_x), np.array(tq_leaf), np.array(tq_w)
         Xq, Yq, Wq = tq_emb[tq_x], tq_leaf, tq_w
-        Xs, Ys, Ws = sp_emb, doc_leaf[span_rows], np.full(len(sp_emb), args.span_weight / args.spans)
+        Xs, Ys, Ws = sp_emb, doc_leaf[span_rows], np.full(len(sp_emb), args.span_weight / max(args.spans, 1))
         variants = {"k-means": None, "questions": (Xq, Yq, Wq), "spans": (Xs, Ys, Ws),
                     "questions + spans": (np.concatenate([Xq, Xs]), np.concatenate([Yq, Ys]), np.concatenate([Wq, Ws]))}
         variants["questions, prior-adjusted"] = variants["questions"]
         variants["questions + spans, prior-adjusted"] = variants["questions + spans"]
+        if args.only is not None:
+            variants = {k: v for k, v in variants.items() if k == "k-means" or k in args.only}
+        if not args.spans:
+            variants = {k: v for k, v in variants.items() if "spans" not in k}
         routers = {}
         for vname, data in variants.items():
             tree = Tree(d_emb.shape[1], TreeConfig(branching=L, height=1))
@@ -159,14 +198,17 @@ def run_corpus(name: str, spec: dict, args) -> dict:
                 ex = RoutingExamples(x, y[:, None].astype(np.int64), w.astype(np.float32))
                 fit_router(tree, ex, args.epochs, args.lr, 0.01, seed, adjust="adjusted" in vname)
             routers[vname] = (lambda x, tree=tree: leaf_scores(tree, x), time.perf_counter() - t, tree)
+        for lam in args.spread:  # training-free: built from the documents of each leaf
+            t = time.perf_counter()
+            routers[f"mean + {lam:g}·spread (training-free)"] = (spread_router(d_emb, doc_leaf, L, lam, args.spread_rank), time.perf_counter() - t, None)
+        fitted = routers.get("questions + spans, prior-adjusted", (None, None, None))[2]
         # the fitted change shrunk: start + a * (fitted - start), parameters of one tree
-        fitted = routers["questions + spans, prior-adjusted"][2]
-        for a in args.blend:
+        for a in (args.blend if fitted is not None else []):
             tree = Tree(d_emb.shape[1], TreeConfig(branching=L, height=1))
             tree.load_state_dict(shrunk(base.state_dict(), fitted.state_dict(), a))
             routers[f"shrink {a:g} (q + spans, adjusted)"] = (lambda x, tree=tree: leaf_scores(tree, x), 0.0, tree)
         # the learned score as a bounded correction: half centroid log-probability, half learned
-        for a in args.blend:
+        for a in (args.blend if fitted is not None else []):
             km_s, qs_s = routers["k-means"][0], routers["questions + spans, prior-adjusted"][0]
             routers[f"blend {a:g} (q + spans, adjusted)"] = (lambda x, a=a, f=km_s, g=qs_s: (1 - a) * f(x) + a * g(x), 0.0, None)
         seed_out = {}
@@ -237,6 +279,9 @@ def main() -> None:
     ap.add_argument("--spans", type=int, default=4, help="spans per document")
     ap.add_argument("--span-weight", type=float, default=1.0, help="what one document's spans weigh together, against one question")
     ap.add_argument("--blend", type=float, nargs="*", default=[0.5], help="weights of the learned score in a centroid/learned blend, and shrink factors of the fitted change")
+    ap.add_argument("--spread", type=float, nargs="*", default=[], help="λ of the training-free mean + λ·spread router (one variant each)")
+    ap.add_argument("--spread-rank", type=int, default=8, help="principal directions per leaf in its spread sketch")
+    ap.add_argument("--only", nargs="*", help="the trained variants to run (k-means always runs); default: all")
     ap.add_argument("--out", default="reports/routing_generalization.json")
     args = ap.parse_args()
     torch.set_num_threads(2)
