@@ -284,9 +284,10 @@ def recall_qps_curves(model, ds, split: str, reps: int, single: int) -> dict:
     hn = HNSWBaseline(d)
     ehi_flat = model.index
     ic = model.config.index
-    model.config.index.codec, model.config.index.pq_m, model.config.index.rerank = "pq", 48, 200
+    saved = ic.codec, ic.pq_m, ic.rerank  # values: ic is the config object being changed
+    ic.codec, ic.pq_m, ic.rerank = "pq", 48, 200
     ehi_pq = model.build_index(d, model.doc_ids, model.doc_titles)
-    model.config.index.codec, model.config.index.pq_m, model.config.index.rerank = ic.codec, ic.pq_m, ic.rerank
+    ic.codec, ic.pq_m, ic.rerank = saved
 
     def ehi_with(index):
         def run(q, w):

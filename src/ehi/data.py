@@ -118,14 +118,15 @@ def _read_jsonl(path: Path, required: tuple[str, ...]):
             raw_id = obj["_id"]
             if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or not str(raw_id).strip():
                 raise DataError(f"{path}:{lineno}: _id must be a non-empty string or an integer, got {json.dumps(raw_id)[:40]}")
-            for key in ("_id", "text", "title"):
-                if key != "_id" and obj.get(key) is not None and not isinstance(obj[key], str):
+            for key in ("text", "title"):
+                if obj.get(key) is not None and not isinstance(obj[key], str):
                     raise DataError(f"{path}:{lineno}: field {key!r} must be a string, got {type(obj[key]).__name__}")
-                if isinstance(obj.get(key), str):
-                    try:
+            for key in ("_id", "text", "title"):
+                try:
+                    if isinstance(obj.get(key), str):
                         obj[key].encode("utf-8")
-                    except UnicodeEncodeError:  # a JSON escape like "\ud800": no tokenizer takes it
-                        raise DataError(f"{path}:{lineno}: field {key!r} is not valid Unicode text (a lone surrogate escape such as \\ud800)") from None
+                except UnicodeEncodeError:  # a JSON escape like "\ud800": no tokenizer takes it
+                    raise DataError(f"{path}:{lineno}: field {key!r} is not valid Unicode text (a lone surrogate escape such as \\ud800)") from None
             _id = str(raw_id)
             if _id in seen:
                 raise DataError(f"{path}:{lineno}: duplicate _id {_id!r}")

@@ -153,6 +153,6 @@ class OnnxFrozen:
             chunks.append(self.session.run(None, feed)[0])
         emb = np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
         out = np.empty_like(emb)
-        out[np.concatenate(batches) if batches else order] = emb
+        out[order] = emb  # the batches are consecutive runs of ``order``
         out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out.astype(np.float32, copy=False)
