@@ -113,7 +113,7 @@ def build_streaming(model, corpus, L, codec, sample_x, args, upto: int | None = 
         if s >= n:
             break
         x = model.encoder.embed_vectors(x[: n - s])
-        lv = model.route(x, 1)
+        lv = model.place(x, 1)
         parts.append(lv)
         sums += leaf_centroids(lv, x, L, normalise=False)
     leaves = np.concatenate(parts)
@@ -272,7 +272,7 @@ def main() -> None:
     t = time.perf_counter()
     for x in ext:  # embed, route, append to the lists: O(new documents)
         e = model.encoder.embed_vectors(x)
-        model.index.add(e, model.route(e, 1))
+        model.index.add(e, model.place(e, 1))
     out["add_1pct_seconds"] = time.perf_counter() - t
     out["add_1pct_over_build"] = out["add_1pct_seconds"] / ehi_build
 

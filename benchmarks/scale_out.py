@@ -107,7 +107,7 @@ def main() -> None:
     reset_peak()  # this process's peak from here: the corpus it holds, plus the build
     t = time.perf_counter()
     emb = model.encoder.embed_vectors(x)
-    leaves = model.route(emb, 1)
+    leaves = model.place(emb, 1)
     builds["one process"] = {"seconds": time.perf_counter() - t, "process_peak_gib": _status("VmHWM")}
     connect(num_cpus=2)
     for w in args.workers:

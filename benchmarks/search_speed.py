@@ -289,11 +289,19 @@ def recall_qps_curves(model, ds, split: str, reps: int, single: int) -> dict:
     ehi_pq = model.build_index(d, model.doc_ids, model.doc_titles)
     ic.codec, ic.pq_m, ic.rerank = saved
 
-    def ehi_with(index):
+    def ehi_with(index, router=None):
         def run(q, w):
             model.index = index
-            return model.search_embeddings(q, 100, w)[0]
+            ic.router = router or shipped_router
+            try:
+                return model.search_embeddings(q, 100, w)[0]
+            finally:
+                ic.router = shipped_router
         return lambda q, w: (lambda r: (r.indices, r.scores))(run(q, w))
+
+    shipped_router = ic.router
+    sk = model.leaf_sketch()
+    sketch_bytes = sk.means.nbytes + sk.spread.nbytes
 
     def ivf_with(index):
         def run(q, w):
@@ -309,8 +317,9 @@ def recall_qps_curves(model, ds, split: str, reps: int, single: int) -> dict:
         return I, D
 
     methods = {  # name -> (search(q, width), widths, bytes)
-        "EHI": (ehi_with(ehi_flat), widths, ehi_flat.nbytes() + router_bytes),
-        "EHI + PQ48 (re-rank 200)": (ehi_with(ehi_pq), widths, ehi_pq.nbytes() + router_bytes),
+        "EHI": (ehi_with(ehi_flat, "spread"), widths, ehi_flat.nbytes() + router_bytes + sketch_bytes),
+        "EHI (tree router)": (ehi_with(ehi_flat, "tree"), widths, ehi_flat.nbytes() + router_bytes),
+        "EHI + PQ48 (re-rank 200)": (ehi_with(ehi_pq, "spread"), widths, ehi_pq.nbytes() + router_bytes + sketch_bytes),
         "Faiss IVFFlat": (ivf_with(ivf.index), widths, n * dim * 4 + n * 8 + L * dim * 4),
         "Faiss IVFPQ48": (ivf_with(ivfpq), widths, n * (48 + 8) + L * dim * 4 + 48 * 256 * (dim // 48) * 4),
         "ScaNN": (lambda q, w: sc.searcher.search_batched(q, final_num_neighbors=100, leaves_to_search=w), widths, n * dim * 4 + L * dim * 4),

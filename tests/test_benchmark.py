@@ -43,6 +43,24 @@ def test_ivf_with_every_list_probed_is_exact_search():
     assert np.array_equal(ivf.search(q, 10, 3)[2], ivf.list_sizes[lists].sum(1))
 
 
+def test_the_spread_router_baseline_probes_its_lists_in_sketch_order_and_is_exact_over_all():
+    from ehi.baselines import SpreadIVFBaseline
+
+    d, q = _emb(2000), _emb(40, seed=4)
+    sp = SpreadIVFBaseline(d, 32)
+    idx, scores, visited = sp.search(q, 10, 32)
+    ref, ref_scores = exact_search(q, d, 10)
+    assert np.array_equal(idx, ref) and np.allclose(scores, ref_scores, atol=1e-5)
+    assert (visited == 2000).all() and sp.list_sizes.sum() == 2000
+    lists = sp.probes(q, 3)
+    assert np.array_equal(lists, sp.sketch.top(q, 3, sp.lam))
+    # a narrow search returns only documents of the probed lists, and counts them
+    _, home = sp.quantizer.search(d, 1)
+    got, _, visited = sp.search(q, 10, 3)
+    assert all(home[i, 0] in row for g, row in zip(got, lists) for i in g if i >= 0)
+    assert np.array_equal(visited, sp.list_sizes[lists].sum(1))
+
+
 def test_scann_full_search_is_exact_and_counts_visits():
     d, q = _emb(2000), _emb(20, seed=2)
     sc = ScaNNBaseline(d, 20)

@@ -51,6 +51,7 @@ def test_a_calibrated_beam_per_level_is_saved_and_searched_with(tiny_beir, tmp_p
 
     cfg = tiny_config(branching=4, epochs=1)
     cfg.tree.height, cfg.tree.upper_agreement = 2, 0.95
+    cfg.index.router = "tree"  # the cells per width are the tree router's
     model = train(load_beir(tiny_beir), cfg, tmp_path / "m", progress=False)
     cal = model.beam_calibration
     assert all(len(c) == 3 and -(-c[0] // 4) <= c[2] <= 4 for c in cal)

@@ -62,3 +62,51 @@ def test_ehi_evaluate_reports_touched_and_untouched_queries_apart(tiny_beir, tmp
     # the split a model trained on has no untouched queries to report
     assert main(["evaluate", str(out), "--data", str(data), "--split", "train", "--budgets", "1.0"]) == 0
     assert "touches the relevant documents" not in capsys.readouterr().out
+
+
+def test_the_untouched_guard_refuses_a_clear_loss_and_lets_noise_through():
+    from ehi.validation import untouched_worse
+
+    rng = np.random.default_rng(0)
+    ref = rng.uniform(40, 90, size=60)
+    assert untouched_worse(ref, ref - 10) is not None  # every untouched query lost 10 points
+    assert untouched_worse(ref, ref + rng.normal(0, 5, size=60)) is None  # noise around no change
+    assert untouched_worse(ref, ref + 5) is None  # a gain is never refused
+    few = ref[:4].copy()
+    assert untouched_worse(few, few + np.array([-30.0, 20.0, 10.0, -15.0])) is None  # too few to tell
+
+
+def test_validation_never_keeps_a_state_that_wins_on_touched_and_loses_on_untouched_queries(tiny_beir):
+    """A scripted validator: epoch 2's learned tree scores best overall (its touched queries
+    gain) while its untouched queries all lose; training keeps the best state that does not."""
+    from conftest import tiny_config
+    from ehi.data import load_beir
+    from ehi.training import Trainer
+
+    trainer = Trainer(tiny_config(epochs=3, route_fit_epochs=0, val_refit=False), load_beir(tiny_beir))
+    assert trainer.validator is not None
+    real = trainer.validator
+    ref = list(np.linspace(40, 90, 12))
+    script = iter([
+        (50.0, ref),  # epoch 0: the k-means start, the reference
+        (60.0, [r + 1 for r in ref]), (55.0, ref),  # epoch 1: learned, k-means over its encoder
+        (95.0, [r - 20 for r in ref]), (52.0, ref),  # epoch 2: best score, every untouched query worse
+        (58.0, ref), (51.0, ref),  # epoch 3
+    ])
+
+    class Scripted:
+        budgets, describe = real.budgets, real.describe
+
+        def __call__(self, model, d_emb):
+            score, per_query = next(script)
+            return {"R@100": {"0.1": score}, "leaf_recall": {"0.1": score}, "visited": {"0.1": 0.1}, "score": score,
+                    "new_documents": {"queries": len(per_query), "R@100": {"0.1": float(np.mean(per_query))},
+                                      "score": float(np.mean(per_query)), "per_query": list(per_query)}}
+
+    trainer.validator = Scripted()
+    trainer.fit(progress=False)
+    assert trainer.best[0] == 1 and trainer.best[1] == 60.0
+    by_epoch = {e["epoch"]: e for e in trainer.validation}
+    assert "untouched" in by_epoch[2]["refused"]
+    assert "per_query" not in by_epoch[2]["new_documents"]  # only the reference keeps them
+    assert "per_query" in by_epoch[0]["new_documents"]

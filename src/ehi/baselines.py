@@ -63,6 +63,45 @@ class IVFBaseline:
         return idx, scores, visited
 
 
+class SpreadIVFBaseline(IVFBaseline):
+    """Training-free routing after Optimist (Bruch, Krishnan, Nardini, NeurIPS 2025): spherical
+    k-means lists, probed in the order of each list's mean plus ``lam`` times the spread of its
+    documents' inner products with the query (``leaf_sketch.LeafSketch``, rank ``rank``)
+    instead of by centroid. What EHI's own spread router would be over an off-the-shelf
+    partition: the baseline that isolates what training the tree and encoder adds."""
+
+    name = "k-means + spread router"
+
+    def __init__(self, doc_emb: np.ndarray, nlist: int, seed: int = 0, lam: float = 2.0, rank: int = 8):
+        import faiss
+
+        from .leaf_sketch import LeafSketch
+
+        x = np.ascontiguousarray(doc_emb, dtype=np.float32)
+        self.n, d = x.shape
+        self.nlist, self.lam = nlist, lam
+        self.quantizer = faiss.IndexFlatIP(d)
+        self.index = faiss.IndexIVFFlat(self.quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        self.index.cp.seed = seed
+        self.index.cp.spherical = True
+        self.index.cp.min_points_per_centroid = 1  # as many lists as EHI has leaves (see IVFBaseline)
+        self.index.train(x)
+        self.index.add(x)
+        _, lists = self.quantizer.search(x, 1)
+        self.sketch = LeafSketch.fit(x, lists[:, 0], nlist, rank)
+        self.list_sizes = self.sketch.counts
+
+    def probes(self, q_emb: np.ndarray, nprobe: int) -> np.ndarray:
+        return self.sketch.top(np.ascontiguousarray(q_emb, dtype=np.float32), nprobe, self.lam)
+
+    def search(self, q_emb: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        q = np.ascontiguousarray(q_emb, dtype=np.float32)
+        lists = self.probes(q, nprobe)
+        self.index.nprobe = lists.shape[1]  # Faiss checks the preassigned lists against it
+        scores, idx = self.index.search_preassigned(q, k, lists, np.zeros(lists.shape, dtype=np.float32))
+        return idx, scores, self.list_sizes[lists].sum(1)
+
+
 def exact_search(q_emb: np.ndarray, doc_emb: np.ndarray, k: int, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """Brute-force cosine top-k (embeddings are normalised)."""
     import faiss

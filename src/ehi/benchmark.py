@@ -1,16 +1,18 @@
 """``ehi benchmark``: EHI against the two-stage pipeline, same encoder, same budget, same run.
 
 Methods, each evaluated at every budget under one rule (``evaluation.BUDGET_RULE``):
-- EHI: the jointly trained encoder and tree;
-- DE + exact / Faiss-IVF / ScaNN / HNSW: a dual encoder (same base model, trainable scope,
-  epochs and batch size as EHI) trained with the siamese loss only, hard negatives from exact
-  search, then indexed with off-the-shelf partitions of as many lists as EHI has leaves, or a
-  Faiss HNSW graph (M 32, efConstruction 200; efSearch is its width, the documents it scores
-  its cost);
-- EHI encoder + exact / Faiss-IVF / ScaNN / HNSW: EHI's trained encoder with the off-the-shelf
-  indexes on top (paper appendix E.8), which isolates what the learned tree adds;
-- untrained encoder + exact / Faiss-IVF / ScaNN / HNSW: the base model as it ships, no training
-  at all: what a user gets without ehi;
+- EHI: the jointly trained encoder and tree (searched with the model's router, by default
+  the spread router over the tree's leaves);
+- DE + exact / Faiss-IVF / ScaNN / spread router / HNSW: a dual encoder (same base model,
+  trainable scope, epochs and batch size as EHI) trained with the siamese loss only, hard
+  negatives from exact search, then indexed with off-the-shelf partitions of as many lists as
+  EHI has leaves (the spread router: spherical k-means lists probed by the training-free
+  mean + spread score, after Optimist), or a Faiss HNSW graph (M 32, efConstruction 200;
+  efSearch is its width, the documents it scores its cost);
+- EHI encoder + the same: EHI's trained encoder with the off-the-shelf indexes on top (paper
+  appendix E.8), which isolates what the learned tree adds;
+- untrained encoder + the same: the base model as it ships, no training at all: what a user
+  gets without ehi;
 - ablations of EHI (``--ablation NAME``).
 """
 
@@ -48,8 +50,8 @@ ABLATIONS: dict[str, dict] = {
     "no-balance": {"train.load_balance": 0.0},
 }
 BASELINES = (
-    "DE + Faiss-IVF", "DE + ScaNN", "DE + HNSW", "untrained encoder + Faiss-IVF", "untrained encoder + ScaNN", "untrained encoder + HNSW",
-    "EHI encoder + Faiss-IVF",
+    "DE + Faiss-IVF", "DE + ScaNN", "DE + HNSW", "DE + spread router", "untrained encoder + Faiss-IVF", "untrained encoder + ScaNN",
+    "untrained encoder + HNSW", "untrained encoder + spread router", "EHI encoder + Faiss-IVF",
 )
 REPORT_MEASURES = ("R@10", "R@20", "R@50", "R@100", "nDCG@10", "RR@10")
 
@@ -79,11 +81,14 @@ class SeedRun:
     touch_counts: dict | None = None  # evaluated queries that training queries touch / do not
 
 
-def index_curves(prefix, q_emb, d_emb, nlist, seed, qids, doc_ids, qrels, budgets, k=100, scann=True, exact=None, truth=None, hnsw=True):
-    """Exact search, Faiss-IVF, ScaNN and HNSW over one set of embeddings; ``exact`` and
+def index_curves(
+    prefix, q_emb, d_emb, nlist, seed, qids, doc_ids, qrels, budgets, k=100, scann=True, exact=None, truth=None, hnsw=True, spread=True,
+):
+    """Exact search, Faiss-IVF, ScaNN, spherical k-means probed by the training-free spread
+    router (``SpreadIVFBaseline``) and HNSW over one set of embeddings; ``exact`` and
     ``truth``: the exact row and neighbours already computed (``exact_row_and_truth``), for
     neighbour recall."""
-    from .baselines import HNSWBaseline, ScaNNBaseline
+    from .baselines import HNSWBaseline, ScaNNBaseline, SpreadIVFBaseline
 
     rows = [exact or exact_row(f"{prefix} + exact", q_emb, d_emb, qids, doc_ids, qrels, k)]
     ivf_rows, ivf = ivf_curve(f"{prefix} + Faiss-IVF", q_emb, d_emb, nlist, seed, qids, doc_ids, qrels, budgets, k, truth)
@@ -94,6 +99,12 @@ def index_curves(prefix, q_emb, d_emb, nlist, seed, qids, doc_ids, qrels, budget
         rows += budget_curve(
             f"{prefix} + ScaNN", nlist, lambda w: sc.visited_fraction(q_emb, w),
             lambda w: sc.search(q_emb, k, w)[:2], qids, doc_ids, qrels, budgets, truth,
+        )
+    if spread:
+        sp = SpreadIVFBaseline(d_emb, nlist, seed)
+        rows += budget_curve(
+            f"{prefix} + spread router", nlist, lambda w: sp.visited_fraction(q_emb, w),
+            lambda w: sp.search(q_emb, k, w)[:2], qids, doc_ids, qrels, budgets, truth,
         )
     if hnsw:
         hn = HNSWBaseline(d_emb)
@@ -377,7 +388,7 @@ def write_report(results: dict, out: Path) -> None:
             c = by.get((m, b))
             if c:
                 lines.append(f"| {m} | {100 * c['fraction_visited']['mean']:.1f}% | " + " | ".join(_fmt(c, x) for x in REPORT_MEASURES) + " |")
-    lines += ["", "## EHI against the best baseline (DE, untrained encoder or EHI encoder with Faiss-IVF / ScaNN / HNSW)", "",
+    lines += ["", "## EHI against the best baseline (DE, untrained encoder or EHI encoder with Faiss-IVF / ScaNN / spread router / HNSW)", "",
               "| budget | best baseline | EHI R@100 | baseline R@100 | difference | p-value |", "|---|---|---|---|---|---|"]
     for s in results["significance"]:
         lines.append(f"| ≤{100 * s['budget']:g}% | {s['baseline']} | {s['ehi_R@100']:.1f} | {s['baseline_R@100']:.1f} | {s['difference']:+.1f} | {s['p_value']:.2g} |")

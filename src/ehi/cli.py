@@ -14,7 +14,7 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from .benchmark import ABLATIONS  # noqa: E402
-from .config import BACKENDS  # noqa: E402
+from .config import BACKENDS, ROUTERS  # noqa: E402
 from .limits import MAX_K  # noqa: E402
 
 
@@ -103,6 +103,16 @@ def _backend_override(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder-backend", choices=BACKENDS, help=BACKEND_HELP + " (default: the model's)")
 
 
+REPARTITION_HELP = ("then re-draw the leaves as k-means over every document (replaces the learned partition): for documents "
+                    "unlike the trained ones, e.g. a new topic, which the trained leaves have no room for")
+ROUTER_HELP = ("how a search picks its leaves: spread (each leaf's mean and spread of its documents' inner products with the "
+               "query; routes questions about documents no training query touched) or tree (the learned tree; cheaper per query)")
+
+
+def _router_option(p: argparse.ArgumentParser, saved: bool) -> None:
+    p.add_argument("--router", choices=ROUTERS, help=ROUTER_HELP + (" (saved in the model; default spread)" if saved else " (default: the model's)"))
+
+
 class _Parser(argparse.ArgumentParser):
     """Every parser, subcommands' included (argparse makes them of their parent's class),
     shows option defaults."""
@@ -151,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--refresh-every", type=int, help="epochs between refreshes of the hard negatives (r)")
     t.add_argument("--d2l", type=int, help="leaves each document is stored in")
     t.add_argument("--codec", choices=["flat", "sq8", "pq"], help="index codec (default flat); see 'ehi index build'")
+    _router_option(t, saved=True)
     t.add_argument("--seed", type=int, help="random seed (config default 0)")
     t.add_argument("--device", type=_device, help="cpu, cuda, cuda:1, ...")
     t.add_argument("--no-progress", action="store_true", help=NO_PROGRESS)
@@ -193,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     ib.add_argument("--workers", type=_positive, default=2, help="--ray: workers that each load the model once and embed and route a share of the corpus")
     ib.add_argument("--shards", type=_positive, help="save the lists as this many shard files, leaves balanced by documents, for 'ehi serve --shards' (default: the model's, 1)")
     _backend_override(ib)
+    _router_option(ib, saved=True)
+    ib.add_argument("--repartition", action="store_true", help=REPARTITION_HELP)
     ih = isub.add_parser("shard", help="re-save a model's index as S shard files (no re-encoding), for 'ehi serve --shards S'")
     ih.add_argument("model", help="model directory")
     ih.add_argument("--shards", type=_positive, required=True, help="shard files; 1 joins them back into index.faiss")
@@ -206,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     ia.add_argument("--overwrite", action="store_true", help="replace the model at --out, or without --out the model itself")
     ia.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
     _backend_override(ia)
+    ia.add_argument("--repartition", action="store_true", help=REPARTITION_HELP)
     ir = isub.add_parser("remove", help="drop documents by id")
     ir.add_argument("model", help="model directory")
     ir.add_argument("ids", help="text file, one document id per line")
@@ -226,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ids", help="text file, one document id per line: only these may be returned (the best k of them are found)")
     s.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
     _backend_override(s)
+    _router_option(s, saved=False)
 
     e = sub.add_parser("evaluate", help="metrics against fraction visited, with exact search and Faiss-IVF; or score a run file")
     e.add_argument("model", nargs="?", help="model directory (not with --run)")
@@ -241,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--strict", action="store_true", help="qrels naming unknown queries or documents are errors")
     e.add_argument("--device", type=_device, default="cpu", help="cpu, cuda, cuda:1, ...")
     _backend_override(e)
+    _router_option(e, saved=False)
 
     c = sub.add_parser("cache", help="the feature cache: size, or clear it")
     c.add_argument("cache_command", choices=["info", "clear"], help="info: files and size; clear: delete them")
@@ -250,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--host", default="127.0.0.1", help="address to listen on")
     v.add_argument("--port", type=_port, default=8000, help="port to listen on")
     _backend_override(v)
+    _router_option(v, saved=False)
     v.add_argument("--max-wait-ms", type=_ms, default=2.0,
                    help="under load (the previous batch held several requests), how long a micro-batch waits for more; "
                    "a lone request never waits (0: never wait)")
@@ -305,6 +322,7 @@ def _config_from_args(args):
         "refresh_every": ("train", "refresh_every"),
         "d2l": ("index", "d2l"),
         "codec": ("index", "codec"),
+        "router": ("index", "router"),
         "seed": ("train", "seed"),
         "device": ("train", "device"),
         "val_fraction": ("train", "val_fraction"),
@@ -468,6 +486,8 @@ def cmd_index(args) -> None:
     before = leaf_report(model) if model.index is not None else None
     if args.index_command == "build":
         corpus = load_beir(args.data).corpus
+        if args.router:
+            model.set_index_options(router=args.router)
         address = None if args.ray in (None, LOCAL_RAY) else args.ray
         model.index_corpus(
             corpus, d2l=args.d2l, codec=args.codec, pq_m=args.pq_m, rerank=args.rerank, shards=args.shards,
@@ -497,6 +517,9 @@ def cmd_index(args) -> None:
             return
         what = f"removed {removed} documents"
     out = args.out or args.model
+    if getattr(args, "repartition", False):
+        model.repartition()
+        what += ", leaves re-drawn as k-means over every document"
     model.save(out)
     print(f"{what}; {model.index.num_docs} documents in {out}")
     if model.config.index.shards > 1:
@@ -568,7 +591,7 @@ def cmd_search(args) -> None:
     if args.run and Path(args.run).is_dir():
         raise ValueError(f"--run {args.run}: is a folder; give a file path")
     allowed = _read_ids(args.ids) if args.ids else None
-    model = EHIModel.load(args.model, device=args.device, mmap=True, backend=args.encoder_backend)
+    model = EHIModel.load(args.model, device=args.device, mmap=True, backend=args.encoder_backend, router=args.router)
     if model.index is None:
         raise ValueError(f"{args.model}: the model has no index; run 'ehi index build' first")
     qids, texts = [q for q, _ in pairs], [t for _, t in pairs]
@@ -637,7 +660,7 @@ def cmd_evaluate(args) -> None:
 
             write_file_atomic(args.json, json.dumps({"run": args.run, "split": args.split, "queries": n, "metrics": metrics}, indent=2))
         return
-    model = EHIModel.load(args.model, device=args.device, backend=args.encoder_backend)
+    model = EHIModel.load(args.model, device=args.device, backend=args.encoder_backend, router=args.router)
     if judged:
         ds.check_qrels(args.split, strict=args.strict)
     else:
@@ -720,7 +743,7 @@ def cmd_serve(args) -> None:
     if args.shards:
         _need("ray", "ray")
     serve(args.model, args.host, args.port, args.log_level, backend=args.encoder_backend, max_wait_ms=args.max_wait_ms, shards=args.shards, ray_address=args.ray,
-          shard_timeout=args.shard_timeout, allowed_hosts=args.allowed_hosts, docs=args.docs)
+          shard_timeout=args.shard_timeout, allowed_hosts=args.allowed_hosts, docs=args.docs, router=args.router)
 
 
 COMMANDS = {"cache": cmd_cache, "serve": cmd_serve, "tune": cmd_tune, "train": cmd_train, "index": cmd_index, "search": cmd_search, "evaluate": cmd_evaluate, "benchmark": cmd_benchmark}

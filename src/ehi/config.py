@@ -240,6 +240,9 @@ class TrainConfig:
             raise ValueError("refresh_every must be >= 1")
 
 
+ROUTERS = ("spread", "tree")
+
+
 @dataclass
 class IndexConfig:
     d2l: int = 1  # leaves each document is stored in
@@ -252,8 +255,21 @@ class IndexConfig:
     # files the lists are saved in: 1 = index.faiss; S > 1 = S shard files holding whole
     # leaves, balanced by documents, for serving from S processes or machines (sharding.py)
     shards: int = 1
+    # how a search picks its leaves: "spread" scores every leaf by its documents' mean inner
+    # product with the query plus spread_lambda times their spread along it (leaf_sketch.py;
+    # no training question shapes it, so it routes questions about documents no training
+    # query touched as well as the others); "tree" by the learned tree's path probability
+    # (cheaper: no (L, rank, d) sketch to multiply). Chosen on decision splits of three corpora
+    # (benchmarks/spread_routing.py). Documents are placed by the tree either way.
+    router: str = "spread"
+    spread_lambda: float = 2.0
+    spread_rank: int = 8
 
     def validate(self) -> None:
+        if self.router not in ROUTERS:
+            raise ValueError(f"index.router must be one of {', '.join(ROUTERS)}, got {self.router!r}")
+        if not 0 <= self.spread_lambda <= 100 or not 1 <= self.spread_rank <= 256:
+            raise ValueError("index.spread_lambda must be in 0..100 and index.spread_rank in 1..256")
         if self.d2l < 1:
             raise ValueError("d2l must be >= 1")
         if self.shards < 1:

@@ -99,8 +99,8 @@ class EpochLoop:
             self.pool = map_rows(lambda r: mine_pool(q_emb[r], d_emb, pos[r], tc.mining_pool), len(q_emb))
             return
         model = EHIModel(self.config, self.encoder, self.tree)
-        doc_leaves = model.route(d_emb, self.config.index.d2l)
-        q_leaves = model.route(q_emb, tc.mining_beam)
+        doc_leaves = model.place(d_emb, self.config.index.d2l)
+        q_leaves = model.place(q_emb, tc.mining_beam)
         self.tree.train()
         self.pool = map_rows(
             lambda r: mine_pool(q_emb[r], d_emb, pos[r], tc.mining_pool, q_leaves[r], doc_leaves), len(q_emb)
@@ -125,7 +125,7 @@ class EpochLoop:
         """(n, H) the path of each row's top leaf under the current tree, as search and the
         index place it."""
         cfg = self.config.tree
-        leaves = EHIModel(self.config, self.encoder, self.tree).route(emb, 1)
+        leaves = EHIModel(self.config, self.encoder, self.tree).place(emb, 1)
         self.tree.train()
         return leaf_to_path(torch.from_numpy(leaves[:, 0]), cfg.branching, cfg.height).numpy()
 

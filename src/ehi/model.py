@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 
 from .artifacts import ArtifactError, read_manifest, write_artifact
@@ -15,6 +17,7 @@ from .budget import calibrated_width, resolve_width
 from .config import EHIConfig
 from .encoder import Encoder
 from .index import LeafIndex
+from .leaf_sketch import LeafSketch
 from .limits import MAX_QUERY_CHARS, check_k, check_query  # noqa: F401  (MAX_QUERY_CHARS: its old home)
 from .sharding import SHARD_TIMEOUT_S, read_shard_map, write_shards
 from .tree import Tree
@@ -64,6 +67,7 @@ class Hits:
 
 MODEL_FILES = ("config.json", "encoder.safetensors", "tree.safetensors")
 INDEX_FILES = ("index.faiss", "doc_leaves.npy", "doc_embeddings.npy", "documents.json")
+SKETCH_FILE = "leaf_sketch.safetensors"  # the spread router's (optional: fitted when missing)
 LEGACY_INDEX_FILES = INDEX_FILES[1:]  # before the Faiss index: rebuilt from these on load
 SHARDED_INDEX_FILES = ("shards.json", *LEGACY_INDEX_FILES)  # the lists in shard files (sharding.py)
 
@@ -156,12 +160,37 @@ class EHIModel:
         self.beam_calibration = beam_calibration or []
         # validated training: held-out routing quality per epoch and the epoch kept
         self.validation = validation
+        self._sketch: LeafSketch | None = None  # the spread router's, of the current index
 
     # ---- routing and search ------------------------------------------------------------
     def route(self, emb: np.ndarray, beam: int) -> np.ndarray:
-        """Top-``beam`` leaves per row, best first (N, min(beam, L)); routed in numpy from a
-        snapshot of the tree's weights, re-taken whenever they changed."""
-        return self._current_router().leaves(emb, beam, self.upper_beam(beam))
+        """The leaves a search visits: top-``beam`` per row, best first (N, min(beam, L)), by
+        the config's router: the leaves' mean + spread sketch (``leaf_sketch``), or the tree."""
+        ic = self.config.index
+        if ic.router == "spread" and self.index is not None:
+            sk = self.leaf_sketch()
+            if len(emb) < 512:
+                return sk.top(emb, beam, ic.spread_lambda)
+            # evaluation and calibration ask about the same queries at many widths: their
+            # full leaf order is computed once (kept while the array, sketch and λ are)
+            memo = getattr(self, "_order_memo", None)
+            if memo is None or memo[0] is not emb or memo[1] is not sk or memo[2] != ic.spread_lambda:
+                memo = self._order_memo = (emb, sk, ic.spread_lambda, sk.top(emb, sk.num_leaves, ic.spread_lambda))
+            return memo[3][:, : min(beam, sk.num_leaves)]
+        return self.place(emb, beam)
+
+    def place(self, emb: np.ndarray, width: int) -> np.ndarray:
+        """The learned tree's top-``width`` leaves per row, best first: where documents are
+        stored (and where training mines its negatives); routed in numpy from a snapshot of
+        the tree's weights, re-taken whenever they changed."""
+        return self._current_router().leaves(emb, width, self.upper_beam(width))
+
+    def leaf_sketch(self) -> LeafSketch:
+        """Each leaf's mean and spread of its documents (fitted from the index on first use,
+        saved with the model, re-fitted when documents change)."""
+        if self._sketch is None:
+            self._sketch = LeafSketch.fit(self.index.vectors, self.index.doc_leaves, self.tree.num_leaves, self.config.index.spread_rank)
+        return self._sketch
 
     def _current_router(self):
         params = getattr(self, "_router_params", None)
@@ -188,19 +217,24 @@ class EHIModel:
         """Store each document (final embeddings) in its top-d2l leaves (routed here unless
         ``leaves`` were routed elsewhere), encoded with the config's codec (or ``codec``)."""
         ic = self.config.index
-        leaves = self.route(doc_emb, ic.d2l) if leaves is None else leaves
+        leaves = self.place(doc_emb, ic.d2l) if leaves is None else leaves
+        self._sketch = None
         self.index = LeafIndex(leaves, doc_emb, self.tree.num_leaves, codec or ic.codec, ic.pq_m, ic.rerank, self.config.train.seed)
         self.doc_ids = list(doc_ids)
         self.doc_titles = list(doc_titles) if doc_titles is not None else [""] * len(doc_ids)
         return self.index
 
-    def set_index_options(self, d2l=None, codec=None, pq_m=None, rerank=None, shards=None) -> None:
-        """Change how the next index is built and saved (kept in the config); checked at once."""
+    def set_index_options(self, d2l=None, codec=None, pq_m=None, rerank=None, shards=None, router=None, spread_lambda=None) -> None:
+        """Change how the next index is built, saved and searched (kept in the config); checked at once."""
         ic = self.config.index
-        for name, v in (("d2l", d2l), ("codec", codec), ("pq_m", pq_m), ("rerank", rerank), ("shards", shards)):
+        ranking = (ic.router, ic.spread_lambda)
+        for name, v in (("d2l", d2l), ("codec", codec), ("pq_m", pq_m), ("rerank", rerank), ("shards", shards), ("router", router),
+                        ("spread_lambda", spread_lambda)):
             if v is not None:
                 setattr(ic, name, v)
         self.config.validate()
+        if self.index is not None and (ic.router, ic.spread_lambda) != ranking:
+            self.recalibrate()  # the budget -> beam map belongs to the ranking of the leaves
         if ic.shards > self.tree.num_leaves:
             raise ValueError(f"{ic.shards} shards for {self.tree.num_leaves} leaves: at most one shard per leaf")
         if self.index is not None and rerank is not None:
@@ -236,6 +270,20 @@ class EHIModel:
         self._check_new_ids(corpus.ids)
         self.add_documents(corpus.ids, corpus.titles, self.embed_corpus(corpus, "new documents"))
 
+    def repartition(self, seed: int | None = None) -> None:
+        """Re-draw the leaves as k-means over every indexed document (the tree's weights are
+        replaced by the centroids, so it places each document at its nearest one) and rebuild
+        the index. For documents added after training that are unlike the trained ones (a
+        new topic): the trained leaves have no room of their own for them, k-means over all
+        documents does. It gives up the learned partition, so use it after such a shift."""
+        if self.index is None:
+            raise ValueError("the model has no index to repartition")
+        emb = np.asarray(self.index.vectors)
+        self.tree.reset_to_kmeans(emb, seed=self.config.train.seed if seed is None else seed)
+        self.tree.eval()
+        self.build_index(emb, self.doc_ids, self.doc_titles)
+        self.recalibrate()
+
     def _rows_by_id(self) -> dict[str, int]:
         """Document id -> index row, built once per ``doc_ids`` list (every change replaces
         the list), so that filtered searches do not rebuild it per request."""
@@ -262,7 +310,8 @@ class EHIModel:
         if self.index is None:
             raise ValueError("the model has no index to add to")
         self._check_new_ids(ids)
-        self.index.add(emb, self.route(emb, self.index.d2l))
+        self.index.add(emb, self.place(emb, self.index.d2l))
+        self._sketch = None
         self.doc_ids = self.doc_ids + list(ids)
         self.doc_titles = self.doc_titles + list(titles)
         self.corpus_fingerprint = _chain_fingerprint(self.corpus_fingerprint, "add", ids)
@@ -280,6 +329,7 @@ class EHIModel:
         if removed == len(keep):
             raise ValueError("removing every document would leave an empty index")
         self.index = self.index.keep(np.flatnonzero(keep))
+        self._sketch = None
         self.doc_ids = [d for d, k in zip(self.doc_ids, keep) if k]
         self.doc_titles = [t for t, k in zip(self.doc_titles, keep) if k]
         self.corpus_fingerprint = _chain_fingerprint(self.corpus_fingerprint, "remove", sorted(drop))
@@ -308,7 +358,7 @@ class EHIModel:
         grid = [b for b in grid if b <= L]
         tc = self.config.tree
         router = self._current_router()
-        if tc.height == 2 and router.rank_by_leaf and tc.upper_beam == 0 and tc.upper_agreement > 0:
+        if self.config.index.router == "tree" and tc.height == 2 and router.rank_by_leaf and tc.upper_beam == 0 and tc.upper_agreement > 0:
             # a beam per level: the cells expanded for each width, from the same queries
             rows = np.random.default_rng(0).permutation(len(query_emb))[:2000]  # bounds its (Q, L) masks
             uppers = router.calibrate_upper(query_emb[np.sort(rows)], grid, tc.upper_agreement)
@@ -407,6 +457,9 @@ class EHIModel:
                 else:
                     self.index.write(tmp)
                 (tmp / "documents.json").write_text(json.dumps({"ids": self.doc_ids, "titles": self.doc_titles}))
+                if self.config.index.router == "spread":  # else fitted if the router is switched
+                    sk = self.leaf_sketch()
+                    save_numpy({"means": sk.means, "spread": sk.spread, "counts": sk.counts}, str(tmp / SKETCH_FILE))
 
         meta = {
             "encoder_fingerprint": self.encoder.fingerprint,
@@ -422,6 +475,7 @@ class EHIModel:
     def load(
         cls, path: str | Path, device: str = "cpu", mmap: bool = False, backend: str | None = None,
         shards: int | None = None, ray_address: str | None = None, shard_timeout: float = SHARD_TIMEOUT_S,
+        router: str | None = None,
     ) -> "EHIModel":
         """Open a saved model. With ``mmap`` the index and the float vectors are mapped from
         disk, read-only: opening costs no memory up front (for search and serving).
@@ -429,7 +483,8 @@ class EHIModel:
         ``shards``: serve the index from that many Ray actors, one per shard file (the model
         must be saved in that many: ``ehi index shard``), on the Ray cluster at
         ``ray_address`` (default: a local one); read-only, like ``mmap``. A shard that has not
-        answered a search within ``shard_timeout`` seconds fails it (``ShardUnavailable``)."""
+        answered a search within ``shard_timeout`` seconds fails it (``ShardUnavailable``).
+        ``router``: search with this router ("spread" or "tree") instead of the saved one."""
         path = Path(path)
         manifest = read_manifest(path, required=MODEL_FILES)
         listed = manifest["files"]
@@ -446,12 +501,17 @@ class EHIModel:
             if isinstance(raw, dict) and isinstance(raw.get("tree"), dict):
                 # saved before per-node trees existed: its deeper levels are the one-hot kind
                 raw["tree"].setdefault("conditioning", "one-hot")
+            if isinstance(raw, dict) and isinstance(raw.get("index"), dict):
+                raw["index"].setdefault("router", "tree")  # saved before the spread router: searches as it did
             config = EHIConfig.from_dict(raw).validate()
         except (ValueError, TypeError) as e:
             raise ArtifactError(f"{path / 'config.json'}: invalid config ({e})") from None
         if backend is not None:
             config.encoder.backend = backend
-            config.validate()
+        saved_router = config.index.router
+        if router is not None:
+            config.index.router = router
+        config.validate()
         encoder = Encoder(config.encoder, device=device)
         if manifest.get("encoder_fingerprint") not in (None, encoder.fingerprint):
             raise ArtifactError(
@@ -485,6 +545,10 @@ class EHIModel:
                     raise ArtifactError(f"{path / layout[0]}: holds {model.index.codec} codes but config.json says {ic.codec}")
                 model.index.rerank = ic.rerank
             model.doc_ids, model.doc_titles = ids, titles
+            if SKETCH_FILE in listed:
+                model._sketch = _read_sketch(path / SKETCH_FILE, model.index, config.index.spread_rank)
+            if config.index.router != saved_router:  # the saved budget -> beam map is the other router's
+                model.recalibrate()
         return model
 
     @classmethod
@@ -500,6 +564,21 @@ class EHIModel:
             raise ArtifactError(f"{Path(where) / 'tree.safetensors'}: {e}") from None
         encoder.eval()
         return cls(config, encoder, tree)
+
+
+def _read_sketch(path: Path, index: LeafIndex, rank: int) -> LeafSketch:
+    """The saved leaf sketch, checked against the index it summarises."""
+    try:
+        t = load_numpy(str(path))
+        sk = LeafSketch(t["means"], t["spread"], t["counts"])
+    except Exception as e:  # safetensors' own error types, a missing tensor, a bad shape
+        raise ArtifactError(f"{path}: unreadable leaf sketch ({e})") from None
+    L, d = index.num_leaves, index.dim
+    if sk.means.shape != (L, d) or sk.spread.shape != (L, rank, d):
+        raise ArtifactError(f"{path}: expected ({L}, {d}) means and ({L}, {rank}, {d}) spreads, got {sk.means.shape} and {sk.spread.shape}")
+    if not np.array_equal(sk.counts, index.leaf_sizes()):
+        raise ArtifactError(f"{path}: summarises other leaves than the index holds (saved from another index)")
+    return sk
 
 
 def _open_index(path: Path, shard_map: dict | None, leaves, emb, num_leaves: int, mmap: bool, shards, ray, manifest) -> LeafIndex:

@@ -18,7 +18,7 @@ from .encoder import PRECOMPUTED, Features
 from .epochs import TrainingSet, _normalised, seed_everything
 from .model import EHIModel
 from .routing import fit_router, routing_examples, shrunk
-from .validation import format_validation, selection_message
+from .validation import format_validation, selection_message, untouched_worse
 
 log = logging.getLogger("ehi.training")
 
@@ -50,14 +50,7 @@ class Selection:
 
     def _kmeans_tree(self, d_emb: np.ndarray | None = None) -> None:
         """The tree's weights only: k-means over the current documents, U at its small start."""
-        seed = self.config.train.seed
-        d_emb = self._doc_embeddings() if d_emb is None else d_emb
-        self.tree.init_kmeans(d_emb, seed=seed)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for level in self.tree.levels:  # not zero: ReLU'(0) = 0 would freeze U
-                n = level.U.shape[0]
-                level.U.copy_(torch.randn(level.U.shape, generator=g) * (1e-3 / n**0.5))
+        self.tree.reset_to_kmeans(self._doc_embeddings() if d_emb is None else d_emb, seed=self.config.train.seed)
 
     def _validate(self, epoch: int, progress: bool) -> dict:
         tc = self.config.train
@@ -65,20 +58,39 @@ class Selection:
             d_emb = self._doc_embeddings()  # once: only the tree changes between the candidates
             entry = {"epoch": epoch, **self.validator(EHIModel(self.config, self.encoder, self.tree), d_emb)}
             learned = self._state()
-            candidates = [(entry["score"], False, learned)]
+            candidates = [(entry, False, learned)]
             if tc.val_recluster and epoch > 0:
                 self._kmeans_tree(d_emb)
                 km = self.validator(EHIModel(self.config, self.encoder, self.tree), d_emb)
                 entry["kmeans"] = km
-                candidates.append((km["score"], True, self._state()))
+                candidates.append((km, True, self._state()))
                 self._load_state(learned)
         self.validation.append(entry)
-        for score, reclustered, state in candidates:
-            if self.best is None or score > self.best[1]:
-                self.best = (epoch, score, state, reclustered)
+        for judged, reclustered, state in candidates:
+            if self._refused(judged, epoch):
+                continue
+            if self.best is None or judged["score"] > self.best[1]:
+                self.best = (epoch, judged["score"], state, reclustered)
         if progress:
             tqdm.write(f"validation epoch {epoch}: " + format_validation(entry))
         return entry
+
+    def _refused(self, judged: dict, epoch: int) -> bool:
+        """The guard of documents no training query touches: a state whose held-out Recall@100
+        on them is clearly (beyond the noise, ``untouched_worse``) below the k-means start's
+        is never kept, however well it does on the others. The start's per-query figures are
+        kept in its entry (the reference, also across a resume); the others' are dropped."""
+        new = judged.get("new_documents")
+        if not new or "per_query" not in new:
+            return False
+        if epoch == 0 and judged is self.validation[0]:
+            return False  # the reference itself
+        per_query = new.pop("per_query")
+        start = self.validation[0].get("new_documents") if self.validation else None
+        why = untouched_worse(start["per_query"], per_query) if start and "per_query" in start else None
+        if why:
+            judged["refused"] = why
+        return why is not None
 
     def restore_best(self, progress: bool = True) -> None:
         """Go back to the best validated state (the k-means start if training never beat it)."""
@@ -106,7 +118,10 @@ class Selection:
             ),
             "why": selection_message(self.validation, self.best[0], self.best[3]) if self.best else "",
             "route_fit": self.route_fit,
-            "curve": self.validation,
+            # the reference's per-query figures stay in the checkpoint (the guard needs them on
+            # a resume), not in the model's metadata
+            "curve": [{**e, "new_documents": {k: v for k, v in e["new_documents"].items() if k != "per_query"}}
+                      if "new_documents" in e else e for e in self.validation],
         }
 
     # ---- the router fitted to search (routing.py) -------------------------------------------

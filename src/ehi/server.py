@@ -300,13 +300,14 @@ def _dumps(x) -> str:
 def create_app(
     model_dir: str | Path, max_batch: int = 64, max_wait_ms: float = 2.0, backend: str | None = None, adaptive: bool = True,
     shards: int | None = None, ray_address: str | None = None, shard_timeout: float = SHARD_TIMEOUT_S,
-    allowed_hosts: list[str] | None = None, docs: bool = False, chunks: bool = True,
+    allowed_hosts: list[str] | None = None, docs: bool = False, chunks: bool = True, router: str | None = None,
 ) -> FastAPI:
     """The service; with ``shards`` its index is served by that many Ray actors (``ehi.cluster``).
     ``allowed_hosts``: the Host names it answers (default ``LOCAL_HOSTS``; ``"*"``: any);
-    ``docs``: serve the API docs at /docs and /openapi.json."""
+    ``docs``: serve the API docs at /docs and /openapi.json; ``router``: search with this
+    router instead of the model's."""
     # read-only, mapped: no copy of the index in memory (with shards: in the shards' actors)
-    model = EHIModel.load(model_dir, mmap=True, backend=backend, shards=shards, ray_address=ray_address, shard_timeout=shard_timeout)
+    model = EHIModel.load(model_dir, mmap=True, backend=backend, shards=shards, ray_address=ray_address, shard_timeout=shard_timeout, router=router)
     if model.index is None:
         raise ValueError(f"{model_dir}: the model has no index; run 'ehi index build' first")
     if model.encoder.precomputed:
@@ -400,11 +401,12 @@ def serve(
     model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
     backend: str | None = None, max_wait_ms: float = 2.0, adaptive: bool = True, shards: int | None = None, ray_address: str | None = None,
     shard_timeout: float = SHARD_TIMEOUT_S, allowed_hosts: list[str] | None = None, docs: bool = False, chunks: bool = True,
+    router: str | None = None,
 ) -> None:
     import uvicorn
 
     if allowed_hosts is None and host not in ("0.0.0.0", "::", ""):
         allowed_hosts = [*LOCAL_HOSTS, host]  # the address it was asked to listen on
     app = create_app(model_dir, max_wait_ms=max_wait_ms, backend=backend, adaptive=adaptive, shards=shards, ray_address=ray_address,
-                     shard_timeout=shard_timeout, allowed_hosts=allowed_hosts, docs=docs, chunks=chunks)
+                     shard_timeout=shard_timeout, allowed_hosts=allowed_hosts, docs=docs, chunks=chunks, router=router)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -218,6 +218,17 @@ class Tree(nn.Module):
         return total
 
     # ---- initialisation ----------------------------------------------------------------
+    def reset_to_kmeans(self, doc_emb: np.ndarray, seed: int = 0) -> None:
+        """The weights only: k-means over these documents (``init_kmeans``), U back at a small
+        random start (not zero: ReLU'(0) = 0 would freeze it), so the tree places each
+        document at its nearest centroid."""
+        self.init_kmeans(doc_emb, seed=seed)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for level in self.levels:
+                n = level.U.shape[0]
+                level.U.copy_(torch.randn(level.U.shape, generator=g) * (1e-3 / n**0.5))
+
     @torch.no_grad()
     def init_kmeans(self, doc_emb: np.ndarray, seed: int = 0, verbose: bool = False) -> None:
         """Step 0 is a soft IVF: level 0 holds spherical k-means centroids; deeper levels hold

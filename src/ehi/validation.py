@@ -159,10 +159,13 @@ class Validator:
             "score": float(np.mean(list(recall.values()))),
         }
         if self.new_doc_queries:  # the same searches, averaged over those queries alone
-            new = {f"{b:g}": 100.0 * float(np.mean([rows[b].per_query.get(q, 0.0) for q in self.new_doc_queries]))
-                   for b in self.budgets if b in rows}
+            judged = [b for b in self.budgets if b in rows]
+            new = {f"{b:g}": 100.0 * float(np.mean([rows[b].per_query.get(q, 0.0) for q in self.new_doc_queries])) for b in judged}
             if new:
-                out["new_documents"] = {"queries": len(self.new_doc_queries), "R@100": new, "score": float(np.mean(list(new.values())))}
+                # each query's Recall@100 averaged over the budgets: what the guard compares
+                per_query = [100.0 * float(np.mean([rows[b].per_query.get(q, 0.0) for b in judged])) for q in self.new_doc_queries]
+                out["new_documents"] = {"queries": len(self.new_doc_queries), "R@100": new, "score": float(np.mean(list(new.values()))),
+                                        "per_query": per_query}
         return out
 
     def at_beam_1(self, model, q_emb: np.ndarray) -> tuple[float, float]:
@@ -183,6 +186,21 @@ class Validator:
         return 100.0 * float(hit.mean())
 
 
+def untouched_worse(reference: list[float], candidate: list[float], z: float = 1.96) -> str | None:
+    """Why a state may not ship, or None: its Recall@100 on the held-out queries no training
+    query touches (per query, averaged over the budgets) is below the reference's by more than
+    the noise. The noise is measured paired over the same queries: the standard error of the
+    mean per-query change, times ``z`` (1.96: a 95 % interval). Few queries make the interval
+    wide, so only a clear loss is refused."""
+    d = np.asarray(candidate, dtype=float) - np.asarray(reference, dtype=float)
+    if len(d) < 2 or len(d) != len(reference):
+        return None
+    se = float(d.std(ddof=1)) / np.sqrt(len(d))
+    if d.mean() < 0 and d.mean() < -z * se:
+        return f"{d.mean():+.1f} points on the {len(d)} untouched held-out queries (noise ±{z * se:.1f}, 95 %, paired)"
+    return None
+
+
 def format_validation(entry: dict) -> str:
     def one(e):
         r = " ".join(f"{100 * float(b):g}%:{v:.1f}" for b, v in e["R@100"].items())
@@ -191,8 +209,11 @@ def format_validation(entry: dict) -> str:
         return f"R@100 {r} | leaf recall {lr} | score {e['score']:.2f}{new}"
 
     out = one(entry)
+    if entry.get("refused"):
+        out += f"  [not kept: {entry['refused']}]"
     if entry.get("kmeans"):
-        out += f"  (k-means over this encoder: score {entry['kmeans']['score']:.2f})"
+        out += f"  (k-means over this encoder: score {entry['kmeans']['score']:.2f}"
+        out += f"; not kept: {entry['kmeans']['refused']})" if entry["kmeans"].get("refused") else ")"
     return out
 
 
