@@ -24,7 +24,7 @@ class IVFBaseline:
 
     name = "Faiss-IVF"
 
-    def __init__(self, doc_emb: np.ndarray, nlist: int, seed: int = 0):
+    def __init__(self, doc_emb: np.ndarray, nlist: int, seed: int = 0, spherical: bool = False):
         import faiss
 
         x = np.ascontiguousarray(doc_emb, dtype=np.float32)
@@ -33,6 +33,7 @@ class IVFBaseline:
         self.quantizer = faiss.IndexFlatIP(d)
         self.index = faiss.IndexIVFFlat(self.quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
         self.index.cp.seed = seed
+        self.index.cp.spherical = spherical
         # as many lists as EHI has leaves, on purpose: a small corpus gives fewer than Faiss's
         # 39 training points per list, and its warning about it is not the user's to act on
         # (the recall it gets is what the comparison measures)
@@ -73,23 +74,13 @@ class SpreadIVFBaseline(IVFBaseline):
     name = "k-means + spread router"
 
     def __init__(self, doc_emb: np.ndarray, nlist: int, seed: int = 0, lam: float = 2.0, rank: int = 8):
-        import faiss
-
         from .leaf_sketch import LeafSketch
 
+        super().__init__(doc_emb, nlist, seed, spherical=True)
+        self.lam = lam
         x = np.ascontiguousarray(doc_emb, dtype=np.float32)
-        self.n, d = x.shape
-        self.nlist, self.lam = nlist, lam
-        self.quantizer = faiss.IndexFlatIP(d)
-        self.index = faiss.IndexIVFFlat(self.quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-        self.index.cp.seed = seed
-        self.index.cp.spherical = True
-        self.index.cp.min_points_per_centroid = 1  # as many lists as EHI has leaves (see IVFBaseline)
-        self.index.train(x)
-        self.index.add(x)
-        _, lists = self.quantizer.search(x, 1)
+        _, lists = self.quantizer.search(x, 1)  # each document's list, as add() assigned it
         self.sketch = LeafSketch.fit(x, lists[:, 0], nlist, rank)
-        self.list_sizes = self.sketch.counts
 
     def probes(self, q_emb: np.ndarray, nprobe: int) -> np.ndarray:
         return self.sketch.top(np.ascontiguousarray(q_emb, dtype=np.float32), nprobe, self.lam)

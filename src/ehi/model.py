@@ -168,15 +168,7 @@ class EHIModel:
         the config's router: the leaves' mean + spread sketch (``leaf_sketch``), or the tree."""
         ic = self.config.index
         if ic.router == "spread" and self.index is not None:
-            sk = self.leaf_sketch()
-            if len(emb) < 512:
-                return sk.top(emb, beam, ic.spread_lambda)
-            # evaluation and calibration ask about the same queries at many widths: their
-            # full leaf order is computed once (kept while the array, sketch and λ are)
-            memo = getattr(self, "_order_memo", None)
-            if memo is None or memo[0] is not emb or memo[1] is not sk or memo[2] != ic.spread_lambda:
-                memo = self._order_memo = (emb, sk, ic.spread_lambda, sk.top(emb, sk.num_leaves, ic.spread_lambda))
-            return memo[3][:, : min(beam, sk.num_leaves)]
+            return self.leaf_sketch().top(emb, beam, ic.spread_lambda)
         return self.place(emb, beam)
 
     def place(self, emb: np.ndarray, width: int) -> np.ndarray:
@@ -508,10 +500,7 @@ class EHIModel:
             raise ArtifactError(f"{path / 'config.json'}: invalid config ({e})") from None
         if backend is not None:
             config.encoder.backend = backend
-        saved_router = config.index.router
-        if router is not None:
-            config.index.router = router
-        config.validate()
+            config.validate()
         encoder = Encoder(config.encoder, device=device)
         if manifest.get("encoder_fingerprint") not in (None, encoder.fingerprint):
             raise ArtifactError(
@@ -547,8 +536,8 @@ class EHIModel:
             model.doc_ids, model.doc_titles = ids, titles
             if SKETCH_FILE in listed:
                 model._sketch = _read_sketch(path / SKETCH_FILE, model.index, config.index.spread_rank)
-            if config.index.router != saved_router:  # the saved budget -> beam map is the other router's
-                model.recalibrate()
+        if router is not None:  # another router re-measures the budget -> beam map
+            model.set_index_options(router=router)
         return model
 
     @classmethod

@@ -67,7 +67,7 @@ class Selection:
                 self._load_state(learned)
         self.validation.append(entry)
         for judged, reclustered, state in candidates:
-            if self._refused(judged, epoch):
+            if self._refused(judged):
                 continue
             if self.best is None or judged["score"] > self.best[1]:
                 self.best = (epoch, judged["score"], state, reclustered)
@@ -75,7 +75,7 @@ class Selection:
             tqdm.write(f"validation epoch {epoch}: " + format_validation(entry))
         return entry
 
-    def _refused(self, judged: dict, epoch: int) -> bool:
+    def _refused(self, judged: dict) -> bool:
         """The guard of documents no training query touches: a state whose held-out Recall@100
         on them is clearly (beyond the noise, ``untouched_worse``) below the k-means start's
         is never kept, however well it does on the others. The start's per-query figures are
@@ -83,7 +83,7 @@ class Selection:
         new = judged.get("new_documents")
         if not new or "per_query" not in new:
             return False
-        if epoch == 0 and judged is self.validation[0]:
+        if judged is self.validation[0]:
             return False  # the reference itself
         per_query = new.pop("per_query")
         start = self.validation[0].get("new_documents") if self.validation else None

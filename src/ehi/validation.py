@@ -192,11 +192,11 @@ def untouched_worse(reference: list[float], candidate: list[float], z: float = 1
     the noise. The noise is measured paired over the same queries: the standard error of the
     mean per-query change, times ``z`` (1.96: a 95 % interval). Few queries make the interval
     wide, so only a clear loss is refused."""
-    d = np.asarray(candidate, dtype=float) - np.asarray(reference, dtype=float)
-    if len(d) < 2 or len(d) != len(reference):
+    if len(candidate) != len(reference) or len(reference) < 2:
         return None
+    d = np.asarray(candidate, dtype=float) - np.asarray(reference, dtype=float)
     se = float(d.std(ddof=1)) / np.sqrt(len(d))
-    if d.mean() < 0 and d.mean() < -z * se:
+    if d.mean() < -z * se:
         return f"{d.mean():+.1f} points on the {len(d)} untouched held-out queries (noise ±{z * se:.1f}, 95 %, paired)"
     return None
 
