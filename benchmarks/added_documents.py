@@ -25,13 +25,13 @@ import argparse
 import time
 
 import numpy as np
+from lib.common import write_json
 
-from common import write_json
-from ehi.benchmark import index_curves, untrained_encoder
+from ehi.benchmark.run import index_curves, untrained_encoder
 from ehi.config import EHIConfig
 from ehi.data import Corpus, Dataset, load_beir
-from ehi.evaluation import ehi_curve
-from ehi.training import Trainer
+from ehi.evaluation.evaluate import ehi_curve
+from ehi.training.trainer import Trainer
 
 CORPORA = {"scifact": "../shared/datasets/scifact", "climate-fever": "../shared/datasets/climate-fever-dev", "squad": "../shared/datasets/squad"}
 BUDGETS = (0.01, 0.02, 0.05, 0.1, 0.2)
@@ -94,12 +94,12 @@ def run(name: str, path: str, seed: int, share: float) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--corpus", nargs="+", default=["scifact", "climate-fever"], choices=sorted(CORPORA))
+    ap.add_argument("--corpus", nargs="+", default=["scifact", "climate-fever"], help=f"{', '.join(sorted(CORPORA))} or a BEIR folder")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--share", type=float, default=0.2, help="share of the documents added after training")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    runs = [run(c, CORPORA[c], s, args.share) for c in args.corpus for s in range(args.seeds)]
+    runs = [run(c, CORPORA.get(c, c), s, args.share) for c in args.corpus for s in range(args.seeds)]
     summary = {}
     for c in args.corpus:
         mine = [r for r in runs if r["corpus"] == c]

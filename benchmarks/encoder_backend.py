@@ -18,14 +18,13 @@ import argparse
 import statistics
 import time
 
-import numpy as np
+from lib.common import write_json
+from lib.corpora import CORPORA, split_queries
 
-from common import write_json
 from ehi.config import EHIConfig
 from ehi.data import load_beir
-from ehi.evaluation import ehi_curve, exact_row
-from ehi.training import Trainer
-from generalization import CORPORA, split_queries
+from ehi.evaluation.evaluate import ehi_curve, exact_row
+from ehi.training.trainer import Trainer
 
 BUDGETS = (0.01, 0.02, 0.05, 0.1, 0.2)
 BACKENDS = ("torch", "onnx", "onnx-int8")
@@ -33,21 +32,24 @@ BACKENDS = ("torch", "onnx", "onnx-int8")
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--corpus", nargs="+", default=list(CORPORA), choices=list(CORPORA))
+    ap.add_argument("--corpus", nargs="+", default=list(CORPORA), help=f"{', '.join(CORPORA)} or a BEIR folder (decided on a fifth of its train queries)")
     ap.add_argument("--single", type=int, default=100, help="queries encoded one at a time, per backend")
     ap.add_argument("--batch-docs", type=int, default=512, help="documents encoded as one batch job, per backend")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int, help="training epochs (default: the config's)")
     ap.add_argument("--out", default="reports/encoder_backend.json")
     args = ap.parse_args()
     out = {"budgets": list(BUDGETS), "backends": list(BACKENDS), "corpora": {}}
     for name in args.corpus:
-        spec = CORPORA[name]
+        spec = CORPORA.get(name) or {"path": name, "train": "train", "decide": None}
         ds = load_beir(spec["path"])
         train_q, decide_q, decide_split = split_queries(ds, spec, 0.2)
         qrels = {q: ds.split(decide_split)[q] for q in decide_q}
         cfg = EHIConfig()
         cfg.encoder.backend = "torch"
         cfg.train.seed = args.seed
+        if args.epochs is not None:
+            cfg.train.epochs = args.epochs
         model = Trainer(cfg, ds, "train", query_ids=train_q).fit(progress=False)
         enc = model.encoder
         texts = [ds.queries[q] for q in decide_q]

@@ -1,6 +1,6 @@
 """Filtered search against selectivity: EHI's rule (score a small allowed set whole, filter a
 large one inside the beam's leaves and widen until k are found) beside Faiss IndexIVFFlat
-with the same selector (``ehi.index.id_selector``: a Faiss ``IDSelectorBitmap``), at the same
+with the same selector (``ehi.index.faiss_ivf.id_selector``: a Faiss ``IDSelectorBitmap``), at the same
 fraction of the corpus visited.
 
 For each share of the corpus allowed (a random subset, seeded), every test query searches
@@ -22,14 +22,14 @@ import time
 
 import faiss
 import numpy as np
+from lib.common import write_json
 from threadpoolctl import threadpool_limits
 
-from common import write_json
-from ehi.baselines import IVFBaseline, exact_search
 from ehi.budget import WidthSearch
 from ehi.data import load_beir
-from ehi.index import id_selector
-from ehi.model import EHIModel
+from ehi.evaluation.baselines import IVFBaseline, exact_search
+from ehi.index.leaf_index import id_selector
+from ehi.model.ehi_model import EHIModel
 
 SHARES = [0.0001, 0.001, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5]
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -31,15 +30,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from lib.common import free_port, write_json
 
-from common import write_json
 from ehi.data import load_queries
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def run(url: str, queries: list[str], n: int, concurrency: int, limit_s: float) -> dict:
@@ -218,8 +211,8 @@ SETUPS = {
 def backend_recall(model_dir: str, data: str, backend: str) -> float:
     """Recall@100 at a 10 % budget on the test claims, queries and documents on this backend."""
     from ehi.data import load_beir
-    from ehi.evaluation import evaluate_model
-    from ehi.model import EHIModel
+    from ehi.evaluation.evaluate import evaluate_model
+    from ehi.model.ehi_model import EHIModel
 
     model = EHIModel.load(model_dir, backend=backend)
     ds = load_beir(data)

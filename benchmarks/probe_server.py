@@ -23,9 +23,7 @@ import sys
 import time
 
 import httpx
-
-from common import write_json
-from load_test import free_port
+from lib.common import free_port, write_json
 
 BAD = {  # body -> what the server must answer: 4xx, {"detail": one sentence} naming the field, no echo
     "budget true": b'{"query": "a", "budget": true}',

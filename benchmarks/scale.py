@@ -18,129 +18,17 @@ exact re-rank) against Faiss IVFPQ: bytes and Recall@100.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import statistics
 import time
-from pathlib import Path
 
 import faiss
 import numpy as np
 import torch
+from lib.common import write_json
+from lib.synthetic import DIM, Corpus1M, build_streaming, near, proc_status, recall_at_100, release_memory, reset_peak, train_on_sample
 from threadpoolctl import threadpool_limits
 
-from common import write_json
-from ehi.config import EHIConfig
-from ehi.data import Corpus, Dataset
 from ehi.budget import WidthSearch
-from ehi.index import LeafIndex, leaf_centroids
-from ehi.training import Trainer
-
-DIM = 384
-CHUNK = 10_000
-
-
-def _status(field: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 2**20  # KiB -> GiB
-    return float("nan")
-
-
-def release_memory() -> None:
-    """Hand memory freed by training back to the OS before the index is built."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-def reset_peak() -> None:
-    """Reset the kernel's peak-RSS mark (VmHWM) so that a phase's own peak can be read."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        pass
-
-
-class Corpus1M:
-    """Clustered unit vectors: doc = normalise(centre + noise), generated per chunk from a seed."""
-
-    def __init__(self, n: int, clusters: int = 4096, noise: float = 1.0, seed: int = 0):
-        self.n, self.seed, self.noise = n, seed, noise
-        rng = np.random.default_rng([seed, 10**6])
-        c = rng.standard_normal((clusters, DIM)).astype(np.float32)
-        self.centres = c / np.linalg.norm(c, axis=1, keepdims=True)
-
-    def chunk(self, i: int) -> np.ndarray:
-        start, end = i * CHUNK, min(self.n, (i + 1) * CHUNK)
-        rng = np.random.default_rng([self.seed, i])
-        cid = rng.integers(len(self.centres), size=end - start)
-        x = self.centres[cid] + self.noise * rng.standard_normal((end - start, DIM), dtype=np.float32) / DIM**0.5
-        x /= np.linalg.norm(x, axis=1, keepdims=True)
-        return x
-
-    def chunks(self):
-        for i in range((self.n + CHUNK - 1) // CHUNK):
-            yield i * CHUNK, self.chunk(i)
-
-    def rows(self, idx: np.ndarray) -> np.ndarray:
-        out = np.empty((len(idx), DIM), dtype=np.float32)
-        for i in np.unique(idx // CHUNK):
-            sel = np.where(idx // CHUNK == i)[0]
-            out[sel] = self.chunk(int(i))[idx[sel] - i * CHUNK]
-        return out
-
-
-def near(x: np.ndarray, rng, spread: float) -> np.ndarray:
-    q = x + spread * rng.standard_normal(x.shape, dtype=np.float32) / DIM**0.5
-    return q / np.linalg.norm(q, axis=1, keepdims=True)
-
-
-def recall_at_100(found: np.ndarray, positives: np.ndarray) -> float:
-    return 100.0 * float(np.mean([p in row for p, row in zip(positives, found)]))
-
-
-def build_streaming(model, corpus, L, codec, sample_x, args, upto: int | None = None) -> LeafIndex:
-    """Route the corpus chunk by chunk (summing each leaf's documents for its centroid), then
-    add it chunk by chunk: the corpus is never held whole beside the index."""
-    n = corpus.n if upto is None else upto
-    parts, sums = [], np.zeros((L, DIM))
-    for s, x in corpus.chunks():
-        if s >= n:
-            break
-        x = model.encoder.embed_vectors(x[: n - s])
-        lv = model.place(x, 1)
-        parts.append(lv)
-        sums += leaf_centroids(lv, x, L, normalise=False)
-    leaves = np.concatenate(parts)
-    index = LeafIndex.empty(L, DIM, 1, sums, model.encoder.embed_vectors(sample_x[:50_000]), codec, args.pq_m, args.rerank)
-    for s, x in corpus.chunks():
-        if s >= n:
-            break
-        index.add(model.encoder.embed_vectors(x[: n - s]), leaves[s : s + len(x[: n - s])])
-    return index
-
-
-def train_on_sample(sample_x: np.ndarray, row_of: dict, train_pos: np.ndarray, train_q: np.ndarray, args):
-    """EHI in bring-your-own-embeddings mode: adapter + tree on the training pairs, the sample
-    as the corpus (no index built)."""
-    cfg = EHIConfig()
-    cfg.tree.branching, cfg.tree.height = args.branching, args.height
-    cfg.train.epochs = args.epochs
-    cfg.train.batch_size = 256
-    cfg.train.seed = args.seed
-    n = len(sample_x)
-    ds = Dataset(
-        root=Path("."),
-        corpus=Corpus([str(i) for i in range(n)], [""] * n, [""] * n),
-        queries={str(i): "" for i in range(len(train_pos))},
-        qrels={"train": {str(i): {str(row_of[int(d)]): 1} for i, d in enumerate(train_pos)}},
-    )
-    return Trainer(cfg, ds, doc_embeddings=sample_x, query_embeddings=train_q).fit(progress=False, build_index=False)
 
 
 def main() -> None:
@@ -180,7 +68,7 @@ def main() -> None:
     out["generate_seconds"] = time.perf_counter() - t
 
     # ---- EHI: train on the sample, index the full corpus streaming --------------------------
-    rss0 = _status("VmRSS")
+    rss0 = proc_status("VmRSS")
     reset_peak()
     t = time.perf_counter()
     model = train_on_sample(sample_x, row_of, train_pos, train_q, args)
@@ -189,13 +77,13 @@ def main() -> None:
     t = time.perf_counter()
     model.index = build_streaming(model, corpus, L, "flat", sample_x, args)
     ehi_build = time.perf_counter() - t
-    ehi_peak = _status("VmHWM") - rss0
+    ehi_peak = proc_status("VmHWM") - rss0
     st = model.index.leaf_stats()
     out["ehi"] = {"train_seconds": ehi_train, "build_seconds": ehi_build, "peak_gib": ehi_peak, "leaf_stats": st}
     print(f"EHI: train {ehi_train:.0f}s, build {ehi_build:.0f}s, peak +{ehi_peak:.2f} GiB, leaves {st['min']}..{st['max']} ({st['empty']} empty)", flush=True)
 
     # ---- Faiss IVFFlat(L): k-means on the same sample, add the corpus streaming ----------------
-    rss1 = _status("VmRSS")
+    rss1 = proc_status("VmRSS")
     reset_peak()
     t = time.perf_counter()
     quantizer = faiss.IndexFlatIP(DIM)
@@ -207,7 +95,7 @@ def main() -> None:
     for _, x in corpus.chunks():
         ivf.add(x)
     ivf_build = time.perf_counter() - t
-    ivf_peak = _status("VmHWM") - rss1
+    ivf_peak = proc_status("VmHWM") - rss1
     sizes = np.array([ivf.invlists.list_size(i) for i in range(L)])
     out["ivf"] = {"train_seconds": ivf_train, "build_seconds": ivf_build, "peak_gib": ivf_peak, "list_max": int(sizes.max()), "list_empty": int((sizes == 0).sum())}
     print(f"IVF: train {ivf_train:.0f}s, build {ivf_build:.0f}s, peak +{ivf_peak:.2f} GiB", flush=True)
@@ -279,14 +167,15 @@ def main() -> None:
     # ---- codecs: bytes and recall at 1 % visited (EHI's leaves; re-rank from float vectors) ----
     bw = out["budgets"]["0.01"]["ehi_beam"]
     codecs = {"flat": {"bytes": model.index.nbytes(), "R@100": out["budgets"]["0.01"]["ehi_recall@100"]}}
-    del model.index
+    leaves = model.route(q_ehi, bw)  # routed before the index goes: the spread router reads it
+    model.index = None
     release_memory()
     for codec, rerank in (("sq8", 0), ("pq", args.rerank), ("pq", 0)):
         args_c = argparse.Namespace(**{**vars(args), "rerank": rerank})
         t = time.perf_counter()
         idx = build_streaming(model, corpus, L, codec, sample_x_for_codecs, args_c)
         build_s = time.perf_counter() - t
-        res = idx.search(q_ehi, model.route(q_ehi, bw), 100)
+        res = idx.search(q_ehi, leaves, 100)
         name = codec if codec != "pq" else f"pq{idx.pq_m}" + (f"+rerank{rerank}" if rerank else "")
         codecs[name] = {"bytes": idx.nbytes(), "R@100": recall_at_100(res.indices, test_pos), "build_seconds": build_s}
         del idx

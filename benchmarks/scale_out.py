@@ -29,11 +29,13 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
+from lib.common import write_json
+from lib.synthetic import DIM, Corpus1M, near, proc_status, recall_at_100, release_memory, reset_peak, train_on_sample
 
-from common import write_json
-from scale import DIM, Corpus1M, _status, near, recall_at_100, release_memory, reset_peak, train_on_sample
-from ehi.cluster import connect, embed_and_route, shard_memory
-from ehi.model import EHIModel
+from ehi.index.ray_shards import shard_memory
+from ehi.model.ehi_model import EHIModel
+from ehi.model.ray_build import embed_and_route
+from ehi.ray_session import connect
 
 GiB = 2**30
 
@@ -108,7 +110,7 @@ def main() -> None:
     t = time.perf_counter()
     emb = model.encoder.embed_vectors(x)
     leaves = model.place(emb, 1)
-    builds["one process"] = {"seconds": time.perf_counter() - t, "process_peak_gib": _status("VmHWM")}
+    builds["one process"] = {"seconds": time.perf_counter() - t, "process_peak_gib": proc_status("VmHWM")}
     connect(num_cpus=2)
     for w in args.workers:
         stats: dict = {}

@@ -34,16 +34,16 @@ import time
 
 import faiss
 import numpy as np
+from lib.common import write_json
 from threadpoolctl import threadpool_limits
 
-from common import write_json
-from ehi.baselines import IVFBaseline
 from ehi.budget import WidthSearch
 from ehi.config import EHIConfig
 from ehi.data import load_beir
-from ehi.evaluation import make_run, measure
-from ehi.model import EHIModel
-from ehi.training import train
+from ehi.evaluation.baselines import IVFBaseline
+from ehi.evaluation.evaluate import make_run, measure
+from ehi.model.ehi_model import EHIModel
+from ehi.training.trainer import train
 
 
 def timed_each(fn, n: int) -> list[float]:
@@ -93,6 +93,9 @@ def main() -> None:
     results = {"queries": len(q), "documents": len(d), "leaves": L, "faiss": faiss.__version__, "budgets": {}}
     for budget in (0.02, 0.10):
         bw, iw = ehi_w.largest_within(budget), ivf_w.largest_within(budget)
+        if bw is None or iw is None:  # a leaf of this corpus holds more than the budget
+            print(f"≤{budget:.0%}: no width of {'EHI' if bw is None else 'IVFFlat'} visits within it; skipped")
+            continue
         row = {"ehi_beam": bw, "ivf_nprobe": iw, "ehi_visited": ehi_w.fraction(bw), "ivf_visited": ivf_w.fraction(iw)}
         ehi_leaves = model.route(q, bw)
         for threads in (1, 2):
@@ -184,7 +187,7 @@ def main() -> None:
 def equal_recall(model, ds, split: str, ivf: IVFBaseline, reps: int, single: int) -> dict:
     """EHI at its 1 / 2 / 5 % widths against the fewest IVF lists and ScaNN leaves reaching its
     Recall@100 on the split's judged queries; batched QPS and single-query p50 of each (2 threads)."""
-    from ehi.baselines import ScaNNBaseline
+    from ehi.evaluation.baselines import ScaNNBaseline
 
     rel = ds.relevant(split)
     jq = sorted(rel)
@@ -262,7 +265,7 @@ def equal_recall(model, ds, split: str, ivf: IVFBaseline, reps: int, single: int
 
 def recall_qps_curves(model, ds, split: str, reps: int, single: int) -> dict:
     """Every method over its width: R@100, R@10, batched QPS and single-query p50 on one thread."""
-    from ehi.baselines import HNSWBaseline, ScaNNBaseline
+    from ehi.evaluation.baselines import HNSWBaseline, ScaNNBaseline
 
     rel = ds.relevant(split)
     jq = sorted(rel)

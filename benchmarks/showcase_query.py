@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
+from lib.common import write_json
 
-from common import write_json
 from ehi.data import load_beir
-from ehi.model import EHIModel
+from ehi.model.ehi_model import EHIModel
 
 
 def main() -> None:

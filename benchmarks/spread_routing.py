@@ -9,7 +9,7 @@ and what does it cost on the touched ones? Variants, each a (Q, L) leaf score:
 
 - ``tree``: the model's learned router (what ``ehi search`` ships);
 - ``means``: each leaf's mean document, ``q·μ_c`` (centroid routing over the tree's leaves);
-- ``spread λ``: ``q·μ_c + λ‖S_c q‖`` (``ehi.leaf_sketch``; rank ``--rank``);
+- ``spread λ``: ``q·μ_c + λ‖S_c q‖`` (``ehi.model.leaf_sketch``; rank ``--rank``);
 - ``tree + w·spread λ``: both standardised per query (each leaf's score minus the query's mean
   over leaves, over its standard deviation), summed with weight ``w`` on the spread.
 
@@ -32,13 +32,13 @@ import time
 
 import numpy as np
 import torch
+from lib.common import write_json
 
-from common import write_json
 from ehi.data import load_beir
-from ehi.evaluation import add_touch_split, ehi_curve, split_by_touch, untouched_queries, TOUCHED, UNTOUCHED
-from ehi.leaf_sketch import LeafSketch
-from ehi.model import EHIModel
-from ehi.validation import holdout
+from ehi.evaluation.evaluate import TOUCHED, UNTOUCHED, add_touch_split, ehi_curve, split_by_touch, untouched_queries
+from ehi.model.ehi_model import EHIModel
+from ehi.model.leaf_sketch import LeafSketch
+from ehi.training.validation import holdout
 
 BUDGETS = (0.01, 0.02, 0.05, 0.1, 0.2)
 

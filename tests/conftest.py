@@ -77,6 +77,24 @@ def tiny_beir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def trained_tiny(tiny_beir, tmp_path_factory) -> Path:
+    """One model trained on ``tiny_beir`` (6 leaves, 2 epochs), saved, shared by every test
+    that only reads a model; a test that changes one works on a copy (``copy_model``)."""
+    from ehi.cli import main
+
+    out = tmp_path_factory.mktemp("trained") / "m"
+    assert main(["train", "--data", str(tiny_beir), "--out", str(out), "-B", "6", "--epochs", "2", "--no-progress"]) == 0
+    return out
+
+
+def copy_model(model: Path, where: Path) -> Path:
+    """A copy of a saved model to change (the shared one stays as trained)."""
+    out = where / "m"
+    shutil.copytree(model, out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def scifact_subset(tmp_path_factory) -> Path:
     """SciFact restricted to 60 train and 30 test queries and 400 documents (their positives
     plus others), so that the real data is exercised in seconds."""

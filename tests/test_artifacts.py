@@ -8,8 +8,8 @@ from ehi import artifacts
 from ehi.artifacts import ArtifactError
 from ehi.config import EHIConfig
 from ehi.data import load_beir
-from ehi.model import EHIModel
-from ehi.training import train
+from ehi.model.ehi_model import EHIModel
+from ehi.training.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +120,7 @@ def test_a_crash_after_the_swap_leaves_the_new_model_and_the_next_save_cleans_up
     assert (tmp_path / ".copy-notes").is_dir()
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_of_repeated_saves_leaves_a_loadable_model(saved, tmp_path):
     """A process saving over the same path again and again is killed at several moments; the
     path always holds a complete model (old or new), whatever the moment."""

@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pytest
 
-from ehi.baselines import HNSWBaseline, IVFBaseline, ScaNNBaseline, exact_search
-from ehi.benchmark import SeedRun, aggregate, significance, write_report
-from ehi.evaluation import Row, budget_curve
+from ehi.benchmark.run import SeedRun, aggregate, significance, write_report
+from ehi.evaluation.baselines import HNSWBaseline, IVFBaseline, ScaNNBaseline, exact_search
+from ehi.evaluation.evaluate import Row, budget_curve
 
 
 def _emb(n, d=16, seed=0):
@@ -44,7 +44,7 @@ def test_ivf_with_every_list_probed_is_exact_search():
 
 
 def test_the_spread_router_baseline_probes_its_lists_in_sketch_order_and_is_exact_over_all():
-    from ehi.baselines import SpreadIVFBaseline
+    from ehi.evaluation.baselines import SpreadIVFBaseline
 
     d, q = _emb(2000), _emb(40, seed=4)
     sp = SpreadIVFBaseline(d, 32)
@@ -133,7 +133,7 @@ def test_report_writer_on_a_tiny_synthetic_run(tmp_path):
 
 
 def test_the_report_shows_touched_and_untouched_queries_apart(tmp_path):
-    from ehi.evaluation import add_touch_split
+    from ehi.evaluation.evaluate import add_touch_split
 
     runs = _synthetic_runs()
     qids = sorted(runs[0].rows[0].per_query)

@@ -43,11 +43,11 @@ def test_a_calibrated_beam_per_level_is_saved_and_searched_with(tiny_beir, tmp_p
     """Opt-in (upper_agreement): each calibrated width carries the cells expanded for it; a
     budget search after save -> load visits the leaves that width and those cells give."""
     import numpy as np
-
     from conftest import tiny_config
+
     from ehi.data import load_beir
-    from ehi.model import EHIModel
-    from ehi.training import train
+    from ehi.model.ehi_model import EHIModel
+    from ehi.training.trainer import train
 
     cfg = tiny_config(branching=4, epochs=1)
     cfg.tree.height, cfg.tree.upper_agreement = 2, 0.95
@@ -60,5 +60,5 @@ def test_a_calibrated_beam_per_level_is_saved_and_searched_with(tiny_beir, tmp_p
     w = loaded.resolve_beam(budget=0.3)
     u = next(c[2] for c in cal if c[0] == w)
     q = loaded.encoder.encode(["telescope galaxy astronomy", "oven flour cooking"])
-    assert np.array_equal(loaded.route(q, w), loaded._current_router().leaves(q, w, u))
+    assert np.array_equal(loaded.route(q, w), loaded.router.snapshot().leaves(q, w, u))
     assert calibrated_width(cal, 0.3) == w  # three-entry calibrations follow the same rule

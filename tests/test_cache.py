@@ -3,8 +3,8 @@ import os
 import numpy as np
 import pytest
 
-from ehi import encoder as enc
 from ehi.cli import main
+from ehi.encode import encoder as enc
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ def test_train_search_evaluate(cli_model, tiny_beir, capsys, tmp_path):
 def test_index_rebuilds_with_more_leaves_per_document(cli_model, tiny_beir, tmp_path, capsys):
     out = tmp_path / "m2"
     assert main(["index", "build", str(cli_model), "--data", str(tiny_beir), "--d2l", "2", "--out", str(out)]) == 0
-    from ehi.model import EHIModel
+    from ehi.model.ehi_model import EHIModel
 
     m = EHIModel.load(out)
     assert m.index.d2l == 2 and m.index.leaf_sizes().sum() == 120
@@ -89,7 +89,7 @@ def test_version_and_every_option_documented(capsys):
     import argparse
 
     from ehi import __version__
-    from ehi.cli import build_parser
+    from ehi.cli.entry import build_parser
 
     with pytest.raises(SystemExit) as e:
         main(["--version"])
@@ -141,3 +141,13 @@ def test_search_words_are_one_query_and_a_query_file_writes_a_trec_run(cli_model
     assert main(["search", str(cli_model), "--queries", str(queries), "also words"]) == 2
     assert main(["evaluate", "--data", str(tiny_beir)]) == 2  # neither a model nor --run
 
+
+
+def test_the_installed_ehi_command_is_the_cli_function():
+    """``ehi`` (the console script pyproject.toml declares) runs the command line."""
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "ehi"]
+    with pytest.raises(SystemExit) as done:
+        script.load()(["--version"])
+    assert done.value.code == 0

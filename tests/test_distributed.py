@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 
 from ehi.data import load_beir
-from ehi.evaluation import evaluate_model
-from ehi.model import EHIModel
+from ehi.evaluation.evaluate import evaluate_model
+from ehi.model.ehi_model import EHIModel
 
 ARGS = ["-B", "4", "--epochs", "6", "--batch-size", "16", "--seed", "3", "--no-progress"]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tiny_beir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one", tmp_path / "two"
@@ -27,7 +28,7 @@ def test_two_processes_match_one(tiny_beir, tmp_path):
                    check=True, env=env, capture_output=True)
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "ehi.train", "--data", str(tiny_beir), "--out", str(two), *ARGS],
+         "-m", "ehi.cli.torchrun", "--data", str(tiny_beir), "--out", str(two), *ARGS],
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]

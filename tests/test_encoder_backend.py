@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ehi.config import EncoderConfig
-from ehi.encoder import Encoder
+from ehi.encode.encoder import Encoder
 
 TEXTS = ["Exposure to fine particulate air pollution is related to anxiety.", "short", "word " * 300]
 

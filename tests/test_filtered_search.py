@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from ehi.config import EHIConfig
-from ehi.model import EHIModel
-from ehi.tree import Tree
+from ehi.model.ehi_model import EHIModel
+from ehi.model.tree import Tree
 
 
 def _unit(x):

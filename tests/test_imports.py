@@ -1,24 +1,101 @@
-"""The package's modules import each other without a circle (lazy imports inside functions
-count too): a concept lower down never reaches back up to one built on it."""
+"""The package's layering: subpackages import only the layers below them (lazy imports inside
+functions count too), nothing imports in a circle, and the index layer runs without torch."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import ehi
 
 ROOT = Path(ehi.__file__).parent
 
+# lowest first: a module may import its own layer and those below it, never one above
+LAYERS = [
+    {"__init__", "config", "limits", "progress", "artifacts", "budget", "data", "results", "ray_session"},
+    {"encode", "index"},
+    {"model"},
+    {"evaluation"},
+    {"training"},
+    {"benchmark", "server", "cli"},
+]
+
+
+def part(module: str) -> str:
+    """The layer unit of a dotted module name under ehi: its subpackage or flat module."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def layer(module: str) -> int:
+    return next(i for i, names in enumerate(LAYERS) if part(module) in names)
+
+
+def module_name(f: Path) -> str:
+    rel = f.relative_to(ROOT.parent).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported(f: Path) -> set[str]:
+    """The ehi modules a file imports, resolved to module names (a name imported from a
+    package that is a submodule counts as that submodule)."""
+    out = set()
+    for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.split(".")[0] == "ehi"}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{f}: relative import (the package imports by absolute name)"
+            if node.module and node.module.split(".")[0] == "ehi":
+                for a in node.names:
+                    sub = f"{node.module}.{a.name}"
+                    out.add(sub if (ROOT.parent / sub.replace(".", "/")).with_suffix(".py").exists() else node.module)
+    return out
+
 
 def import_graph() -> dict[str, set[str]]:
     graph = {}
-    for f in ROOT.glob("*.py"):
-        deps = set()
-        for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                names = [node.module] if node.module else [a.name for a in node.names]
-                deps |= {n.split(".")[0] for n in names}
-        graph[f.stem] = deps - {f.stem, "__version__"}
+    for f in ROOT.rglob("*.py"):
+        name = module_name(f)
+        graph[name] = imported(f) - {name}
     return graph
+
+
+def test_three_subpackages_at_least():
+    subpackages = {p.parent.name for p in ROOT.glob("*/__init__.py")}
+    assert {"index", "training", "encode"} <= subpackages
+    assert all(p.parent.name in set().union(*LAYERS) for p in ROOT.glob("*/__init__.py"))
+    assert {f.stem for f in ROOT.glob("*.py")} <= LAYERS[0] | {"server"}, "a flat module outside the foundation"
+
+
+def test_each_layer_imports_only_those_below():
+    wrong = []
+    for name, deps in import_graph().items():
+        for dep in deps:
+            if dep.split(".")[0] == "ehi" and layer(dep) > layer(name):
+                wrong.append(f"{name} -> {dep}")
+    assert wrong == []
+
+
+def test_encode_and_index_do_not_import_each_other():
+    graph = import_graph()
+    for name, deps in graph.items():
+        if part(name) in ("encode", "index"):
+            other = "index" if part(name) == "encode" else "encode"
+            assert not [d for d in deps if part(d) == other], name
+
+
+def test_the_index_layer_never_imports_torch():
+    for f in (ROOT / "index").glob("*.py"):
+        tree = ast.parse(f.read_text(encoding="utf-8"))
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not {m for m in names if m.split(".")[0] in ("torch", "transformers", "sentence_transformers")}, f
+    code = (
+        "import sys, ehi.index.leaf_index, ehi.index.store, ehi.index.shards, ehi.index.ray_shards\n"
+        "assert 'torch' not in sys.modules and 'ehi.training' not in sys.modules, 'the index layer loaded torch'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -57,7 +134,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_cycle():
     graph = import_graph()
-    assert {"evaluation", "training", "unsupervised", "config"} <= set(graph)
+    assert {"ehi.evaluation.evaluate", "ehi.training.trainer", "ehi.training.unsupervised", "ehi.config"} <= set(graph)
     assert cycles(graph) == []
 
 
@@ -67,11 +144,8 @@ def test_the_checker_sees_a_cycle():
 
 def test_the_core_does_not_import_ray():
     """Ray is an extra: training, search and serving one process never load it."""
-    import subprocess
-    import sys
-
     code = (
-        "import sys, ehi.cli, ehi.model, ehi.server, ehi.sharding, ehi.training, ehi.evaluation\n"
+        "import sys, ehi.cli.entry, ehi.model.ehi_model, ehi.server, ehi.index.store, ehi.training.trainer, ehi.evaluation.evaluate\n"
         "assert 'ray' not in sys.modules, 'ray imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

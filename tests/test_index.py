@@ -2,7 +2,7 @@ import faiss
 import numpy as np
 import pytest
 
-from ehi.index import LeafIndex
+from ehi.index.leaf_index import LeafIndex
 
 
 def _data(n=300, d=16, L=10, d2l=1, seed=0):

@@ -1,16 +1,15 @@
 import json
 
 import pytest
+from conftest import copy_model
 
 from ehi.cli import main
-from ehi.model import EHIModel
+from ehi.model.ehi_model import EHIModel
 
 
 @pytest.fixture
-def model_dir(tiny_beir, tmp_path):
-    out = tmp_path / "m"
-    assert main(["train", "--data", str(tiny_beir), "--out", str(out), "-B", "4", "--epochs", "2", "--no-progress"]) == 0
-    return out
+def model_dir(trained_tiny, tmp_path):
+    return copy_model(trained_tiny, tmp_path)  # these tests change the model
 
 
 NEW = [

@@ -5,14 +5,14 @@ import json
 
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 from ehi.artifacts import ArtifactError, seal_manifest, sha256_file
 from ehi.data import load_beir, load_corpus
-from ehi.leaf_sketch import LeafSketch
-from ehi.model import SKETCH_FILE, EHIModel
-from ehi.training import train
-
-from conftest import tiny_config
+from ehi.model.ehi_model import EHIModel
+from ehi.model.leaf_sketch import LeafSketch
+from ehi.model.persistence import SKETCH_FILE
+from ehi.training.trainer import train
 
 
 def test_scores_are_the_mean_plus_lambda_standard_deviations_of_each_leafs_inner_products():
@@ -43,10 +43,8 @@ def test_pruned_scoring_agrees_with_full_scoring_given_every_leaf_as_candidate()
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_beir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("spread") / "m"
-    train(load_beir(tiny_beir), tiny_config(), out_dir=out, progress=False)
-    return out
+def model_dir(trained_tiny):
+    return trained_tiny
 
 
 def test_the_default_model_searches_with_the_spread_router_and_places_documents_with_the_tree(model_dir):
@@ -140,8 +138,9 @@ def test_questions_about_documents_added_after_training_are_found_as_well_as_by_
     was fitted on every document, over the same encoder (benchmarks/added_documents.py on
     real corpora)."""
     from conftest import write_beir
+
     from ehi.data import Corpus, Dataset
-    from ehi.evaluation import ehi_curve, ivf_curve
+    from ehi.evaluation.evaluate import ehi_curve, ivf_curve
 
     ds = load_beir(write_beir(tmp_path / "b", n_per_topic=30))
     late = set(np.random.default_rng(0).permutation(ds.corpus.ids)[: len(ds.corpus) // 5].tolist())
@@ -169,8 +168,9 @@ def test_a_new_topic_added_after_training_needs_the_leaves_redrawn(tmp_path):
     would), so at small budgets k-means over every document finds them better; after
     ``repartition`` (``ehi index add --repartition``) EHI finds them as well as it does."""
     from conftest import write_beir
+
     from ehi.data import Corpus, Dataset
-    from ehi.evaluation import ehi_curve, ivf_curve
+    from ehi.evaluation.evaluate import ehi_curve, ivf_curve
 
     ds = load_beir(write_beir(tmp_path / "b", n_per_topic=30))
     late = {"music", "sports"}

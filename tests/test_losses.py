@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ehi.losses import ehi_losses, triplet_hinge
+from ehi.training.losses import ehi_losses, triplet_hinge
 
 
 def unit(*v):

@@ -1,6 +1,6 @@
 import numpy as np
 
-from ehi.mining import mine_pool, positives_matrix, sample_negatives
+from ehi.training.mining import mine_pool, positives_matrix, sample_negatives
 
 
 def test_mining_never_returns_a_positive_and_ranks_by_similarity():

@@ -8,14 +8,13 @@ import os
 import shutil
 import stat
 
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
 from ehi.artifacts import ArtifactError
 from ehi.cli import main
-from ehi.model import EHIModel
-from ehi.training import checkpoint_path
+from ehi.model.ehi_model import EHIModel
+from ehi.training.trainer import checkpoint_path
 
 TRAIN = ["-B", "6", "--epochs", "2", "--no-progress"]
 
@@ -235,6 +234,16 @@ def test_a_lone_surrogate_in_an_input_file_is_one_line_naming_file_and_line(trai
     queries.write_text(json.dumps({"_id": "q1", "text": "\udc80 oops"}) + "\n")
     assert main(["search", str(trained), "--queries", str(queries)]) == 2
     assert f"{queries}:1: field 'text'" in capsys.readouterr().err
+    # plain-text files: a surrogate's UTF-8 bytes (or any non-UTF-8 line) name the file and line
+    ids = tmp_path / "ids.txt"
+    ids.write_bytes(b"astronomy-1\ncooking-2\nbad-\xed\xa0\x80\n")
+    assert main(["index", "remove", str(trained), str(ids), "--out", str(tmp_path / "removed")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{ids}:3: not valid UTF-8 text" in err and "\n" not in err and not (tmp_path / "removed").exists()
+    tsv = tmp_path / "q.tsv"
+    tsv.write_bytes(b"q1\tstars\nq2\tcaf\xe9\n")
+    assert main(["search", str(trained), "--queries", str(tsv)]) == 2
+    assert f"{tsv}:2: not valid UTF-8 text" in capsys.readouterr().err
 
 
 def test_a_request_whose_client_went_away_stops_taking_batches(trained):

@@ -1,13 +1,11 @@
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 from ehi.artifacts import ArtifactError
 from ehi.data import load_beir
-from ehi.model import EHIModel
-from ehi.training import Trainer, train
-
-
-from conftest import tiny_config
+from ehi.model.ehi_model import EHIModel
+from ehi.training.trainer import Trainer, train
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +18,9 @@ def trained(tiny_beir, tmp_path_factory):
 def test_training_reduces_the_loss(tiny_beir):
     trainer = Trainer(tiny_config(epochs=8), load_beir(tiny_beir))
     trainer.fit(progress=False)
-    losses = [h["loss"] for h in trainer.history]
+    losses = [h["loss"] for h in trainer.state.history]
     assert losses[-1] < losses[0]
-    assert set(trainer.history[0]) >= {"siamese", "indexing", "intra_leaf", "balance", "loss"}
+    assert set(trainer.state.history[0]) >= {"siamese", "indexing", "intra_leaf", "balance", "loss"}
 
 
 def test_save_load_gives_identical_results(trained, tiny_beir):
@@ -60,7 +58,7 @@ def test_budget_maps_to_the_largest_beam_within_it(trained):
 def test_checkpoint_written_each_epoch(trained):
     _, out = trained
     from ehi.artifacts import read_manifest
-    from ehi.training import checkpoint_path
+    from ehi.training.trainer import checkpoint_path
 
     manifest = read_manifest(checkpoint_path(out))
     assert manifest["kind"] == "checkpoint"
@@ -89,7 +87,7 @@ def test_corrupted_or_foreign_artifacts_fail_clearly(trained, tmp_path):
 
 def test_top_k_scope_reproduces_the_sentence_transformer_at_init():
     from ehi.config import EncoderConfig
-    from ehi.encoder import Encoder
+    from ehi.encode.encoder import Encoder
 
     texts = ["a short text", "a somewhat longer text about telescopes and galaxies", "x"]
     enc = Encoder(EncoderConfig(scope="top-k", top_k_layers=2))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ehi.cli import main
-from ehi.model import EHIModel
+from ehi.model.ehi_model import EHIModel
 
 
 @pytest.fixture

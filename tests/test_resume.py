@@ -5,9 +5,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
-from ehi.model import EHIModel
-from ehi.training import checkpoint_path
+from ehi.model.ehi_model import EHIModel
+from ehi.training.trainer import checkpoint_path
 
 ARGS = ["-B", "4", "--epochs", "30", "--batch-size", "2", "--refresh-every", "3", "--seed", "7", "--no-progress"]
 
@@ -27,9 +28,9 @@ def checkpoint_epoch(out):
 # the test kills it there, whatever the machine's speed (no polling, no timing).
 DRIVER = """
 import sys
-from ehi.cli import _config_from_args, build_parser
+from ehi.cli.entry import _config_from_args, build_parser
 from ehi.data import load_beir
-from ehi.training import Trainer
+from ehi.training.trainer import Trainer
 
 args = build_parser().parse_args(sys.argv[1:])
 def pause(trainer, record):
@@ -40,6 +41,7 @@ Trainer(_config_from_args(args), load_beir(args.data)).fit(args.out, progress=Fa
 """
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_beir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     ref = tmp_path / "ref"
@@ -70,6 +72,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_beir, tmp_path):
     assert [[h.doc_id for h in r.hits] for r in ra] == [[h.doc_id for h in r.hits] for r in rb]
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_config(tiny_beir, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "m"
@@ -78,3 +81,34 @@ def test_resume_refuses_a_different_config(tiny_beir, tmp_path):
     cmd[cmd.index("7")] = "8"  # another seed
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert done.returncode == 2 and "different configuration" in done.stderr
+
+
+def test_a_checkpoint_restores_the_whole_training_state(tiny_beir, tmp_path):
+    """What ``resume`` restores equals, field by field, the state the run had when it wrote the
+    checkpoint: epoch, stage, history, validation, the kept best state, negatives, routing
+    targets and the batch-order generator (a two-level tree, neighbour targets on)."""
+    import copy
+    import shutil
+
+    from conftest import tiny_config
+
+    from ehi.data import load_beir
+    from ehi.training.trainer import Trainer
+
+    cfg = tiny_config(branching=3, epochs=4, hard_negatives=2, lambda_neighbours=0.5)
+    cfg.tree.height = 2
+    ds = load_beir(tiny_beir)
+    out, kept = tmp_path / "m", tmp_path / "kept"
+    seen = {}
+
+    def keep(trainer, record):
+        if record["epoch"] == 3 and "stage" not in record:
+            shutil.copytree(checkpoint_path(out), kept)
+            seen["state"] = copy.deepcopy(trainer.state)
+
+    Trainer(cfg, ds).fit(out, progress=False, on_epoch=keep, build_index=False)
+    again = Trainer(cfg, ds)
+    assert again.state != seen["state"]
+    assert again.resume(kept) == 3
+    assert again.state == seen["state"]
+    assert seen["state"].pool is not None and seen["state"].route_targets is not None and seen["state"].history

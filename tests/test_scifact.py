@@ -1,12 +1,11 @@
 """The real data, on a subset small enough for CI: 400 SciFact documents, 60 train queries."""
 
-import numpy as np
 import pytest
 
 from ehi.config import EHIConfig
 from ehi.data import load_beir
-from ehi.evaluation import evaluate_model
-from ehi.training import Trainer
+from ehi.evaluation.evaluate import evaluate_model
+from ehi.training.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +18,7 @@ def scifact_model(scifact_subset):
     return ds, trainer, trainer.fit(progress=False)
 
 
+@pytest.mark.slow
 def test_scifact_subset_end_to_end(scifact_model):
     ds, trainer, model = scifact_model
     assert len(ds.corpus) == 400

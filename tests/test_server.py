@@ -15,10 +15,8 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_beir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("srv") / "m"
-    assert main(["train", "--data", str(tiny_beir), "--out", str(out), "-B", "6", "--epochs", "2", "--no-progress"]) == 0
-    return out
+def model_dir(trained_tiny):
+    return trained_tiny
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +42,7 @@ def test_search_single_and_batched(client, model_dir):
     assert len(res["hits"]) == 3 and res["hits"][0]["id"].startswith("music")
     assert res["fraction_visited"] == pytest.approx(1.0) and sorted(res["leaves"]) == list(range(6))
     # the service answers what the Python API answers
-    from ehi.model import EHIModel
+    from ehi.model.ehi_model import EHIModel
 
     direct = EHIModel.load(model_dir).search("guitar chord melody music", k=3, beam=6)[0]
     assert [h["id"] for h in res["hits"]] == [h.doc_id for h in direct.hits]
@@ -88,6 +86,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="Debian chromium and chromium-driver are not installed")
 def test_page_in_headless_chromium(model_dir):
     import uvicorn
@@ -148,7 +147,7 @@ def test_a_request_that_fails_in_a_batch_does_not_fail_the_others(model_dir):
     """The batcher runs a failing batch again item by item: only the bad item fails."""
     import asyncio
 
-    from ehi.model import EHIModel
+    from ehi.model.ehi_model import EHIModel
     from ehi.server import Batcher
 
     class Flaky(Batcher):
@@ -184,7 +183,7 @@ def test_cli_api_and_server_share_one_default_width_and_result_shape(model_dir, 
     """Without beam or budget, every entry point visits the default budget's leaves and
     returns the same result fields (one list entry per query, even for one string)."""
     from ehi.budget import DEFAULT_BUDGET
-    from ehi.model import EHIModel
+    from ehi.model.ehi_model import EHIModel
 
     model = EHIModel.load(model_dir)
     # a calibration under which the default budget means 3 leaves, not the narrowest search
@@ -250,7 +249,7 @@ def test_a_lone_request_never_waits_for_company_but_a_loaded_server_does(model_d
     import asyncio
 
     import ehi.server as server
-    from ehi.model import EHIModel
+    from ehi.model.ehi_model import EHIModel
 
     waits = []
 

@@ -8,10 +8,10 @@ import torch
 
 from ehi.artifacts import ArtifactError
 from ehi.config import PRECOMPUTED, EHIConfig
-from ehi.encoder import Encoder
-from ehi.model import EHIModel
-from ehi.sharding import ShardedIndex, assign_shards
-from ehi.tree import Tree
+from ehi.encode.encoder import Encoder
+from ehi.index.shards import ShardedLists, assign_shards
+from ehi.model.ehi_model import EHIModel
+from ehi.model.tree import Tree
 
 DIM = 24
 
@@ -73,13 +73,13 @@ def test_sharded_model_searches_like_the_whole_index(tmp_path, d2l, codec, reran
     assert sum(shard_map["documents"]) == 3000 * d2l and len(shard_map["leaf_shard"]) == 32
 
     mapped = EHIModel.load(tmp_path / "m", mmap=True)  # each shard file scanned apart, merged
-    assert isinstance(mapped.index, ShardedIndex) and mapped.index.shard_count == 3
+    assert isinstance(mapped.index.lists, ShardedLists) and mapped.index.shard_count == 3
     same_results(m, mapped)
     same_results(m, mapped, allowed=np.arange(0, 3000, 7))  # filtered: scanned in the shards too
     same_results(m, mapped, allowed=np.arange(0, 60))  # small filter: exact over the rows
 
     merged = EHIModel.load(tmp_path / "m")  # in memory: one index again, writable
-    assert not isinstance(merged.index, ShardedIndex) and merged.config.index.shards == 3
+    assert not isinstance(merged.index.lists, ShardedLists) and merged.config.index.shards == 3
     same_results(m, merged)
 
 

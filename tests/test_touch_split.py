@@ -9,7 +9,7 @@ import pytest
 
 from ehi.cli import main
 from ehi.data import Corpus, Dataset
-from ehi.evaluation import TOUCHED, UNTOUCHED, Row, add_touch_split, split_by_touch
+from ehi.evaluation.evaluate import TOUCHED, UNTOUCHED, Row, add_touch_split, split_by_touch
 
 
 def _dataset():
@@ -65,7 +65,7 @@ def test_ehi_evaluate_reports_touched_and_untouched_queries_apart(tiny_beir, tmp
 
 
 def test_the_untouched_guard_refuses_a_clear_loss_and_lets_noise_through():
-    from ehi.validation import untouched_worse
+    from ehi.training.validation import untouched_worse
 
     rng = np.random.default_rng(0)
     ref = rng.uniform(40, 90, size=60)
@@ -80,8 +80,9 @@ def test_validation_never_keeps_a_state_that_wins_on_touched_and_loses_on_untouc
     """A scripted validator: epoch 2's learned tree scores best overall (its touched queries
     gain) while its untouched queries all lose; training keeps the best state that does not."""
     from conftest import tiny_config
+
     from ehi.data import load_beir
-    from ehi.training import Trainer
+    from ehi.training.trainer import Trainer
 
     trainer = Trainer(tiny_config(epochs=3, route_fit_epochs=0, val_refit=False), load_beir(tiny_beir))
     assert trainer.validator is not None
@@ -105,8 +106,8 @@ def test_validation_never_keeps_a_state_that_wins_on_touched_and_loses_on_untouc
 
     trainer.validator = Scripted()
     trainer.fit(progress=False)
-    assert trainer.best[0] == 1 and trainer.best[1] == 60.0
-    by_epoch = {e["epoch"]: e for e in trainer.validation}
+    assert trainer.state.best.epoch == 1 and trainer.state.best.score == 60.0
+    by_epoch = {e["epoch"]: e for e in trainer.state.validation}
     assert "untouched" in by_epoch[2]["refused"]
     assert "per_query" not in by_epoch[2]["new_documents"]  # only the reference keeps them
     assert "per_query" in by_epoch[0]["new_documents"]

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from ehi.config import TreeConfig
-from ehi.tree import Tree, leaf_to_path, load_balance_penalty, path_to_leaf
+from ehi.model.tree import Tree, leaf_to_path, path_to_leaf
+from ehi.training.losses import load_balance_penalty
 
 
 def make_tree(B, H, d=8, seed=0, **tree_config):

@@ -6,15 +6,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_config, write_beir
+
 from ehi.cli import main
 from ehi.data import load_beir
-from ehi.losses import soft_routing_cross_entropy
-from ehi.mining import routing_targets
-from ehi.model import EHIModel
-from ehi.evaluation import exact_neighbours, neighbour_recall
-from ehi.unsupervised import (
+from ehi.evaluation.evaluate import exact_neighbours, neighbour_recall
+from ehi.model.ehi_model import EHIModel
+from ehi.training.losses import soft_routing_cross_entropy
+from ehi.training.mining import routing_targets
+from ehi.training.unsupervised import (
     JUDGED_SPLIT,
     PseudoQuerySet,
     neighbour_dataset,
@@ -110,8 +110,9 @@ def test_documents_stand_in_when_there_are_no_queries(tmp_path):
 
 
 def test_neighbour_dataset_pairs_each_pseudo_query_with_its_nearest_documents():
-    from ehi.data import Corpus, Dataset
     from pathlib import Path
+
+    from ehi.data import Corpus, Dataset
 
     rng = np.random.default_rng(1)
     d = rng.standard_normal((30, 6)).astype(np.float32)
@@ -168,7 +169,7 @@ def test_evaluate_reports_neighbour_recall_with_and_without_qrels(tmp_path, caps
 
 
 def test_resume_between_target_refreshes_matches_an_uninterrupted_run(tmp_path, monkeypatch):
-    from ehi.training import Trainer, checkpoint_path
+    from ehi.training.trainer import Trainer, checkpoint_path
 
     ds = load_beir(write_beir(tmp_path / "d", n_per_topic=10))
     # 4 epochs, targets refreshed every 2: epoch 3 is mid-cycle; the last epoch is shipped
@@ -178,7 +179,7 @@ def test_resume_between_target_refreshes_matches_an_uninterrupted_run(tmp_path, 
 
     def save_and_copy(self, path, epoch):
         save(self, path, epoch)
-        if epoch == 3 and self.stage == "select" and not kept.exists():
+        if epoch == 3 and self.state.stage == "select" and not kept.exists():
             shutil.copytree(path, kept)
 
     monkeypatch.setattr(Trainer, "save_checkpoint", save_and_copy)

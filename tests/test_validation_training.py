@@ -4,14 +4,13 @@ tree worse than its k-means start is never shipped, and the curve reaches the sa
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 
 from ehi.config import EHIConfig
 from ehi.data import load_beir
-from ehi.model import EHIModel
-from ehi.training import Trainer, checkpoint_path, train
-from ehi.validation import holdout
-
-from conftest import tiny_config
+from ehi.model.ehi_model import EHIModel
+from ehi.training.trainer import Trainer, checkpoint_path, train
+from ehi.training.validation import holdout
 
 
 def config(**train):
@@ -79,7 +78,7 @@ def test_the_best_epoch_is_kept_then_refit_on_all_training_queries(tiny_beir, tm
 def test_resume_in_the_refit_stage_matches_an_uninterrupted_run(tiny_beir, tmp_path, monkeypatch):
     import itertools
 
-    from ehi.validation import Validator
+    from ehi.training.validation import Validator
 
     ds = load_beir(tiny_beir)
     cfg = config(epochs=4, val_recluster=False)
@@ -94,7 +93,7 @@ def test_resume_in_the_refit_stage_matches_an_uninterrupted_run(tiny_beir, tmp_p
     monkeypatch.setattr(Validator, "__call__", improving(itertools.count()))
     ref = Trainer(cfg, ds)
     ref.fit(progress=False, build_index=False)
-    assert ref.best[0] == 4 and ref.stage == "refit" and ref.refit_epochs == 4
+    assert ref.state.best.epoch == 4 and ref.state.stage == "refit" and ref.state.refit_epochs == 4
 
     class Stop(Exception):
         pass
@@ -108,13 +107,13 @@ def test_resume_in_the_refit_stage_matches_an_uninterrupted_run(tiny_beir, tmp_p
     with pytest.raises(Stop):
         Trainer(cfg, ds).fit(out_dir=out, progress=False, on_epoch=crash, build_index=False)
     again = Trainer(cfg, ds)
-    assert again.resume(checkpoint_path(out)) == 2 and again.stage == "refit"
+    assert again.resume(checkpoint_path(out)) == 2 and again.state.stage == "refit"
     again.fit(progress=False, build_index=False)
     for (k, v), (_, w) in zip(ref.tree.state_dict().items(), again.tree.state_dict().items()):
         assert torch.equal(v, w), k
     assert np.array_equal(ref.encoder.adapter.weight.detach().numpy(), again.encoder.adapter.weight.detach().numpy())
     # and it differs from the validated state itself: the refit saw the held-out queries too
-    assert not torch.equal(ref.best[2]["tree.levels.0.W"], ref.tree.levels[0].W.detach())
+    assert not torch.equal(ref.state.best.state["tree.levels.0.W"], ref.tree.levels[0].W.detach())
 
 
 def test_tune_writes_a_loadable_config_chosen_on_training_queries_only(tiny_beir, tmp_path):
@@ -142,7 +141,7 @@ def test_tune_writes_a_loadable_config_chosen_on_training_queries_only(tiny_beir
 
 
 def test_tune_tries_every_candidate_within_its_time_and_keeps_the_best(tiny_beir):
-    from ehi.tuning import candidates, tune
+    from ehi.training.tuning import candidates, tune
 
     ds = load_beir(tiny_beir)
     cfg = config(epochs=2)
@@ -205,7 +204,7 @@ def test_validation_also_scores_held_out_queries_on_documents_no_training_query_
     assert v.new_doc_queries == expected and expected  # one query per document here: all are new
     # a held-out query whose document a training query also points at is not "new"
     first = v.query_ids[0]
-    from ehi.validation import Validator
+    from ehi.training.validation import Validator
 
     touched = Validator(ds, "train", v.query_ids, v.feats, v.budgets, trained_docs=[row[d] for d in rel[first]])
     assert first not in touched.new_doc_queries and len(touched.new_doc_queries) == len(v.query_ids) - 1

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from . import __version__
+from ehi import __version__
 
 FORMAT = "ehi-model"
 FORMAT_VERSION = 2  # 2: the manifest's values are checksummed too (MANIFEST_DIGEST)

@@ -25,7 +25,7 @@ SCOPES, INITS, NEGATIVES_FROM, CODECS = get_args(Scope), get_args(Init), get_arg
 CONDITIONINGS, NODE_INITS, LEAF_RANKS = get_args(Conditioning), get_args(NodeInit), get_args(LeafRank)
 
 
-# what runs the frozen transformer (ehi.encoder_onnx): auto = ONNX Runtime where it can
+# what runs the frozen transformer (ehi.encode.onnx): auto = ONNX Runtime where it can
 BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
 
 
@@ -60,7 +60,7 @@ class TreeConfig:
     # 0 = auto, resolved when training sees the corpus (``resolve_branching``): about 4·sqrt(N)
     # leaves, rounded to a power of two (Faiss's rule of thumb for nlist). On SciFact and
     # Climate-FEVER (~5k documents) that is 256 leaves of ~20 documents, which beat 128 on the
-    # held-out queries of both (benchmarks/generalization.py)
+    # held-out queries of both (benchmarks/experiments/generalization.py)
     branching: int = 0
     height: int = 1
     init: Init = "kmeans"
@@ -74,7 +74,7 @@ class TreeConfig:
     conditioning: Conditioning = "per-node"
     # per-node k-means start: bottom-up = flat k-means leaves grouped into balanced cells of B
     # (a deep tree whose leaves are a flat tree's); top-down = each cell's children k-means'd
-    # inside it (benchmarks/hierarchy_cells.py measures both)
+    # inside it (benchmarks/experiments/hierarchy_cells.py measures both)
     node_init: NodeInit = "bottom-up"
     # search keeps max(beam, upper_beam) nodes at the levels above the leaves (H > 1; 0 = auto:
     # B/2 for per-node trees ranked by leaf) and ranks the leaves under them by their own score
@@ -163,7 +163,7 @@ class TrainConfig:
     # every this many epochs (0 = never) the tree is re-initialised by k-means over the current
     # encoder's documents, so that a moved encoder does not leave it routing a stale geometry
     recluster_every: int = 0
-    # after training, the router is fitted to what search does (routing.py): this many epochs of
+    # after training, the router is fitted to what search does (training/router_fit.py): this many epochs of
     # logit-adjusted cross-entropy toward the leaf of each training query's positive and of each
     # of ``route_fit_spans`` spans per document toward its document's leaf (0 = auto: about
     # 50,000 spans, 1 to 4 per document, as measured: 4 on SciFact, 2 on SQuAD); the change
@@ -253,7 +253,7 @@ class IndexConfig:
     pq_m: int = 0
     rerank: int = 0
     # files the lists are saved in: 1 = index.faiss; S > 1 = S shard files holding whole
-    # leaves, balanced by documents, for serving from S processes or machines (sharding.py)
+    # leaves, balanced by documents, for serving from S processes or machines (index/shards.py)
     shards: int = 1
     # how a search picks its leaves: "spread" scores every leaf by its documents' mean inner
     # product with the query plus spread_lambda times their spread along it (leaf_sketch.py;
@@ -264,6 +264,12 @@ class IndexConfig:
     router: str = "spread"
     spread_lambda: float = 2.0
     spread_rank: int = 8
+
+    def update(self, **values) -> None:
+        """Set the fields given (None: left as it is)."""
+        for name, v in values.items():
+            if v is not None:
+                setattr(self, name, v)
 
     def validate(self) -> None:
         if self.router not in ROUTERS:
@@ -282,6 +288,28 @@ class IndexConfig:
 
 @dataclass
 class EHIConfig:
+    """Every setting of a model, in four typed sections, saved as ``config.json`` beside it.
+
+    Attributes
+    ----------
+    encoder : EncoderConfig
+        The sentence-transformer, its trainable scope (adapter, top-k layers, full) and backend.
+    tree : TreeConfig
+        Branching B (0: chosen from the corpus size), height H, initialisation.
+    train : TrainConfig
+        Epochs, batch size, loss weights, negatives, validation and the router fit.
+    index : IndexConfig
+        Documents per leaf (d2l), codec, shards, and the search router (``spread`` or ``tree``).
+
+    Examples
+    --------
+    >>> from ehi.config import EHIConfig
+    >>> cfg = EHIConfig()
+    >>> cfg.tree.branching, cfg.index.codec = 64, "sq8"
+    >>> EHIConfig.from_dict(cfg.to_dict()).validate().tree.branching
+    64
+    """
+
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     tree: TreeConfig = field(default_factory=TreeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

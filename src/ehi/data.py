@@ -254,3 +254,69 @@ def document_spans(corpus: Corpus, n: int, seed: int, words: tuple[int, int] = (
         start = int(rng.integers(0, max(1, len(tokens) - length + 1)))
         spans.append(" ".join(tokens[start : start + length]))
     return spans, rows
+
+
+# ---- files the command line reads and writes besides BEIR folders ---------------------------
+def text_lines(path: Path) -> list[str]:
+    """A text file's lines (UTF-8, an optional BOM); a line that is not UTF-8 text (a lone
+    surrogate's bytes, Latin-1) is a ValueError naming the file and the line."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
+    lines = raw.removeprefix(b"\xef\xbb\xbf").splitlines()
+    out = []
+    for n, line in enumerate(lines, 1):
+        try:
+            out.append(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid UTF-8 text (byte {e.start + 1} of the line)") from None
+    return out
+
+
+def read_ids(file: str) -> list[str]:
+    """Document ids of an id file, one per line (blank lines skipped)."""
+    path = Path(file)
+    ids = [line.strip() for line in text_lines(path) if line.strip()]
+    if not ids:
+        raise ValueError(f"{path}: no ids")
+    return ids
+
+
+def read_queries(file: str) -> list[tuple[str, str]]:
+    """(id, text) pairs of a query file: BEIR queries.jsonl, 'id<TAB>text' lines, or one text
+    per line (its line number is its id)."""
+    from ehi.limits import check_query
+
+    path = Path(file)
+    if path.suffix == ".jsonl":
+        pairs = list(load_queries(path).items())
+    else:
+        pairs = []
+        for n, line in enumerate(text_lines(path), 1):
+            if not line.strip():
+                continue
+            qid, tab, text = line.partition("\t")
+            pairs.append((qid.strip(), text) if tab else (str(n), line))
+    if not pairs:
+        raise ValueError(f"{path}: no queries")
+    for qid, text in pairs:
+        try:
+            check_query(text)
+        except ValueError as e:
+            raise ValueError(f"{path}: query {qid!r}: {e}") from None
+    return pairs
+
+
+def write_trec_run(path: str, qids: list[str], results, tag: str = "ehi") -> Path:
+    """``qid Q0 docid rank score tag`` lines: the TREC run format trec_eval, ir-measures and
+    ranx read (document ids with whitespace cannot be written in it)."""
+    from ehi.artifacts import write_file_atomic
+
+    lines = []
+    for qid, r in zip(qids, results):
+        for rank, h in enumerate(r.hits, 1):
+            if any(c.isspace() for c in h.doc_id + qid):
+                raise ValueError(f"--run {path}: id {h.doc_id if any(c.isspace() for c in h.doc_id) else qid!r} holds whitespace, which a TREC run cannot")
+            lines.append(f"{qid} Q0 {h.doc_id} {rank} {h.score:.6f} {tag}\n")
+    return write_file_atomic(path, "".join(lines))

@@ -24,8 +24,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from contextlib import asynccontextmanager
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -39,9 +39,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Stric
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-from .limits import MAX_K, MAX_QUERIES, check_query
-from .model import EHIModel, UnknownIds
-from .sharding import SHARD_TIMEOUT_S, ShardUnavailable
+from ehi.index.shards import SHARD_TIMEOUT_S, ShardUnavailable
+from ehi.limits import MAX_K, MAX_QUERIES, check_query
+from ehi.model.ehi_model import EHIModel, UnknownIds
 
 # a chunk, the unit a batch takes from each waiting request: at most this much query text and
 # this many hits (k x queries), or one query where a single one is larger
@@ -302,7 +302,7 @@ def create_app(
     shards: int | None = None, ray_address: str | None = None, shard_timeout: float = SHARD_TIMEOUT_S,
     allowed_hosts: list[str] | None = None, docs: bool = False, chunks: bool = True, router: str | None = None,
 ) -> FastAPI:
-    """The service; with ``shards`` its index is served by that many Ray actors (``ehi.cluster``).
+    """The service; with ``shards`` its index is served by that many Ray actors (``ehi.index.ray_shards``).
     ``allowed_hosts``: the Host names it answers (default ``LOCAL_HOSTS``; ``"*"``: any);
     ``docs``: serve the API docs at /docs and /openapi.json; ``router``: search with this
     router instead of the model's."""

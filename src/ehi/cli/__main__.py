@@ -1,0 +1,7 @@
+"""``python -m ehi.cli ARGS``: the ``ehi`` command."""
+
+import sys
+
+from ehi.cli import main
+
+sys.exit(main())

@@ -1,0 +1,76 @@
+"""Which leaves a search visits, and where documents are stored.
+
+The learned tree *places* documents (and training mines its negatives from the leaves it
+reaches); a search *routes* by the config's router: the spread sketch of each leaf's
+documents (``spread``, default) or the same tree (``tree``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ehi.config import EHIConfig
+from ehi.model.calibration import Calibration, measure
+from ehi.model.leaf_sketch import LeafSketch
+from ehi.model.tree import Tree
+
+
+class Router:
+    """A tree and the search router over an index's leaves, with its budget calibration.
+
+    Training uses it directly (``place``); ``EHIModel`` routes its searches through it.
+
+    Examples
+    --------
+    >>> router = Router(tree, config)                     # doctest: +SKIP
+    >>> router.place(doc_embeddings, width=1)[:, 0]       # each document's top leaf  # doctest: +SKIP
+    """
+
+    def __init__(self, tree: Tree, config: EHIConfig, calibration: Calibration | None = None):
+        self.tree, self.config = tree, config
+        self.calibration = calibration or Calibration()
+        self.sketch: LeafSketch | None = None  # the spread router's, of the current index
+        self._params: tuple | None = None
+        self._snapshot = self._version = None
+
+    def route(self, emb: np.ndarray, beam: int, index=None) -> np.ndarray:
+        """The leaves a search visits: top-``beam`` per row, best first (N, min(beam, L))."""
+        ic = self.config.index
+        if ic.router == "spread" and index is not None:
+            return self.leaf_sketch(index).top(emb, beam, ic.spread_lambda)
+        return self.place(emb, beam)
+
+    def place(self, emb: np.ndarray, width: int) -> np.ndarray:
+        """The learned tree's top-``width`` leaves per row, best first."""
+        return self.snapshot().leaves(emb, width, self.upper_beam(width))
+
+    def leaf_sketch(self, index) -> LeafSketch:
+        """Each leaf's mean and spread of its documents (fitted from ``index`` on first use;
+        ``sketch = None`` whenever the documents change)."""
+        if self.sketch is None:
+            self.sketch = LeafSketch.fit(index.vectors, index.doc_leaves, self.tree.num_leaves, self.config.index.spread_rank)
+        return self.sketch
+
+    def snapshot(self):
+        """The tree routed in numpy, re-taken whenever its weights changed (training steps)."""
+        if self._params is None or self._params[0] is not self.tree:
+            self._params = (self.tree, list(self.tree.parameters()))
+        version = [p._version for p in self._params[1]]
+        if self._version != version:
+            self._snapshot, self._version = self.tree.router(), version
+        return self._snapshot
+
+    def upper_beam(self, beam: int) -> int:
+        """Nodes kept above the leaves for a search of ``beam`` leaves: calibrated per width,
+        else max(beam, the config's upper beam)."""
+        return self.calibration.upper_beam(beam, max(beam, self.config.tree.search_upper_beam()))
+
+    def calibrate(self, index, query_emb: np.ndarray) -> Calibration:
+        self.calibration = measure(self, index, query_emb)
+        return self.calibration
+
+    def recalibrate(self, index, sample: int = 2000, seed: int = 0) -> None:
+        """Re-measured after the corpus changed, documents standing in for queries (training
+        queries are not kept with the model)."""
+        emb = index.vectors
+        rows = np.sort(np.random.default_rng(seed).choice(len(emb), size=min(sample, len(emb)), replace=False))
+        self.calibrate(index, emb[rows])
