@@ -41,7 +41,8 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from ehi.index.shards import SHARD_TIMEOUT_S, ShardUnavailable
 from ehi.limits import MAX_K, MAX_QUERIES, check_query
-from ehi.model.ehi_model import EHIModel, UnknownIds
+from ehi.model.ehi_model import EHIModel
+from ehi.results import UnknownIds
 
 # a chunk, the unit a batch takes from each waiting request: at most this much query text and
 # this many hits (k x queries), or one query where a single one is larger
