@@ -86,6 +86,9 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--blend", type=float, nargs="*", default=[0.5, 1.0, 2.0], help="weights w of tree + w·spread (at the first --lam)")
     ap.add_argument("--blend-lam", type=float, default=2.0)
+    ap.add_argument("--candidates", type=int, nargs="*", default=[],
+                    help="also: spread at --blend-lam computed only for the M leaves of highest mean (at least the beam), for each M (issue 33: a cheaper single query)")
+    ap.add_argument("--candidates-per-beam", type=float, nargs="*", default=[], help="the same with M = this many times the beam (at least 16)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -105,11 +108,17 @@ def main() -> None:
     for w in args.blend:
         variants[f"tree + {w:g}·spread {args.blend_lam:g}"] = zt + w * zs
 
+    pruned = {f"spread {args.blend_lam:g}, {m} candidates": (lambda beam, m=m: m) for m in args.candidates}
+    pruned |= {f"spread {args.blend_lam:g}, {c:g}x beam candidates": (lambda beam, c=c: max(16, int(c * beam))) for c in args.candidates_per_beam}
+
     print(f"{args.model} on {what}: {len(groups[0]) if groups else '?'} touched, {len(groups[1]) if groups else '?'} untouched; sketch fit {fit_s:.1f} s")
     results = {}
-    for name, s in variants.items():
-        order = np.argsort(-s, axis=1, kind="stable")
-        model.route = lambda emb, beam, order=order: order[:, :beam]  # only ever asked about q
+    for name in [*variants, *pruned]:
+        if name in pruned:  # routed per width, as search does: pruning depends on the beam
+            model.route = lambda emb, beam, m=pruned[name]: sketch.top(emb, beam, args.blend_lam, candidates=m(beam))
+        else:
+            order = np.argsort(-variants[name], axis=1, kind="stable")
+            model.route = lambda emb, beam, order=order: order[:, :beam]  # only ever asked about q
         rows = ehi_curve(name, model, q, qids, qrels, BUDGETS)
         add_touch_split(rows, groups)
         results[name] = {f"{r.budget:g}": {k: r.metrics.get(k) for k in ("R@100", TOUCHED, UNTOUCHED)} | {"visited": r.fraction_visited} for r in rows}
