@@ -177,9 +177,9 @@ def test_resume_between_target_refreshes_matches_an_uninterrupted_run(tmp_path, 
     save = Trainer.save_checkpoint
     kept = tmp_path / "after-epoch-3"
 
-    def save_and_copy(self, path, epoch):
-        save(self, path, epoch)
-        if epoch == 3 and self.state.stage == "select" and not kept.exists():
+    def save_and_copy(self, path):
+        save(self, path)
+        if self.state.epoch == 3 and self.state.stage == "select" and not kept.exists():
             shutil.copytree(path, kept)
 
     monkeypatch.setattr(Trainer, "save_checkpoint", save_and_copy)

@@ -90,6 +90,14 @@ class Dataset:
         return out
 
 
+def _decoded(path: Path, lineno: int, raw: bytes) -> str:
+    """One line of a file as UTF-8 text; DataError naming the file and line if it is not."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not valid UTF-8 text ({e.reason})") from None
+
+
 def _read_jsonl(path: Path, required: tuple[str, ...]):
     try:
         fh = open(path, "rb")
@@ -100,10 +108,7 @@ def _read_jsonl(path: Path, required: tuple[str, ...]):
         for lineno, raw in enumerate(fh, 1):
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark, as some editors write
                 raw = raw[3:]
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason})") from None
+            line = _decoded(path, lineno, raw)
             if not line.strip():
                 continue
             try:
@@ -164,10 +169,7 @@ def load_qrels(path: str | Path) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason})") from None
+            line = _decoded(path, lineno, raw).rstrip("\r\n")
             if not line.strip():
                 continue
             cols = line.split("\t")
@@ -259,19 +261,12 @@ def document_spans(corpus: Corpus, n: int, seed: int, words: tuple[int, int] = (
 # ---- files the command line reads and writes besides BEIR folders ---------------------------
 def text_lines(path: Path) -> list[str]:
     """A text file's lines (UTF-8, an optional BOM); a line that is not UTF-8 text (a lone
-    surrogate's bytes, Latin-1) is a ValueError naming the file and the line."""
+    surrogate's bytes, Latin-1) is a DataError naming the file and the line."""
     try:
         raw = path.read_bytes()
     except OSError as e:
         raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
-    lines = raw.removeprefix(b"\xef\xbb\xbf").splitlines()
-    out = []
-    for n, line in enumerate(lines, 1):
-        try:
-            out.append(line.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid UTF-8 text (byte {e.start + 1} of the line)") from None
-    return out
+    return [_decoded(path, n, line) for n, line in enumerate(raw.removeprefix(b"\xef\xbb\xbf").splitlines(), 1)]
 
 
 def read_ids(file: str) -> list[str]:

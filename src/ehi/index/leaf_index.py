@@ -100,12 +100,12 @@ class LeafIndex:
 
     def _wrap(self, ivf, doc_leaves: np.ndarray, vectors: np.ndarray | None, read_only: bool, rerank: int) -> None:
         """The one place an index's state is set: around ``ivf``, whose lists it scans."""
-        self.ivf, self.quantizer = ivf, faiss.downcast_index(ivf.quantizer)
+        self.ivf = ivf
         ivf.parallel_mode = PARALLEL_OVER_QUERIES
         self.num_leaves, self.codec, self.rerank = ivf.nlist, codec_of(ivf), int(rerank)
         self.pq_m = ivf.pq.M if self.codec == "pq" else 0
         self.code_size = ivf.code_size
-        self.centroids = self.quantizer.reconstruct_n(0, ivf.nlist)
+        self.centroids = faiss.downcast_index(ivf.quantizer).reconstruct_n(0, ivf.nlist)
         self.lists = FaissLists(ivf, self.centroids, self.codec)
         self.doc_leaves = doc_leaves
         # float vectors kept beside the codes only where the codes are not them (sq8, pq):

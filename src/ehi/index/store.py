@@ -28,14 +28,17 @@ def save_index(index: LeafIndex, folder: Path, shards: int, ids: list[str], titl
     (folder / "documents.json").write_text(json.dumps({"ids": ids, "titles": titles}))
 
 
-def saved_layout(path: Path, listed) -> tuple[tuple, bool]:
+def saved_layout(path: Path, listed, shards: int | None = None) -> tuple[tuple, bool]:
     """The index files a manifest lists (empty: the model has no index), and whether they are
-    the legacy kind; ArtifactError when it lists only part of one."""
+    the legacy kind; ArtifactError when it lists only part of one, ValueError when ``shards``
+    are asked of a model without an index."""
     layout = INDEX_FILES if "index.faiss" in listed else (SHARDED_INDEX_FILES if "shards.json" in listed else LEGACY_INDEX_FILES)
     indexed = [f for f in layout if f in listed]
     if indexed and len(indexed) != len(layout):
         missing = sorted(set(layout) - set(indexed))
         raise ArtifactError(f"{path / 'manifest.json'}: lists part of an index but not {', '.join(missing)}")
+    if shards is not None and not indexed:
+        raise ValueError(f"{path}: the model has no index to serve from shards")
     return (layout if indexed else ()), layout is LEGACY_INDEX_FILES
 
 
@@ -47,10 +50,8 @@ def open_index(
     shards). ``mmap``: lists and vectors mapped read-only; ``shards``: served by that many Ray
     actors at ``ray_address``. (None, [], [], None) when the model has no index."""
     listed = manifest["files"]
-    layout, legacy = saved_layout(path, listed)
+    layout, legacy = saved_layout(path, listed, shards)
     if not layout:
-        if shards is not None:
-            raise ValueError(f"{path}: the model has no index to serve from shards")
         return None, [], [], None
     leaves, emb, ids, titles = _read_rows(path, num_leaves, dim)
     if legacy:  # saved before the Faiss index: rebuilt (and written on the next save)

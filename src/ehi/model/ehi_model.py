@@ -12,7 +12,7 @@ from ehi.index.leaf_index import LeafIndex
 from ehi.index.shards import SHARD_TIMEOUT_S
 from ehi.limits import check_k, check_query
 from ehi.model import persistence
-from ehi.model.calibration import Calibration
+from ehi.model.calibration import Calibration, fraction_visited
 from ehi.model.documents import Documents
 from ehi.model.leaf_sketch import LeafSketch
 from ehi.model.router import Router
@@ -72,7 +72,7 @@ class EHIModel:
 
     def visited_fraction(self, query_emb: np.ndarray, beam: int) -> float:
         """Mean fraction of the corpus the queries visit at ``beam`` (the budget measure)."""
-        return float(self.index.visited_counts(self.route(query_emb, beam)).mean() / self.index.num_docs)
+        return fraction_visited(self.index, self.route(query_emb, beam))
 
     def beam_for_budget(self, budget: float) -> int:
         """The beam that visits ``budget`` of the corpus under the budget rule (``ehi.budget``)."""

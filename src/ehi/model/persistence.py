@@ -81,9 +81,7 @@ def load_model(
     """Manifest -> config -> weights -> index -> documents (see ``EHIModel.load``)."""
     path = Path(path)
     manifest = read_manifest(path, required=MODEL_FILES)
-    layout, _ = saved_layout(path, manifest["files"])
-    if shards is not None and not layout:
-        raise ValueError(f"{path}: the model has no index to serve from shards")
+    saved_layout(path, manifest["files"], shards)  # a bad index listing fails before the encoder loads
     config = read_config(path)
     if backend is not None:
         config.encoder.backend = backend

@@ -68,10 +68,9 @@ class Checkpoints:
         self.encoder.load_trainable(enc)
         self.tree.load_state_dict(tree)
 
-    def save_checkpoint(self, path: Path, epoch: int) -> None:
-        """Everything needed to continue bit-identically after ``epoch`` complete epochs:
+    def save_checkpoint(self, path: Path) -> None:
+        """Everything needed to continue bit-identically after the state's completed epochs:
         weights, optimiser moments, torch's RNG and the ``TrainerState`` (safetensors, npy, JSON)."""
-        self.state.epoch = epoch
 
         def write(tmp: Path):
             weights = joint_state(self.encoder, self.tree)

@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 from ehi.data import Dataset
 from ehi.encode.cache import Features
 from ehi.encode.encoder import Encoder
-from ehi.model.router import Router
 from ehi.model.tree import Tree, leaf_to_path
 from ehi.progress import bars
 from ehi.training.checkpoints import checkpoint_path
@@ -99,9 +98,8 @@ class EpochLoop:
         if tc.negatives_from == "exact":
             self.state.pool = map_rows(lambda r: mine_pool(q_emb[r], d_emb, pos[r], tc.mining_pool), len(q_emb))
             return
-        router = Router(self.tree, self.config)
-        doc_leaves = router.place(d_emb, self.config.index.d2l)
-        q_leaves = router.place(q_emb, tc.mining_beam)
+        doc_leaves = self.router.place(d_emb, self.config.index.d2l)
+        q_leaves = self.router.place(q_emb, tc.mining_beam)
         self.tree.train()
         self.state.pool = map_rows(
             lambda r: mine_pool(q_emb[r], d_emb, pos[r], tc.mining_pool, q_leaves[r], doc_leaves), len(q_emb)
@@ -126,7 +124,7 @@ class EpochLoop:
         """(n, H) the path of each row's top leaf under the current tree, as search and the
         index place it."""
         cfg = self.config.tree
-        leaves = Router(self.tree, self.config).place(emb, 1)
+        leaves = self.router.place(emb, 1)
         self.tree.train()
         return leaf_to_path(torch.from_numpy(leaves[:, 0]), cfg.branching, cfg.height).numpy()
 
@@ -237,7 +235,7 @@ class EpochLoop:
             if self.validator is not None and self.state.stage == "select":
                 self._validate(epoch + 1, progress)
             if out_dir is not None and is_main():
-                self.save_checkpoint(checkpoint_path(out_dir), epoch + 1)
+                self.save_checkpoint(checkpoint_path(out_dir))
             barrier()
             if on_epoch is not None:
                 on_epoch(self, record)

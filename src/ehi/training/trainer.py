@@ -22,6 +22,7 @@ from ehi.data import Dataset
 from ehi.encode.cache import Features, text_keys
 from ehi.encode.encoder import Encoder
 from ehi.model.ehi_model import EHIModel
+from ehi.model.router import Router
 from ehi.model.tree import Tree
 from ehi.progress import phase
 from ehi.training.checkpoints import Checkpoints, checkpoint_path, data_fingerprints
@@ -122,6 +123,9 @@ class Trainer(EpochLoop, Selection, Checkpoints):
         # the refit trains on the held-out queries too, when they came from the training split
         self._refit_set(split, query_ids, val_qids, val_feats, query_embeddings)
         self.tree = Tree(self.encoder.dim, config.tree).to(self.device)
+        # where the tree places documents and queries (negatives, routing targets); its numpy copy
+        # of the weights is re-taken only after they change
+        self.router = Router(self.tree, config)
         self.joint = _Joint(self.encoder, self.tree)
         self.joint.q_feats, self.joint.d_feats = self.q_feats, self.doc_feats
         with self.phase("init_tree"):
