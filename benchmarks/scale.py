@@ -9,7 +9,11 @@ minus RSS before it, against the raw float32 corpus), batched QPS at 1 and 2 thr
 (interleaved repetitions, median) and Recall@100 at 1 % and 5 % of the corpus visited; the
 widths at which IVFFlat matches EHI's recall at 1 % (speed at equal recall); the time to add
 1 % more documents against the full build; and per codec of EHI's index (flat, sq8, pq with
-exact re-rank) against Faiss IVFPQ: bytes and Recall@100.
+exact re-rank) against Faiss IVFPQ: bytes and Recall@100 (and QPS, routing included, for pq
+with re-rank). ``--hnsw``: Faiss IndexHNSWFlat (M 32, efConstruction 200) over the same
+vectors as IVF, efSearch swept (Recall@100, batched QPS at 1 and 2 threads, bytes), and at
+EHI's 1 % and 5 % widths the smallest efSearch reaching EHI's Recall@100, both timed
+interleaved there.
 
     python benchmarks/scale.py --out reports/scale.json            # N = 1,000,000
     python benchmarks/scale.py --docs 100000 --out reports/scale-100k.json
@@ -45,6 +49,7 @@ def main() -> None:
     ap.add_argument("--query-spread", type=float, default=1.2)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hnsw", action="store_true", help="also Faiss HNSW (M 32, efConstruction 200): its curve and equal-recall QPS")
     ap.add_argument("--out", default="reports/scale.json")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -112,8 +117,11 @@ def main() -> None:
         return recall_at_100(ivf.search(test_q, 100)[1], test_pos)
 
     out["budgets"] = {}
+    with model.sweeping():  # the widths only: every timed search below routes afresh
+        widths = {b: (ehi_w.largest_within(b), ivf_w.largest_within(b)) for b in (0.01, 0.05)}
+    out["spread_search"] = {"basis": model.config.index.spread_basis, "candidates_per_beam": model.config.index.spread_candidates}
     for budget in (0.01, 0.05):
-        bw, iw = ehi_w.largest_within(budget), ivf_w.largest_within(budget)
+        bw, iw = widths[budget]
         res, _ = model.search_embeddings(q_ehi, 100, bw)
         row = {
             "ehi_beam": bw, "ivf_nprobe": iw,
@@ -153,6 +161,21 @@ def main() -> None:
             r["qps_ratio_equal_recall"] = r["ehi_qps"] / r["ivf_qps_equal_recall"]
         out["budgets"][f"{budget:g}"] = row
     faiss.omp_set_num_threads(2)
+    if args.hnsw:
+        out["hnsw"] = hnsw_rows(corpus, test_q, test_pos, out["budgets"], lambda bw: model.search_embeddings(q_ehi, 100, bw), args)
+        release_memory()
+    # routing alone, for the QPS of the codecs (their scans are timed below, once the flat index is gone)
+    route_s = {}
+    for threads in (1, 2):
+        limits = threadpool_limits(limits=threads)
+        bw1 = out["budgets"]["0.01"]["ehi_beam"]
+        ts = []
+        for _ in range(args.reps):
+            t = time.perf_counter()
+            model.route(q_ehi, bw1)
+            ts.append(time.perf_counter() - t)
+        route_s[threads] = statistics.median(ts)
+        limits.restore_original_limits()
 
     # ---- incremental add: 1 % more documents against the full build --------------------------
     extra = Corpus1M(args.docs // 100, seed=args.seed + 1)
@@ -178,6 +201,18 @@ def main() -> None:
         res = idx.search(q_ehi, leaves, 100)
         name = codec if codec != "pq" else f"pq{idx.pq_m}" + (f"+rerank{rerank}" if rerank else "")
         codecs[name] = {"bytes": idx.nbytes(), "R@100": recall_at_100(res.indices, test_pos), "build_seconds": build_s}
+        if codec == "pq" and rerank:  # QPS = queries / (routing + scan and re-rank)
+            for threads in (1, 2):
+                faiss.omp_set_num_threads(threads)
+                limits = threadpool_limits(limits=threads)
+                ts = []
+                for _ in range(args.reps):
+                    t = time.perf_counter()
+                    idx.search(q_ehi, leaves, 100)
+                    ts.append(time.perf_counter() - t)
+                limits.restore_original_limits()
+                codecs[name][f"qps_threads={threads}"] = len(q_ehi) / (route_s[threads] + statistics.median(ts))
+            faiss.omp_set_num_threads(2)
         del idx
         release_memory()
     pq = faiss.IndexIVFPQ(faiss.IndexFlatIP(DIM), DIM, L, args.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
@@ -210,8 +245,70 @@ def main() -> None:
     print(f"\nadd 1 % more documents: {out['add_1pct_seconds']:.2f}s = {100 * out['add_1pct_over_build']:.1f} % of the full build ({ehi_build:.0f}s)")
     print(f"\ncodecs at 1 % visited: {'bytes':>14} {'x raw':>6} {'R@100':>6}")
     for name, c in out["codecs_at_1pct"].items():
-        print(f"  {name:<20} {c['bytes']:>14,} {c['x_raw']:>6.3f} {c['R@100']:>6.1f}")
+        print(f"  {name:<20} {c['bytes']:>14,} {c['x_raw']:>6.3f} {c['R@100']:>6.1f}" + "".join(f"  QPS {c[f'qps_threads={t}']:.0f} ({t} thr)" for t in (1, 2) if f"qps_threads={t}" in c))
+    if "hnsw" in out:
+        h = out["hnsw"]
+        print(f"\nFaiss HNSW (M 32, efConstruction 200): build {h['build_seconds']:.0f}s, {h['bytes']:,} bytes")
+        for pt in h["points"]:
+            print(f"  efSearch {pt['ef_search']:>4}: R@100 {pt['R@100']:.1f}, QPS {pt['qps_threads=1']:.0f} / {pt['qps_threads=2']:.0f} (1 / 2 threads)")
+        for b, eq in h["equal_recall"].items():
+            if eq is None:
+                print(f"  at EHI's {100 * float(b):.0f} % width: no efSearch reaches its Recall@100")
+                continue
+            print(f"  at EHI's {100 * float(b):.0f} % width: efSearch {eq['ef_search']} (R@100 {eq['R@100']:.1f}); "
+                  + ", ".join(f"EHI / HNSW QPS {eq[f'ehi_qps_threads={t}'] / eq[f'hnsw_qps_threads={t}']:.2f}x ({t} thr)" for t in (1, 2)))
     write_json(args.out, out)
+
+
+def hnsw_rows(corpus, test_q, test_pos, budgets, ehi_search, args, efs=(100, 128, 192, 256, 384, 512)) -> dict:
+    """Faiss HNSW over the corpus: build time, bytes, a curve over efSearch (Faiss searches with
+    max(efSearch, k), so 100 is its narrowest at k = 100), and at each of EHI's widths the
+    smallest efSearch reaching EHI's Recall@100, timed interleaved with EHI there."""
+    faiss.omp_set_num_threads(2)
+    index = faiss.IndexHNSWFlat(DIM, 32, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = 200
+    t = time.perf_counter()
+    for _, x in corpus.chunks():
+        index.add(x)
+    build = time.perf_counter() - t
+    graph = sum(faiss.vector_to_array(v).nbytes for v in (index.hnsw.neighbors, index.hnsw.offsets, index.hnsw.levels))
+    out = {"build_seconds": build, "bytes": index.ntotal * DIM * 4 + graph, "points": [], "equal_recall": {}}
+
+    def params(ef):
+        p = faiss.SearchParametersHNSW()
+        p.efSearch = ef
+        return p
+
+    def timed(fn, threads):
+        faiss.omp_set_num_threads(threads)
+        limits = threadpool_limits(limits=threads)
+        t = time.perf_counter()
+        fn()
+        limits.restore_original_limits()
+        return time.perf_counter() - t
+
+    for ef in efs:
+        pt = {"ef_search": ef, "R@100": recall_at_100(index.search(test_q, 100, params=params(ef))[1], test_pos)}
+        for threads in (1, 2):
+            pt[f"qps_threads={threads}"] = len(test_q) / statistics.median([timed(lambda: index.search(test_q, 100, params=params(ef)), threads) for _ in range(args.reps)])
+        out["points"].append(pt)
+        print(f"HNSW efSearch {ef}: R@100 {pt['R@100']:.1f}", flush=True)
+    for b, row in budgets.items():
+        eq = next((pt for pt in out["points"] if pt["R@100"] >= row["ehi_recall@100"] - 1e-9), None)
+        if eq is None:
+            out["equal_recall"][b] = None
+            continue
+        eq = {"ef_search": eq["ef_search"], "R@100": eq["R@100"], "ehi_R@100": row["ehi_recall@100"]}
+        for threads in (1, 2):
+            te, th = [], []
+            for _ in range(args.reps):  # interleaved
+                te.append(timed(lambda: ehi_search(row["ehi_beam"]), threads))
+                th.append(timed(lambda: index.search(test_q, 100, params=params(eq["ef_search"])), threads))
+            eq[f"ehi_qps_threads={threads}"] = len(test_q) / statistics.median(te)
+            eq[f"hnsw_qps_threads={threads}"] = len(test_q) / statistics.median(th)
+        out["equal_recall"][b] = eq
+    faiss.omp_set_num_threads(2)
+    return out
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ and what does it cost on the touched ones? Variants, each a (Q, L) leaf score:
 - ``tree``: the model's learned router (what ``ehi search`` ships);
 - ``means``: each leaf's mean document, ``q·μ_c`` (centroid routing over the tree's leaves);
 - ``spread λ``: ``q·μ_c + λ‖S_c q‖`` (``ehi.model.leaf_sketch``; rank ``--rank``);
+- ``spread λ, basis k``: the same with every leaf's directions projected on one shared
+  k-dimensional basis (``--basis``; a single query's product then fits in a core's L2);
 - ``tree + w·spread λ``: both standardised per query (each leaf's score minus the query's mean
   over leaves, over its standard deviation), summed with weight ``w`` on the spread.
 
@@ -37,7 +39,7 @@ from lib.common import write_json
 from ehi.data import load_beir
 from ehi.evaluation.evaluate import TOUCHED, UNTOUCHED, add_touch_split, ehi_curve, split_by_touch, untouched_queries
 from ehi.model.ehi_model import EHIModel
-from ehi.model.leaf_sketch import LeafSketch
+from ehi.model.leaf_sketch import MIN_CANDIDATES, LeafSketch
 from ehi.training.validation import holdout
 
 BUDGETS = (0.01, 0.02, 0.05, 0.1, 0.2)
@@ -88,7 +90,10 @@ def main() -> None:
     ap.add_argument("--blend-lam", type=float, default=2.0)
     ap.add_argument("--candidates", type=int, nargs="*", default=[],
                     help="also: spread at --blend-lam computed only for the M leaves of highest mean (at least the beam), for each M (issue 33: a cheaper single query)")
-    ap.add_argument("--candidates-per-beam", type=float, nargs="*", default=[], help="the same with M = this many times the beam (at least 16)")
+    ap.add_argument("--basis", type=int, nargs="*", default=[],
+                    help="also: spread at --blend-lam scored in a basis of this many dimensions shared by all leaves, for each (issue 33: L2-sized products)")
+    ap.add_argument("--candidates-per-beam", type=float, nargs="*", default=[], help="the same with M = this many times the beam (at least --candidates-min)")
+    ap.add_argument("--candidates-min", type=int, default=MIN_CANDIDATES)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -104,18 +109,27 @@ def main() -> None:
     variants = {"tree": tree, "means": sketch.scores(q, 0.0)}
     for lam in args.lam:
         variants[f"spread {lam:g}"] = sketch.scores(q, lam)
+    for k in args.basis:
+        variants[f"spread {args.blend_lam:g}, basis {k}"] = LeafSketch(sketch.means, sketch.spread, sketch.counts, k).scores(q, args.blend_lam, approximate=True)
     zt, zs = standardised(tree), standardised(sketch.scores(q, args.blend_lam))
     for w in args.blend:
         variants[f"tree + {w:g}·spread {args.blend_lam:g}"] = zt + w * zs
 
     pruned = {f"spread {args.blend_lam:g}, {m} candidates": (lambda beam, m=m: m) for m in args.candidates}
-    pruned |= {f"spread {args.blend_lam:g}, {c:g}x beam candidates": (lambda beam, c=c: max(16, int(c * beam))) for c in args.candidates_per_beam}
+    pruned |= {f"spread {args.blend_lam:g}, {c:g}x beam candidates": (lambda beam, c=c: max(args.candidates_min, int(c * beam))) for c in args.candidates_per_beam}
+    # the candidates ranked by the shared basis's score instead of the mean, then scored exactly
+    sketches = {name: sketch for name in pruned}
+    for k in args.basis:
+        based = LeafSketch(sketch.means, sketch.spread, sketch.counts, k)
+        for c in args.candidates_per_beam:
+            name = f"basis {k}, {c:g}x beam (≥{args.candidates_min}) exact"
+            pruned[name], sketches[name] = (lambda beam, c=c: max(args.candidates_min, int(c * beam))), based
 
     print(f"{args.model} on {what}: {len(groups[0]) if groups else '?'} touched, {len(groups[1]) if groups else '?'} untouched; sketch fit {fit_s:.1f} s")
     results = {}
     for name in [*variants, *pruned]:
         if name in pruned:  # routed per width, as search does: pruning depends on the beam
-            model.route = lambda emb, beam, m=pruned[name]: sketch.top(emb, beam, args.blend_lam, candidates=m(beam))
+            model.route = lambda emb, beam, m=pruned[name], sk=sketches[name]: sk.top(emb, beam, args.blend_lam, candidates=m(beam))
         else:
             order = np.argsort(-variants[name], axis=1, kind="stable")
             model.route = lambda emb, beam, order=order: order[:, :beam]  # only ever asked about q

@@ -26,12 +26,13 @@ RUNS = {
     "load_test": ("load_test", ["M", "--data", "D", "--requests", "10", "--concurrency", "1", "2", "--setups", "onnx, adaptive 2 ms", "--limit", "60"]),
     "load_test --mixed": ("load_test", ["M", "--data", "D", "--mixed", "--light-clients", "2", "--per-client", "2"]),
     "probe_server": ("probe_server", ["M", "--stalled", "3", "--in-flight", "2"]),
-    "scale": ("scale", [*SCALE, "--branching", "250", "--pq-m", "8", "--rerank", "50"]),  # 1 % holds a leaf
+    "scale": ("scale", [*SCALE, "--branching", "250", "--pq-m", "8", "--rerank", "50", "--hnsw"]),  # 1 % holds a leaf
     "scale_out": ("scale_out", [*SCALE, "--branching", "100", "--shards", "1", "2", "--workers", "1"]),
     "search_speed": ("search_speed", ["--model", "M", "--data", "D", "--reps", "1", "--single", "3", "--max-queries", "40"]),
     "search_speed --curves-only": ("search_speed", ["--model", "M", "--data", "D", "--curves-only", "--reps", "1", "--single", "3", "--max-queries", "40"]),
     "showcase_query": ("showcase_query", ["--model", "M", "--data", "D"]),
-    "spread_routing": ("spread_routing", ["--model", "M", "--data", "D", "--split", "test", "--lam", "2", "--blend", "1"]),
+    "spread_routing": ("spread_routing", ["--model", "M", "--data", "D", "--split", "test", "--lam", "2", "--blend", "1", "--basis", "16",
+                                         "--candidates-per-beam", "4"]),
 }
 
 

@@ -10,7 +10,7 @@ from conftest import tiny_config
 from ehi.artifacts import ArtifactError, seal_manifest, sha256_file
 from ehi.data import load_beir, load_corpus
 from ehi.model.ehi_model import EHIModel
-from ehi.model.leaf_sketch import LeafSketch
+from ehi.model.leaf_sketch import MIN_CANDIDATES, LeafSketch
 from ehi.model.persistence import SKETCH_FILE
 from ehi.training.trainer import train
 
@@ -40,6 +40,97 @@ def test_pruned_scoring_agrees_with_full_scoring_given_every_leaf_as_candidate()
     q = rng.normal(size=(50, 8)).astype(np.float32)
     assert (sk.top(q, 5, 2.0, candidates=20) == sk.top(q, 5, 2.0)).all()
     assert sk.top(q, 5, 2.0, candidates=8).shape == (50, 5)
+
+
+def _clustered(seed=2, n=6000, d=32, leaves=256):
+    """Documents in ``leaves`` clusters (each its own leaf) and queries drawn near documents."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(leaves, d))
+    lab = rng.integers(0, leaves, size=n)
+    x = centres[lab] + rng.normal(size=(n, d)) * rng.uniform(0.3, 1.5, size=(leaves, 1))[lab]
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    q = x[rng.choice(n, 400, replace=False)] + 0.05 * rng.normal(size=(400, d)).astype(np.float32)
+    return x, lab, q.astype(np.float32)
+
+
+def test_candidates_from_a_shared_basis_return_the_leaves_exact_scoring_returns():
+    # what the default search rule promises: the same leaves as scoring every leaf exactly
+    # (checked here on clustered data; measured on real corpora in benchmarks/spread_routing.py)
+    x, lab, q = _clustered()
+    exact = LeafSketch.fit(x, lab, 256, rank=4)
+    fast = exact.with_search(basis=16, per_beam=4.0)
+    assert fast is not exact and fast.with_search(16, 4.0) is fast
+    for beam in (1, 3):  # MIN_CANDIDATES for a narrow beam
+        assert fast.candidate_count(beam) == MIN_CANDIDATES
+        want, got = exact.top(q, beam, 2.0), fast.top(q, beam, 2.0)
+        same = np.mean([set(a) == set(b) for a, b in zip(want, got)])
+        assert same >= 0.98, (beam, same)
+        # whatever was chosen is ranked by the exact score
+        sc = np.take_along_axis(exact.scores(q, 2.0), got, 1)
+        assert (np.diff(sc, axis=1) <= 1e-6).all()
+    # 4 x beam from 7 on, and every leaf once that is more than an eighth of them
+    assert [fast.candidate_count(b) for b in (6, 8, 9)] == [24, 32, 256]
+    # the shared basis alone is an approximation; candidates scored exactly are not
+    approx = _top_of(fast.scores(q, 2.0, approximate=True), 3)
+    assert np.mean([set(a) == set(b) for a, b in zip(approx, exact.top(q, 3, 2.0))]) < 0.9
+
+
+def _top_of(s, k):
+    return np.argsort(-s, axis=1, kind="stable")[:, :k]
+
+
+def test_a_query_gets_the_same_leaves_alone_as_in_any_batch(monkeypatch):
+    # one query reads its candidates' directions, a batch multiplies each candidate leaf's
+    # directions by its queries, a sweep scores every leaf: which one ran must not change a
+    # query's leaves (the server batches requests)
+    x, lab, q = _clustered(seed=3)
+    fast = LeafSketch.fit(x, lab, 256, rank=4, basis=16, per_beam=4.0)
+    ran = []
+    for path in ("_one", "_gathered"):
+        real = getattr(fast, path)
+        monkeypatch.setattr(fast, path, lambda *a, real=real, path=path: ran.append(path) or real(*a))
+    many = np.ascontiguousarray(np.tile(q, (2, 1)))  # 800: remembered inside a sweep
+    for beam in (2, 5, 40):  # 40: every leaf scored
+        alone = np.concatenate([fast.top(q[i : i + 1], beam, 2.0) for i in range(len(q))])
+        assert (alone == fast.top(q, beam, 2.0)).all()
+        assert (alone[:5] == fast.top(q[:5], beam, 2.0)).all()
+        with fast.sweeping():
+            assert (alone == fast.top(many, beam, 2.0)[: len(q)]).all()
+    assert {"_one", "_gathered"} <= set(ran)
+
+
+def test_a_reused_query_buffer_is_routed_afresh_and_a_sweep_routes_once():
+    x, lab, q = _clustered(seed=4)
+    sk = LeafSketch.fit(x, lab, 256, rank=4, basis=16, per_beam=4.0)
+    buf = np.ascontiguousarray(np.tile(q, (2, 1)))  # 800 queries: large enough to be remembered
+    first = sk.top(buf, 3, 2.0)
+    buf[:] = buf[::-1]  # the caller's buffer now holds other queries
+    assert (sk.top(buf, 3, 2.0) == first[::-1]).all()
+    want = {beam: sk.top(buf, beam, 2.0) for beam in (1, 2, 5, 3)}
+    calls = []
+    real = sk._norms
+    sk._norms = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    with sk.sweeping():
+        for beam in want:
+            assert (sk.top(buf, beam, 2.0) == want[beam]).all()
+    assert len(calls) == 2  # the cheap and the exact spreads, once for the four widths
+    sk.top(buf, 2, 2.0)
+    assert len(calls) > 2  # outside a sweep nothing is kept
+
+
+def test_the_search_rule_comes_from_the_config_and_is_checked(trained_tiny):
+    model = EHIModel.load(trained_tiny)
+    ic = model.config.index
+    sk = model.leaf_sketch()
+    assert sk.per_beam == ic.spread_candidates > 0  # the default prunes
+    assert sk.basis == (ic.spread_basis if ic.spread_basis < model.index.dim else 0)  # no basis as wide as the space
+    model.config.index.spread_candidates = 0.0  # every leaf scored exactly
+    assert model.leaf_sketch().candidate_count(1) == model.tree.num_leaves
+    for bad in ({"spread_basis": -1}, {"spread_candidates": -2.0}):
+        cfg = tiny_config()
+        cfg.index.update(**bad)
+        with pytest.raises(ValueError, match="spread_basis|spread_candidates"):
+            cfg.index.validate()
 
 
 @pytest.fixture(scope="module")

@@ -112,10 +112,11 @@ def index_curves(
         )
     if spread:
         sp = SpreadIVFBaseline(d_emb, nlist, seed)
-        rows += budget_curve(
-            f"{prefix} + spread router", nlist, lambda w: sp.visited_fraction(q_emb, w),
-            lambda w: sp.search(q_emb, k, w)[:2], qids, doc_ids, qrels, budgets, truth,
-        )
+        with sp.sketch.sweeping():
+            rows += budget_curve(
+                f"{prefix} + spread router", nlist, lambda w: sp.visited_fraction(q_emb, w),
+                lambda w: sp.search(q_emb, k, w)[:2], qids, doc_ids, qrels, budgets, truth,
+            )
     if hnsw:
         hn = HNSWBaseline(d_emb)
         rows += budget_curve(

@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 
+from ehi.config import IndexConfig
 from ehi.progress import filtered_stderr
 
 # ScaNN logs through absl's C++ logging straight to file descriptor 2 ("All log messages
@@ -67,20 +68,22 @@ class IVFBaseline:
 class SpreadIVFBaseline(IVFBaseline):
     """Training-free routing after Optimist (Bruch, Krishnan, Nardini, NeurIPS 2025): spherical
     k-means lists, probed in the order of each list's mean plus ``lam`` times the spread of its
-    documents' inner products with the query (``leaf_sketch.LeafSketch``, rank ``rank``)
+    documents' inner products with the query (``leaf_sketch.LeafSketch``, rank ``rank``,
+    searched with the same shared basis and candidates as EHI's)
     instead of by centroid. What EHI's own spread router would be over an off-the-shelf
     partition: the baseline that isolates what training the tree and encoder adds."""
 
     name = "k-means + spread router"
 
-    def __init__(self, doc_emb: np.ndarray, nlist: int, seed: int = 0, lam: float = 2.0, rank: int = 8):
+    def __init__(self, doc_emb: np.ndarray, nlist: int, seed: int = 0, lam: float = IndexConfig.spread_lambda,
+                 rank: int = IndexConfig.spread_rank, basis: int = IndexConfig.spread_basis, per_beam: float = IndexConfig.spread_candidates):
         from ehi.model.leaf_sketch import LeafSketch
 
         super().__init__(doc_emb, nlist, seed, spherical=True)
         self.lam = lam
         x = np.ascontiguousarray(doc_emb, dtype=np.float32)
         _, lists = self.quantizer.search(x, 1)  # each document's list, as add() assigned it
-        self.sketch = LeafSketch.fit(x, lists[:, 0], nlist, rank)
+        self.sketch = LeafSketch.fit(x, lists[:, 0], nlist, rank, basis, per_beam)
 
     def probes(self, q_emb: np.ndarray, nprobe: int) -> np.ndarray:
         return self.sketch.top(np.ascontiguousarray(q_emb, dtype=np.float32), nprobe, self.lam)

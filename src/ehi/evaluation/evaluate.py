@@ -164,10 +164,11 @@ def ehi_curve(name: str, model, q_emb: np.ndarray, qids, qrels, budgets=BUDGETS,
         res, _ = model.search_embeddings(q_emb, k, w)
         return res.indices, res.scores
 
-    return budget_curve(
-        name, model.tree.num_leaves, lambda w: model.visited_fraction(q_emb, w), search, qids, model.doc_ids, qrels, budgets,
-        truth,
-    )
+    with model.sweeping():
+        return budget_curve(
+            name, model.tree.num_leaves, lambda w: model.visited_fraction(q_emb, w), search, qids, model.doc_ids, qrels, budgets,
+            truth,
+        )
 
 
 def ivf_curve(name: str, q_emb, d_emb, nlist: int, seed: int, qids, doc_ids, qrels, budgets=BUDGETS, k: int = 100, truth=None):

@@ -63,6 +63,11 @@ class EHIModel:
     def leaf_sketch(self) -> LeafSketch:
         return self.router.leaf_sketch(self.index)
 
+    def sweeping(self):
+        """A context in which one batch of queries searched at many widths is routed once
+        (the caller does not change the array meanwhile); see ``LeafSketch.sweeping``."""
+        return self.router.sweeping(self.index)
+
     def calibrate(self, query_emb: np.ndarray) -> list[list[float]]:
         """Mean fraction visited at each width of a grid, so that a budget maps to a beam."""
         return self.router.calibrate(self.index, query_emb).rows
@@ -97,13 +102,15 @@ class EHIModel:
         self.documents = Documents(doc_ids, doc_titles, self.corpus_fingerprint)
         return self.index
 
-    def set_index_options(self, d2l=None, codec=None, pq_m=None, rerank=None, shards=None, router=None, spread_lambda=None) -> None:
+    def set_index_options(self, d2l=None, codec=None, pq_m=None, rerank=None, shards=None, router=None, spread_lambda=None,
+                          spread_basis=None, spread_candidates=None) -> None:
         """Change how the next index is built, saved and searched (kept in the config); checked at once."""
         ic = self.config.index
-        ranking = (ic.router, ic.spread_lambda)
-        ic.update(d2l=d2l, codec=codec, pq_m=pq_m, rerank=rerank, shards=shards, router=router, spread_lambda=spread_lambda)
+        ranking = (ic.router, ic.spread_lambda, ic.spread_basis, ic.spread_candidates)
+        ic.update(d2l=d2l, codec=codec, pq_m=pq_m, rerank=rerank, shards=shards, router=router, spread_lambda=spread_lambda,
+                  spread_basis=spread_basis, spread_candidates=spread_candidates)
         self.config.validate()
-        if self.index is not None and (ic.router, ic.spread_lambda) != ranking:
+        if self.index is not None and (ic.router, ic.spread_lambda, ic.spread_basis, ic.spread_candidates) != ranking:
             self.recalibrate()  # the budget -> beam map belongs to the ranking of the leaves
         if ic.shards > self.tree.num_leaves:
             raise ValueError(f"{ic.shards} shards for {self.tree.num_leaves} leaves: at most one shard per leaf")

@@ -15,15 +15,32 @@ new gap by construction); the learned tree routes best where training questions 
 
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from ehi.artifacts import ArtifactError
 
+# A search of ``beam`` leaves scores exactly at least this many candidates (when it prunes)
+MIN_CANDIDATES = 24
+# Candidates pay while they are at most this share of the leaves: beyond an eighth, one product
+# over every leaf costs less than the cheap score plus a gather (SciFact's 256 leaves, one query
+# and batches alike; benchmarks/search_speed.py)
+GATHER_SHARE = 8
+
 
 class LeafSketch:
     """Per-leaf mean (L, d) and scaled principal directions (L, r, d) of the documents.
+
+    ``basis`` > 0 and ``per_beam`` > 0 make a search cheap without changing what it scores: the
+    leaves' directions are projected once on a ``basis``-dimensional basis shared by every leaf,
+    that cheap score picks ``max(24, per_beam·beam)`` candidate leaves, and only those are scored
+    exactly (when they are at most an eighth of the leaves; a wider search scores every leaf). At 256 leaves x rank 8 x 384 the exact product (3 MB) outgrows a core's L2 cache
+    and costs a single query ~25x a centroid lookup; the projected one fits. The defaults
+    (``IndexConfig.spread_basis``, ``spread_candidates``) kept the exact router's Recall@100 on
+    three corpora's decision queries (``benchmarks/spread_routing.py --basis``).
 
     Examples
     --------
@@ -33,17 +50,31 @@ class LeafSketch:
     >>> sk = LeafSketch.fit(x, leaves, num_leaves=4, rank=2)
     >>> sk.scores(x[:3], lam=2.0).shape
     (3, 4)
+    >>> sk.top(x[:3], beam=2, lam=2.0).shape
+    (3, 2)
     """
 
-    def __init__(self, means: np.ndarray, spread: np.ndarray, counts: np.ndarray):
+    def __init__(self, means: np.ndarray, spread: np.ndarray, counts: np.ndarray, basis: int = 0, per_beam: float = 0.0):
         self.means = np.ascontiguousarray(means, dtype=np.float32)  # (L, d); empty leaves 0
         self.spread = np.ascontiguousarray(spread, dtype=np.float32)  # (L, r, d)
         self.counts = np.asarray(counts, dtype=np.int64)  # (L,) documents each leaf holds
         L, r, d = self.spread.shape
         # an empty leaf is never worth a visit: -inf added to its score
         self._empty = np.where(self.counts == 0, -np.inf, 0.0).astype(np.float32)
-        self._flat = np.ascontiguousarray(self.spread.reshape(L * r, d).T)  # (d, L*r): one product
-        self._memo: tuple | None = None  # (queries, lam, their full leaf order): see ``top``
+        rows = self.spread.reshape(L * r, d)
+        self._flat = np.ascontiguousarray(rows.T)  # (d, L*r): one product for every leaf
+        self.basis = basis if 0 < basis < d else 0
+        self.per_beam = float(per_beam)
+        self._proj = self._coords = None
+        if self.basis:
+            # the directions' top principal axes: what they lose is the least energy of S_c
+            g = rows.T.astype(np.float64) @ rows
+            w, v = np.linalg.eigh(g)
+            p = v[:, np.argsort(-w, kind="stable")[: self.basis]]
+            self._proj = np.ascontiguousarray(p, dtype=np.float32)  # (d, k)
+            self._coords = np.ascontiguousarray((rows @ p).T, dtype=np.float32)  # (k, L*r)
+        self._memo: tuple | None = None  # (queries, lam, what ``top`` needs of them): see ``sweeping``
+        self._sweeps = 0
 
     @property
     def num_leaves(self) -> int:
@@ -53,8 +84,23 @@ class LeafSketch:
     def rank(self) -> int:
         return self.spread.shape[1]
 
+    @contextmanager
+    def sweeping(self):
+        """Inside, a batch of 512 or more queries asked about again (the same array, unchanged:
+        the caller's promise) at another width reuses its leaf order: evaluation and calibration
+        sweep one batch over many widths. Outside, every call routes afresh, so a reused
+        buffer never gets another batch's leaves and a timed search always pays for routing."""
+        self._sweeps += 1
+        try:
+            yield self
+        finally:
+            self._sweeps -= 1
+            if not self._sweeps:
+                self._memo = None
+
     @classmethod
-    def fit(cls, vectors: np.ndarray, doc_leaves: np.ndarray, num_leaves: int, rank: int = 8) -> "LeafSketch":
+    def fit(cls, vectors: np.ndarray, doc_leaves: np.ndarray, num_leaves: int, rank: int = 8, basis: int = 0,
+            per_beam: float = 0.0) -> "LeafSketch":
         """From the documents (N, d) and their leaves (N,) or (N, d2l): a document held by
         several leaves counts in each."""
         leaves = np.asarray(doc_leaves).reshape(len(vectors), -1)
@@ -74,46 +120,118 @@ class LeafSketch:
                 _, sv, vt = np.linalg.svd(x - mu, full_matrices=False)
                 r = min(rank, len(sv))
                 spread[c, :r] = (sv[:r, None] / np.sqrt(len(x))) * vt[:r]
-        return cls(means, spread, counts)
+        return cls(means, spread, counts, basis, per_beam)
 
-    def scores(self, q: np.ndarray, lam: float, chunk: int = 1024) -> np.ndarray:
-        """(Q, L): ``q·μ_c + lam·‖S_c q‖`` for every leaf (empty leaves -inf)."""
+    def with_search(self, basis: int, per_beam: float) -> "LeafSketch":
+        """The same sketch searched with another basis / candidate rule."""
+        if (basis if 0 < basis < self.means.shape[1] else 0, float(per_beam)) == (self.basis, self.per_beam):
+            return self
+        return LeafSketch(self.means, self.spread, self.counts, basis, per_beam)
+
+    def scores(self, q: np.ndarray, lam: float, approximate: bool = False, chunk: int = 1024) -> np.ndarray:
+        """(Q, L): ``q·μ_c + lam·‖S_c q‖`` for every leaf (empty leaves -inf); ``approximate``:
+        the spread through the shared basis (when the sketch has one)."""
         q = np.asarray(q, dtype=np.float32)
-        L, r = self.num_leaves, self.rank
-        out = np.empty((len(q), L), dtype=np.float32)
+        out = np.empty((len(q), self.num_leaves), dtype=np.float32)
         for s in range(0, len(q), chunk):
             qq = q[s : s + chunk]
             out[s : s + chunk] = qq @ self.means.T + self._empty
-            if lam and r:
-                out[s : s + chunk] += lam * np.linalg.norm((qq @ self._flat).reshape(len(qq), L, r), axis=2)
+            if lam and self.rank:
+                out[s : s + chunk] += lam * self._norms(qq, approximate)
         return out
 
-    def top(self, q: np.ndarray, beam: int, lam: float, candidates: int = 0, chunk: int = 64) -> np.ndarray:
-        """(Q, min(beam, L)) leaves by score, best first. ``candidates`` > 0: the spread is
-        computed only for that many leaves of highest mean (at least ``beam``)."""
+    def _norms(self, q: np.ndarray, approximate: bool) -> np.ndarray:
+        """(Q, L): ``‖S_c q‖``, exact or through the shared basis."""
+        if approximate and self._proj is not None:
+            y = (q @ self._proj) @ self._coords
+        else:
+            y = q @ self._flat
+        y = y.reshape(len(q), self.num_leaves, self.rank)
+        return np.sqrt(np.einsum("qlr,qlr->ql", y, y))
+
+    def candidate_count(self, beam: int) -> int:
+        """Leaves scored exactly for a search of ``beam`` leaves: every leaf when the sketch does
+        not prune, or when its candidates would be more than ``1 / GATHER_SHARE`` of the leaves
+        (then one product over every leaf costs less than the cheap score and a gather)."""
+        L = self.num_leaves
+        M = max(MIN_CANDIDATES, beam, math.ceil(self.per_beam * beam))
+        return M if self.per_beam and M * GATHER_SHARE <= L else L
+
+    def top(self, q: np.ndarray, beam: int, lam: float, candidates: int | None = None) -> np.ndarray:
+        """(Q, min(beam, L)) leaves by exact score, best first, among ``candidates`` leaves
+        ranked first by the cheap score (the shared basis's when the sketch has one, else the
+        mean alone); ``None``: the sketch's own rule (``candidate_count``), 0: every leaf."""
         L = self.num_leaves
         beam = min(beam, L)
-        M = min(L, max(candidates, beam)) if candidates else L
-        if M == L and len(q) >= 512:
-            # evaluation and calibration ask about the same queries at many widths: their full
-            # leaf order is computed once, kept while the same array is asked about with this λ
-            if self._memo is None or self._memo[0] is not q or self._memo[1] != lam:
-                self._memo = (q, lam, _top(self.scores(q, lam), L))
-            return self._memo[2][:, :beam]
+        if candidates is None:
+            M = self.candidate_count(beam)
+        else:
+            M = min(L, max(candidates, beam)) if candidates else L
         q = np.asarray(q, dtype=np.float32)
-        if M == L:
+        keep = self._sweeps > 0 and len(q) >= 512
+        if M == L and not keep:
             return _top(self.scores(q, lam), beam)
+        if M < L and not keep and M * GATHER_SHARE <= L:
+            return self._gathered(q, beam, lam, M)
+        # inside ``sweeping``: the leaves' order (by exact score, or by the cheap one with the
+        # exact scores beside it) is computed once per batch and λ
+        memo = self._memo if keep else None
+        if memo is None or memo[0] is not q or memo[1] != lam or memo[2] != (M < L):
+            if M == L:
+                memo = (q, lam, False, _top(self.scores(q, lam), L), None)
+            else:
+                first = self.scores(q, lam, approximate=True) if self._proj is not None else self.scores(q, 0.0)
+                memo = (q, lam, True, _top(first, L if keep else M), self.scores(q, lam))
+            if keep:
+                self._memo = memo
+        if M == L:
+            return memo[3][:, :beam]
+        cand = memo[3][:, :M]
+        best = _top(np.take_along_axis(memo[4], cand, 1), beam)
+        return np.take_along_axis(cand, best, 1)
+
+    def _gathered(self, q: np.ndarray, beam: int, lam: float, M: int, chunk: int = 4096) -> np.ndarray:
+        """``top`` with only the candidates' directions read: per query for one, per leaf for a
+        batch (each leaf's (r, d) directions multiply every query it is a candidate of)."""
+        if len(q) == 1:
+            return self._one(q[0], beam, lam, M)[None]
         out = np.empty((len(q), beam), dtype=np.int64)
-        r, d = self.rank, q.shape[1]
+        L = self.num_leaves
         for s in range(0, len(q), chunk):
             qq = q[s : s + chunk]
+            n = len(qq)
             base = qq @ self.means.T + self._empty
-            cand = np.argpartition(-base, M - 1, axis=1)[:, :M]  # (c, M)
-            proj = np.matmul(self.spread[cand].reshape(len(qq), M * r, d), qq[:, :, None])  # (c, M*r, 1)
-            sc = np.take_along_axis(base, cand, 1) + lam * np.linalg.norm(proj.reshape(len(qq), M, r), axis=2)
-            best = _top(sc, beam)
-            out[s : s + chunk] = np.take_along_axis(cand, best, 1)
+            first = base + lam * self._norms(qq, approximate=True) if self._proj is not None and lam else base
+            cand = np.argpartition(-first, M - 1, axis=1)[:, :M]  # (n, M)
+            rows, leaves = np.repeat(np.arange(n), M), cand.ravel()
+            order = np.argsort(leaves, kind="stable")
+            bounds = np.concatenate([[0], np.cumsum(np.bincount(leaves, minlength=L))])
+            norms = np.empty(n * M, dtype=np.float32)
+            for c in np.flatnonzero(bounds[1:] - bounds[:-1]):
+                at = order[bounds[c] : bounds[c + 1]]
+                y = qq[rows[at]] @ self.spread[c].T  # (queries with c among their candidates, r)
+                norms[at] = np.sqrt(np.einsum("nr,nr->n", y, y))
+            sc = base[rows, leaves].reshape(n, M) + lam * norms.reshape(n, M)
+            out[s : s + chunk] = np.take_along_axis(cand, _top(sc, beam), 1)
         return out
+
+    def _one(self, q: np.ndarray, beam: int, lam: float, M: int) -> np.ndarray:
+        """``_gathered`` for one query (d,), in vector operations: a lone query is the common
+        case of a server, where numpy's per-call cost is most of the time."""
+        L, r = self.num_leaves, self.rank
+        base = self.means @ q + self._empty
+        if self._proj is not None and lam:
+            y = (q @ self._proj) @ self._coords
+            first = base + lam * np.sqrt((y * y).reshape(L, r).sum(1))
+        else:
+            first = base
+        cand = np.argpartition(-first, M - 1)[:M]
+        y = self.spread[cand].reshape(M * r, -1) @ q
+        sc = base[cand] + lam * np.sqrt((y * y).reshape(M, r).sum(1))
+        if beam < M:
+            part = np.argpartition(-sc, beam - 1)[:beam]
+            return cand[part[np.argsort(-sc[part], kind="stable")]]
+        return cand[np.argsort(-sc, kind="stable")]
 
     def save(self, path: Path) -> None:
         from safetensors.numpy import save_file
@@ -121,13 +239,14 @@ class LeafSketch:
         save_file({"means": self.means, "spread": self.spread, "counts": self.counts}, str(path))
 
     @classmethod
-    def read(cls, path: Path, index, rank: int) -> "LeafSketch":
-        """The saved sketch, checked against the index it summarises."""
+    def read(cls, path: Path, index, rank: int, basis: int = 0, per_beam: float = 0.0) -> "LeafSketch":
+        """The saved sketch, checked against the index it summarises (the shared basis is
+        derived from the saved directions, never saved)."""
         from safetensors.numpy import load_file
 
         try:
             t = load_file(str(path))
-            sk = cls(t["means"], t["spread"], t["counts"])
+            sk = cls(t["means"], t["spread"], t["counts"], basis, per_beam)
         except Exception as e:  # safetensors' own error types, a missing tensor, a bad shape
             raise ArtifactError(f"{path}: unreadable leaf sketch ({e})") from None
         L, d = index.num_leaves, index.dim
@@ -136,7 +255,6 @@ class LeafSketch:
         if not np.array_equal(sk.counts, index.leaf_sizes()):
             raise ArtifactError(f"{path}: summarises other leaves than the index holds (saved from another index)")
         return sk
-
 
 
 def _top(s: np.ndarray, k: int) -> np.ndarray:

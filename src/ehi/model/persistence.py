@@ -111,7 +111,7 @@ def load_model(
         model.index = index
         model.doc_ids, model.doc_titles = ids, titles
         if SKETCH_FILE in manifest["files"]:
-            model.router.sketch = LeafSketch.read(path / SKETCH_FILE, index, ic.spread_rank)
+            model.router.sketch = LeafSketch.read(path / SKETCH_FILE, index, ic.spread_rank, ic.spread_basis, ic.spread_candidates)
     if router is not None:  # another router re-measures the budget -> beam map
         model.set_index_options(router=router)
     return model

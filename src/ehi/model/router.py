@@ -6,6 +6,8 @@ documents (``spread``, default) or the same tree (``tree``)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
+
 import numpy as np
 
 from ehi.config import EHIConfig
@@ -39,6 +41,13 @@ class Router:
             return self.leaf_sketch(index).top(emb, beam, ic.spread_lambda)
         return self.place(emb, beam)
 
+    @contextmanager
+    def sweeping(self, index=None):
+        """Routes inside reuse a large batch's leaf order across widths (``LeafSketch.sweeping``)."""
+        spread = self.config.index.router == "spread" and index is not None
+        with self.leaf_sketch(index).sweeping() if spread else nullcontext():
+            yield
+
     def place(self, emb: np.ndarray, width: int) -> np.ndarray:
         """The learned tree's top-``width`` leaves per row, best first."""
         return self.snapshot().leaves(emb, width, self.upper_beam(width))
@@ -46,8 +55,12 @@ class Router:
     def leaf_sketch(self, index) -> LeafSketch:
         """Each leaf's mean and spread of its documents (fitted from ``index`` on first use;
         ``sketch = None`` whenever the documents change)."""
+        ic = self.config.index
         if self.sketch is None:
-            self.sketch = LeafSketch.fit(index.vectors, index.doc_leaves, self.tree.num_leaves, self.config.index.spread_rank)
+            self.sketch = LeafSketch.fit(index.vectors, index.doc_leaves, self.tree.num_leaves, ic.spread_rank, ic.spread_basis,
+                                         ic.spread_candidates)
+        # the search rule (basis, candidates) is the config's, whichever sketch was read or fitted
+        self.sketch = self.sketch.with_search(ic.spread_basis, ic.spread_candidates)
         return self.sketch
 
     def snapshot(self):
@@ -65,7 +78,8 @@ class Router:
         return self.calibration.upper_beam(beam, max(beam, self.config.tree.search_upper_beam()))
 
     def calibrate(self, index, query_emb: np.ndarray) -> Calibration:
-        self.calibration = measure(self, index, query_emb)
+        with self.sweeping(index):
+            self.calibration = measure(self, index, query_emb)
         return self.calibration
 
     def recalibrate(self, index, sample: int = 2000, seed: int = 0) -> None:
