@@ -165,17 +165,9 @@ def main() -> None:
         out["hnsw"] = hnsw_rows(corpus, test_q, test_pos, out["budgets"], lambda bw: model.search_embeddings(q_ehi, 100, bw), args)
         release_memory()
     # routing alone, for the QPS of the codecs (their scans are timed below, once the flat index is gone)
-    route_s = {}
-    for threads in (1, 2):
-        limits = threadpool_limits(limits=threads)
-        bw1 = out["budgets"]["0.01"]["ehi_beam"]
-        ts = []
-        for _ in range(args.reps):
-            t = time.perf_counter()
-            model.route(q_ehi, bw1)
-            ts.append(time.perf_counter() - t)
-        route_s[threads] = statistics.median(ts)
-        limits.restore_original_limits()
+    bw1 = out["budgets"]["0.01"]["ehi_beam"]
+    route_s = {threads: statistics.median([timed(lambda: model.route(q_ehi, bw1), threads) for _ in range(args.reps)]) for threads in (1, 2)}
+    faiss.omp_set_num_threads(2)
 
     # ---- incremental add: 1 % more documents against the full build --------------------------
     extra = Corpus1M(args.docs // 100, seed=args.seed + 1)
@@ -203,15 +195,8 @@ def main() -> None:
         codecs[name] = {"bytes": idx.nbytes(), "R@100": recall_at_100(res.indices, test_pos), "build_seconds": build_s}
         if codec == "pq" and rerank:  # QPS = queries / (routing + scan and re-rank)
             for threads in (1, 2):
-                faiss.omp_set_num_threads(threads)
-                limits = threadpool_limits(limits=threads)
-                ts = []
-                for _ in range(args.reps):
-                    t = time.perf_counter()
-                    idx.search(q_ehi, leaves, 100)
-                    ts.append(time.perf_counter() - t)
-                limits.restore_original_limits()
-                codecs[name][f"qps_threads={threads}"] = len(q_ehi) / (route_s[threads] + statistics.median(ts))
+                scan_s = statistics.median([timed(lambda idx=idx: idx.search(q_ehi, leaves, 100), threads) for _ in range(args.reps)])
+                codecs[name][f"qps_threads={threads}"] = len(q_ehi) / (route_s[threads] + scan_s)
             faiss.omp_set_num_threads(2)
         del idx
         release_memory()
@@ -260,6 +245,17 @@ def main() -> None:
     write_json(args.out, out)
 
 
+def timed(fn, threads: int) -> float:
+    """Seconds one call of ``fn`` takes with Faiss and numpy's BLAS held to ``threads``."""
+    faiss.omp_set_num_threads(threads)
+    limits = threadpool_limits(limits=threads)
+    t = time.perf_counter()
+    fn()
+    elapsed = time.perf_counter() - t
+    limits.restore_original_limits()
+    return elapsed
+
+
 def hnsw_rows(corpus, test_q, test_pos, budgets, ehi_search, args, efs=(100, 128, 192, 256, 384, 512)) -> dict:
     """Faiss HNSW over the corpus: build time, bytes, a curve over efSearch (Faiss searches with
     max(efSearch, k), so 100 is its narrowest at k = 100), and at each of EHI's widths the
@@ -278,14 +274,6 @@ def hnsw_rows(corpus, test_q, test_pos, budgets, ehi_search, args, efs=(100, 128
         p = faiss.SearchParametersHNSW()
         p.efSearch = ef
         return p
-
-    def timed(fn, threads):
-        faiss.omp_set_num_threads(threads)
-        limits = threadpool_limits(limits=threads)
-        t = time.perf_counter()
-        fn()
-        limits.restore_original_limits()
-        return time.perf_counter() - t
 
     for ef in efs:
         pt = {"ef_search": ef, "R@100": recall_at_100(index.search(test_q, 100, params=params(ef))[1], test_pos)}

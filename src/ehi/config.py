@@ -269,9 +269,10 @@ class IndexConfig:
     # max(24, spread_candidates x beam) leaves to score exactly while that is at most an eighth of
     # the leaves (beyond, and with 0: every leaf scored exactly).
     # (64, 4) kept the Recall@100 of scoring every leaf exactly at 1-20 % visited, to the
-    # tenth, on SciFact's held-out train claims (3 seeds), Climate-FEVER dev and SQuAD dev
-    # (2 x beam, or at least 16, lost 0.2-0.4; the basis alone 1-2 points), at a fraction of a
-    # single query's routing (benchmarks/spread_routing.py --basis, search_speed.py)
+    # tenth, on SciFact's held-out train claims (3 seeds), Climate-FEVER dev and SQuAD dev (2 x
+    # beam lost 0.6 at 5 % on two SciFact seeds, a floor of 16 lost 0.6 at 2 % on one, the basis
+    # alone up to 6 points), at about half a narrow single query's cost
+    # (benchmarks/spread_routing.py --basis, search_speed.py)
     spread_basis: int = 64
     spread_candidates: float = 4.0
 

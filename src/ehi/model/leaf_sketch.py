@@ -37,8 +37,9 @@ class LeafSketch:
     ``basis`` > 0 and ``per_beam`` > 0 make a search cheap without changing what it scores: the
     leaves' directions are projected once on a ``basis``-dimensional basis shared by every leaf,
     that cheap score picks ``max(24, per_beam·beam)`` candidate leaves, and only those are scored
-    exactly (when they are at most an eighth of the leaves; a wider search scores every leaf). At 256 leaves x rank 8 x 384 the exact product (3 MB) outgrows a core's L2 cache
-    and costs a single query ~25x a centroid lookup; the projected one fits. The defaults
+    exactly (when they are at most an eighth of the leaves; a wider search scores every leaf).
+    At 256 leaves x rank 8 x 384 the exact product (3 MB) outgrows a core's L2 cache and costs a
+    single query ~25x a centroid lookup; the projected one fits. The defaults
     (``IndexConfig.spread_basis``, ``spread_candidates``) kept the exact router's Recall@100 on
     three corpora's decision queries (``benchmarks/spread_routing.py --basis``).
 
@@ -180,8 +181,8 @@ class LeafSketch:
             if M == L:
                 memo = (q, lam, False, _top(self.scores(q, lam), L), None)
             else:
-                first = self.scores(q, lam, approximate=True) if self._proj is not None else self.scores(q, 0.0)
-                memo = (q, lam, True, _top(first, L if keep else M), self.scores(q, lam))
+                cheap, exact = self._cheap_and_exact(q, lam)
+                memo = (q, lam, True, _top(cheap, L if keep else M), exact)
             if keep:
                 self._memo = memo
         if M == L:
@@ -189,6 +190,22 @@ class LeafSketch:
         cand = memo[3][:, :M]
         best = _top(np.take_along_axis(memo[4], cand, 1), beam)
         return np.take_along_axis(cand, best, 1)
+
+    def _cheap(self, q: np.ndarray, base: np.ndarray, lam: float) -> np.ndarray:
+        """The score that picks the candidates, given the mean term ``base`` of ``q``: the spread
+        through the shared basis, or the mean alone without one."""
+        return base + lam * self._norms(q, approximate=True) if self._proj is not None and lam else base
+
+    def _cheap_and_exact(self, q: np.ndarray, lam: float, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, L) cheap and exact scores, sharing one mean product per chunk."""
+        cheap = np.empty((len(q), self.num_leaves), dtype=np.float32)
+        exact = np.empty_like(cheap)
+        for s in range(0, len(q), chunk):
+            qq = q[s : s + chunk]
+            base = qq @ self.means.T + self._empty
+            cheap[s : s + chunk] = self._cheap(qq, base, lam)
+            exact[s : s + chunk] = base + lam * self._norms(qq, approximate=False) if lam and self.rank else base
+        return cheap, exact
 
     def _gathered(self, q: np.ndarray, beam: int, lam: float, M: int, chunk: int = 4096) -> np.ndarray:
         """``top`` with only the candidates' directions read: per query for one, per leaf for a
@@ -201,8 +218,7 @@ class LeafSketch:
             qq = q[s : s + chunk]
             n = len(qq)
             base = qq @ self.means.T + self._empty
-            first = base + lam * self._norms(qq, approximate=True) if self._proj is not None and lam else base
-            cand = np.argpartition(-first, M - 1, axis=1)[:, :M]  # (n, M)
+            cand = np.argpartition(-self._cheap(qq, base, lam), M - 1, axis=1)[:, :M]  # (n, M)
             rows, leaves = np.repeat(np.arange(n), M), cand.ravel()
             order = np.argsort(leaves, kind="stable")
             bounds = np.concatenate([[0], np.cumsum(np.bincount(leaves, minlength=L))])
