@@ -21,6 +21,7 @@ SCALE = ["--docs", "10000", "--train-pairs", "500", "--sample", "3000", "--test-
 # name: (script, arguments; M = the trained model, D = its BEIR folder)
 RUNS = {
     "added_documents": ("added_documents", ["--corpus", "D", "--seeds", "1"]),
+    "depth_cost": ("depth_cost", ["--leaves", "64", "256", "--reps", "1", "--route", "--queries", "5"]),
     "encoder_backend": ("encoder_backend", ["--corpus", "D", "--single", "3", "--batch-docs", "64", "--epochs", "1"]),
     "filtered_search": ("filtered_search", ["--model", "M", "--data", "D", "--reps", "1"]),
     "load_test": ("load_test", ["M", "--data", "D", "--requests", "10", "--concurrency", "1", "2", "--setups", "onnx, adaptive 2 ms", "--limit", "60"]),

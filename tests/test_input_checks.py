@@ -85,7 +85,7 @@ def test_missing_files(tmp_path, capsys):
     "flags,message",
     [
         (["-B", "1"], "branching B must be >= 2"),
-        (["-H", "0"], "height H must be >= 1"),
+        (["-H", "-1"], "height H must be >= 1 (or 0 for auto)"),
         (["--d2l", "0"], "d2l must be >= 1"),
         (["--epochs", "-1"], "epochs must be >= 0"),
     ],

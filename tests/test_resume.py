@@ -10,11 +10,12 @@ import pytest
 from ehi.model.ehi_model import EHIModel
 from ehi.training.trainer import checkpoint_path
 
-ARGS = ["-B", "4", "--epochs", "30", "--batch-size", "2", "--refresh-every", "3", "--seed", "7", "--no-progress"]
+ARGS = ["--epochs", "30", "--batch-size", "2", "--refresh-every", "3", "--seed", "7", "--no-progress"]
 
 
-def train_cmd(data, out, *extra):
-    return [sys.executable, "-m", "ehi.cli", "train", "--data", str(data), "--out", str(out), *ARGS, *extra]
+def train_cmd(data, out, *extra, shape=("4", "1")):
+    """``ehi train`` of a (B, H) tree, ``shape`` = (B, H)."""
+    return [sys.executable, "-m", "ehi.cli", "train", "--data", str(data), "--out", str(out), "-B", shape[0], "-H", shape[1], *ARGS, *extra]
 
 
 def checkpoint_epoch(out):
@@ -42,13 +43,14 @@ Trainer(_config_from_args(args), load_beir(args.data)).fit(args.out, progress=Fa
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_beir, tmp_path):
+@pytest.mark.parametrize("shape", [("4", "1"), ("3", "2"), ("2", "3")], ids=["H1", "H2", "H3"])
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_beir, tmp_path, shape):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     ref = tmp_path / "ref"
-    subprocess.run(train_cmd(tiny_beir, ref), check=True, env=env, capture_output=True)
+    subprocess.run(train_cmd(tiny_beir, ref, shape=shape), check=True, env=env, capture_output=True)
 
     out = tmp_path / "killed"
-    args = train_cmd(tiny_beir, out)[train_cmd(tiny_beir, out).index("train") :]
+    args = train_cmd(tiny_beir, out, shape=shape)[train_cmd(tiny_beir, out).index("train") :]
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, *args], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     assert proc.stdout.readline().strip() == "checkpointed"
@@ -57,7 +59,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tiny_beir, tmp_path):
     killed_at = checkpoint_epoch(out)
     assert killed_at == 4 and not out.exists()
 
-    done = subprocess.run(train_cmd(tiny_beir, out, "--resume"), env=env, capture_output=True, text=True)
+    done = subprocess.run(train_cmd(tiny_beir, out, "--resume", shape=shape), env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert f"resuming after epoch {killed_at} of 30" in done.stdout
 

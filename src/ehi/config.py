@@ -55,6 +55,12 @@ class EncoderConfig:
             raise ValueError(f"encoder backend must be one of {BACKENDS}, got {self.backend!r}")
 
 
+# the leaf count from which an auto-height tree has two levels (TreeConfig.resolve_height):
+# a (128, 2) tree's training step costs 0.53x a flat tree's at 16,384 leaves, but a (64, 2)
+# one's 1.10x at 4,096 and a (32, 2) one's 2.1x at 1,024 (benchmarks/depth_cost.py)
+AUTO_DEEP_LEAVES = 16384
+
+
 @dataclass
 class TreeConfig:
     # 0 = auto, resolved when training sees the corpus (``resolve_branching``): about 4·sqrt(N)
@@ -62,7 +68,12 @@ class TreeConfig:
     # Climate-FEVER (~5k documents) that is 256 leaves of ~20 documents, which beat 128 on the
     # held-out queries of both (benchmarks/experiments/generalization.py)
     branching: int = 0
-    height: int = 1
+    # 0 = auto, resolved with the branching (``resolve_height``): one level below
+    # AUTO_DEEP_LEAVES leaves (16.8M documents at the auto leaf count), two from there. A search
+    # ranks the leaves themselves (spread router), so depth changes what training costs, not
+    # what a search costs; and at equal leaves a trained (12, 2) tree still recalls 5-6 points
+    # less than (144, 1) at <= 1-2 % on SciFact (SQuAD: within 0.7), docs/performance.md "Depth"
+    height: int = 0
     init: Init = "kmeans"
     # softmax temperature of the k-means initialisation: W = centroids / temperature
     temperature: float = 0.1
@@ -97,6 +108,20 @@ class TreeConfig:
     def num_leaves(self) -> int:
         return self.branching**self.height
 
+    @staticmethod
+    def auto_leaves(num_docs: int) -> float:
+        """About 4·sqrt(N) leaves (Faiss's rule of thumb for nlist), at most one per 2 documents."""
+        import math
+
+        return max(2.0, min(4 * math.sqrt(num_docs), num_docs / 2))
+
+    def resolve_height(self, num_docs: int) -> int:
+        """The auto height for a corpus of ``num_docs``: 1 while the auto leaf count is below
+        AUTO_DEEP_LEAVES, else 2; 1 when only the branching is given (B leaves, as asked)."""
+        if self.height:
+            return self.height
+        return 1 if self.branching or self.auto_leaves(num_docs) < AUTO_DEEP_LEAVES else 2
+
     def resolve_branching(self, num_docs: int) -> int:
         """The auto branching for a corpus of ``num_docs``: B^H ~ 4·sqrt(N) leaves, B a power of
         two, at least 2, and at most one leaf per 2 documents."""
@@ -104,17 +129,26 @@ class TreeConfig:
             return self.branching
         import math
 
-        leaves = max(2.0, min(4 * math.sqrt(num_docs), num_docs / 2))
-        b = 2 ** round(math.log2(leaves) / self.height)
-        while b > 2 and b**self.height > num_docs:
+        height = self.resolve_height(num_docs)
+        b = 2 ** round(math.log2(self.auto_leaves(num_docs)) / height)
+        while b > 2 and b**height > num_docs:
             b //= 2
         return max(2, b)
+
+    def resolved(self, num_docs: int) -> tuple[int, int]:
+        """(B, H) for a corpus of ``num_docs``: the given values, auto where 0."""
+        return self.resolve_branching(num_docs), self.resolve_height(num_docs)
+
+    def leaves_for(self, num_docs: int) -> int:
+        """B^H for a corpus of ``num_docs`` (auto values resolved)."""
+        b, h = self.resolved(num_docs)
+        return b**h
 
     def validate(self) -> None:
         if self.branching != 0 and self.branching < 2:
             raise ValueError(f"branching B must be >= 2 (or 0 for auto), got {self.branching}")
-        if self.height < 1:
-            raise ValueError(f"height H must be >= 1, got {self.height}")
+        if self.height < 0:
+            raise ValueError(f"height H must be >= 1 (or 0 for auto), got {self.height}")
         if self.init not in INITS:
             raise ValueError(f"tree init must be one of {INITS}, got {self.init!r}")
         if self.temperature <= 0:
@@ -333,7 +367,7 @@ class EHIConfig:
         self.tree.validate()
         self.train.validate()
         self.index.validate()
-        if self.tree.branching and self.index.d2l > self.tree.num_leaves:
+        if self.tree.branching and self.tree.height and self.index.d2l > self.tree.num_leaves:
             raise ValueError("d2l cannot exceed the number of leaves")
         return self
 

@@ -383,7 +383,7 @@ def run_benchmark(
         "config": config.to_dict(),
         "dual_encoder_config": dual_encoder_config(config).to_dict(),
         "ablations": {a: ABLATIONS[a] for a in ablations},
-        "scann_config": {"num_leaves": config.tree.resolve_branching(len(dataset.corpus)) ** config.tree.height, "min_partition_size": 1, "spherical": True, "scoring": "brute force float32, no reordering"},
+        "scann_config": {"num_leaves": config.tree.leaves_for(len(dataset.corpus)), "min_partition_size": 1, "spherical": True, "scoring": "brute force float32, no reordering"},
         "versions": {
             "ehi": __version__,
             "python": platform.python_version(),

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, help="training epochs (config default 20)")
     t.add_argument("--batch-size", type=int, help="query-document pairs per step")
     t.add_argument("--branching", "-B", type=int, help="children per node (B)")
-    t.add_argument("--height", "-H", type=int, help="tree height (H)")
+    t.add_argument("--height", "-H", type=int, help="tree height (H; default 0 = auto: 1 below 16,384 leaves, then 2)")
     t.add_argument("--init", choices=["kmeans", "random"], help="how the tree starts: k-means of the documents, or random")
     t.add_argument("--load-balance", type=float, help="weight of the load-balance penalty (0 = off)")
     t.add_argument("--scope", choices=["adapter", "top-k", "full"], help="trainable part of the encoder")

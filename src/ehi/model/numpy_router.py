@@ -87,9 +87,24 @@ class NumpyRouter:
                 part = np.argpartition(row, -k)[-k:] if k < len(row) else np.arange(k)
                 out[i] = part[np.argsort(-row[part], kind="stable")]
             return out
+        if self.rank_by_leaf and beam >= 1 and upper >= self.num_leaves // self.B:
+            return self._every_leaf(np.ascontiguousarray(e, dtype=np.float32), beam)
         if self.rank_by_leaf and self.H == 2:
             return self._two_level_leaves(np.ascontiguousarray(e, dtype=np.float32), beam, upper)
         return self.beam_search(e, beam, upper=upper)[0]
+
+    def _every_leaf(self, e: np.ndarray, beam: int) -> np.ndarray:
+        """A per-node tree ranked by leaf with every node above kept (how the spread router's
+        documents are placed): each leaf scores the last level's features against its own
+        column, so the levels above narrow nothing and one flat Faiss search over all B^H
+        columns gives the same leaves at a flat tree's cost (walking the cells cost 7-10x
+        more per document, 1e4x at H = 3: benchmarks/depth_cost.py)."""
+        if getattr(self, "_leaf_columns", None) is None:
+            import faiss
+
+            self._leaf_columns = faiss.IndexFlatIP(self.dim)
+            self._leaf_columns.add(np.ascontiguousarray(np.transpose(self.W[-1], (0, 2, 1)).reshape(self.num_leaves, self.dim)))
+        return self._leaf_columns.search(self._features(e, self.H - 1), min(beam, self.num_leaves))[1]
 
     def calibrate_upper(self, e: np.ndarray, widths, agreement: float) -> dict[int, int]:
         """For a per-node (B, 2) tree ranked by leaf: per leaf width, the fewest cells to expand

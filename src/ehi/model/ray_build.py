@@ -96,7 +96,7 @@ def embed_and_route(
             tables.append(pa.table({"row": rows, "vector": ArrowTensorArray.from_numpy(np.ascontiguousarray(vectors[s : s + block], dtype=np.float32))}))
     weights = [ray.put(_weights(model))]  # in a list: fetched by the worker, not an actor argument
     setup = {
-        "config_json": model.config.to_json(), "weights": weights, "d2l": d2l, "upper": model.router.upper_beam(d2l),
+        "config_json": model.config.to_json(), "weights": weights, "d2l": d2l, "upper": model.router.place_upper(d2l),
         "device": device, "threads": per_worker,
     }
 

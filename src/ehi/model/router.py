@@ -39,7 +39,7 @@ class Router:
         ic = self.config.index
         if ic.router == "spread" and index is not None:
             return self.leaf_sketch(index).top(emb, beam, ic.spread_lambda)
-        return self.place(emb, beam)
+        return self.snapshot().leaves(emb, beam, self.upper_beam(beam))
 
     @contextmanager
     def sweeping(self, index=None):
@@ -49,8 +49,20 @@ class Router:
             yield
 
     def place(self, emb: np.ndarray, width: int) -> np.ndarray:
-        """The learned tree's top-``width`` leaves per row, best first."""
-        return self.snapshot().leaves(emb, width, self.upper_beam(width))
+        """The learned tree's top-``width`` leaves per row, best first: where documents are
+        stored and the leaves training mines and routes by (``place_upper`` nodes above)."""
+        return self.snapshot().leaves(emb, width, self.place_upper(width))
+
+    def place_upper(self, width: int) -> int:
+        """Nodes kept above the leaves when placing: the tree router's search beam (a document
+        is where that search looks), but every node under the spread router, which ranks the
+        leaves themselves. A deep tree then stores each document in its best leaf of all, as
+        a flat tree over the same leaves would; B/2 nodes per level misplaced documents near
+        cell borders (untrained (6, 3) tree on SciFact: 4-6 points of Recall@100 lost at
+        <= 1-5 %, docs/performance.md "Depth")."""
+        if self.config.index.router == "spread" and self.tree.config.height > 1:
+            return self.tree.num_leaves // self.tree.config.branching
+        return self.upper_beam(width)
 
     def leaf_sketch(self, index) -> LeafSketch:
         """Each leaf's mean and spread of its documents (fitted from ``index`` on first use;

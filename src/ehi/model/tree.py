@@ -45,9 +45,13 @@ class NodeLevel(nn.Module):
         """Log-probabilities over the children of ``node`` (...,) for rows ``e`` (n, d):
         node (n,) -> (n, B); node (n, K) -> (n, K, B)."""
         z = e + F.relu(e @ self.U)
+        # index_select, not W[node]: its gradient sums the rows of a node in a fixed order, where
+        # advanced indexing's accumulates them in parallel on the CPU (a resumed run then drifts
+        # from an uninterrupted one by 1e-8)
+        w = torch.index_select(self.W, 0, node.reshape(-1)).view(*node.shape, *self.W.shape[1:])
         if node.dim() == 1:
-            return F.log_softmax(torch.einsum("nd,ndb->nb", z, self.W[node]), dim=-1)
-        return F.log_softmax(torch.einsum("nd,nkdb->nkb", z, self.W[node]), dim=-1)
+            return F.log_softmax(torch.einsum("nd,ndb->nb", z, w), dim=-1)
+        return F.log_softmax(torch.einsum("nd,nkdb->nkb", z, w), dim=-1)
 
 
 @dataclass
@@ -83,7 +87,9 @@ class Tree(nn.Module):
         super().__init__()
         config.validate()
         if not config.branching:
-            raise ValueError("branching 0 (auto) must be resolved for a corpus first: TreeConfig.resolve_branching(N)")
+            raise ValueError("branching 0 (auto) must be resolved for a corpus first: TreeConfig.resolved(N)")
+        if not config.height:  # a given branching alone is one level of it (TreeConfig.resolve_height)
+            config.height = 1
         self.config = config
         self.dim = dim
         self.B, self.H = config.branching, config.height

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ehi.artifacts import read_manifest
-from ehi.config import PRECOMPUTED, EHIConfig
+from ehi.config import AUTO_DEEP_LEAVES, PRECOMPUTED, EHIConfig
 from ehi.data import Dataset
 from ehi.encode.cache import Features, text_keys
 from ehi.encode.encoder import Encoder
@@ -93,9 +93,14 @@ class Trainer(EpochLoop, Selection, Checkpoints):
             config.encoder.model_name = PRECOMPUTED
             config.encoder.scope = "adapter"
             config.encoder.dim = int(doc_embeddings.shape[1])
-        if not config.tree.branching:  # auto: resolved from the corpus size, saved resolved
-            config.tree.branching = config.tree.resolve_branching(len(dataset.corpus))
+        if not (config.tree.branching and config.tree.height):  # auto: resolved from the corpus size, saved resolved
+            n = len(dataset.corpus)
+            auto_height = not config.tree.height
+            config.tree.branching, config.tree.height = config.tree.resolved(n)
             config.validate()
+            if auto_height:
+                log.info("tree height %d chosen for %d documents (%d leaves; two levels from %d leaves: -H to choose)",
+                         config.tree.height, n, config.tree.num_leaves, AUTO_DEEP_LEAVES)
         self.encoder = Encoder(config.encoder, device=self.device)
         self.timings: dict[str, float] = {}
         self.peak_rss: dict[str, float] = {}

@@ -29,7 +29,7 @@ def candidates(config: EHIConfig, num_docs: int) -> list[dict]:
     leaf (kept >= 8 documents per leaf), the indexer's learning rate, the routing loss."""
     out: list[dict] = [{}]
     B = config.tree.resolve_branching(num_docs)
-    if config.tree.height == 1:
+    if config.tree.resolve_height(num_docs) == 1:
         for b in (B // 2, B * 2):
             if b >= 2 and num_docs / b >= 8:
                 out.append({"tree.branching": b})
