@@ -13,9 +13,10 @@ expanded: L leaves either way, see ``Router.place_upper``). Measured on random u
   index is built);
 - route (``--route``): one query's leaves at 1 % of the leaves, by the spread router (the
   default search, the same for every height) against a Faiss flat and HNSW quantizer over the
-  same leaves' centroids; clustered synthetic documents (the generator of ``scale.py``), 10
-  per leaf, leaves = nearest of L random documents (no k-means: at 16k leaves it would
-  take longer than the measurement).
+  same leaves' centroids, and a two-level spread router (an experiment: cells of sqrt(L)
+  leaves choose the leaves scored); clustered synthetic documents (the generator of
+  ``scale.py``), ``--per-leaf`` per leaf, leaves = nearest of L random documents (no k-means:
+  at 16k leaves it would take longer than the measurement); queries drawn near documents.
 
     python benchmarks/depth_cost.py --out benchmarks/results/depth_cost.json
 """
@@ -66,6 +67,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--route", action="store_true", help="also time one query's routing by leaf count")
     ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--per-leaf", type=int, default=40, help="documents per leaf for --route")
     ap.add_argument("--out", default="benchmarks/results/depth_cost.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -105,19 +107,22 @@ def main() -> None:
 
 
 def route_costs(args) -> list[dict]:
-    """Per-query routing at 1 % of the leaves: spread router against Faiss quantizers."""
+    """Per-query routing at 1 % of the leaves: the spread router against Faiss quantizers, and
+    (an experiment, not shipped) a two-level spread router over cells of sqrt(L) leaves."""
     import faiss
     from lib.synthetic import Corpus1M, near
 
     from ehi.config import IndexConfig
+    from ehi.model.kmeans import balanced_groups
     from ehi.model.leaf_sketch import LeafSketch
 
     faiss.omp_set_num_threads(1)  # one query at a time, as a server sees them
     ic = IndexConfig()
+    lam = ic.spread_lambda
     out = []
-    print(f"\n{'leaves':>7} {'beam':>5} {'spread us':>10} {'flat q us':>10} {'HNSW q us':>10} {'spread/flat':>12}", flush=True)
+    print(f"\n{'leaves':>7} {'beam':>5} {'router':<34} {'us/query':>9} {'x spread':>9} {'source leaf reached':>20} {'= spread leaves':>16}", flush=True)
     for L in args.leaves:
-        corpus = Corpus1M(10 * L, seed=0)
+        corpus = Corpus1M(args.per_leaf * L, seed=0)
         x = np.concatenate([c for _, c in corpus.chunks()])
         rng = np.random.default_rng(1)
         cent = np.ascontiguousarray(x[rng.choice(len(x), L, replace=False)])
@@ -127,20 +132,59 @@ def route_costs(args) -> list[dict]:
         sk = LeafSketch.fit(x, leaves, L, ic.spread_rank, ic.spread_basis, ic.spread_candidates)
         hnsw = faiss.IndexHNSWFlat(D, 32, faiss.METRIC_INNER_PRODUCT)
         hnsw.add(cent)
-        q = near(x[rng.choice(len(x), args.queries, replace=False)], rng, 1.2).astype(np.float32)
+        src = rng.choice(len(x), args.queries, replace=False)
+        q = near(x[src], rng, 1.2).astype(np.float32)
         beam = max(1, L // 100)
         hnsw.hnsw.efSearch = max(64, beam)
-
-        def per_query_us(fn) -> float:
-            return 1000 * median_ms(lambda: [fn(q[i : i + 1]) for i in range(len(q))], args.reps) / len(q)
-
-        row = {"leaves": L, "beam": beam, "spread_us": per_query_us(lambda e: sk.top(e, beam, ic.spread_lambda)),
-               "flat_quantizer_us": per_query_us(lambda e: flat.search(e, beam)),
-               "hnsw_quantizer_us": per_query_us(lambda e: hnsw.search(e, beam))}
-        out.append(row)
-        print(f"{L:>7} {beam:>5} {row['spread_us']:>10.1f} {row['flat_quantizer_us']:>10.1f} {row['hnsw_quantizer_us']:>10.1f} "
-              f"{row['spread_us'] / row['flat_quantizer_us']:>12.2f}", flush=True)
+        routers = {"spread (flat, shipped)": lambda e: sk.top(e, beam, lam),
+                   "Faiss flat quantizer": lambda e: flat.search(e, beam)[1],
+                   "Faiss HNSW quantizer": lambda e: hnsw.search(e, beam)[1]}
+        B = round(L**0.5)
+        if B * B == L and L >= 256:
+            routers.update(two_level_routers(x, leaves, sk, B, beam, lam, balanced_groups, LeafSketch))
+        ref = sk.top(q, beam, lam)
+        base_us = None
+        for name, route in routers.items():
+            us = 1000 * median_ms(lambda: [route(q[i : i + 1]) for i in range(len(q))], args.reps) / len(q)
+            got = np.concatenate([route(q[i : i + 1]) for i in range(len(q))])
+            base_us = base_us or us
+            row = {"leaves": L, "beam": beam, "router": name, "us_per_query": us, "over_spread": us / base_us,
+                   "source_leaf_reached": float(np.mean([leaves[s] in g for s, g in zip(src, got)])),
+                   "spread_leaves_found": float(np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(ref.tolist(), got.tolist())]))}
+            out.append(row)
+            print(f"{L:>7} {beam:>5} {name:<34} {us:>9.1f} {us / base_us:>9.2f} {100 * row['source_leaf_reached']:>19.1f}% "
+                  f"{100 * row['spread_leaves_found']:>15.1f}%", flush=True)
     return out
+
+
+def two_level_routers(x, leaves, sk, B, beam, lam, balanced_groups, LeafSketch) -> dict:
+    """The leaves grouped into B cells of B (balanced k-means over the leaf means, as a
+    bottom-up tree's cells are); a query's best ``cells`` cells by their own spread sketch
+    give the candidate leaves, scored like the flat router's candidates (the shared basis's
+    cheap score picks max(24, 4 x beam), scored exactly)."""
+    means = sk.means / np.maximum(np.linalg.norm(sk.means, axis=1, keepdims=True), 1e-12)
+    cell_of = balanced_groups(means, B, B, seed=0)
+    members = np.argsort(cell_of, kind="stable").reshape(B, B)  # the leaves of each cell
+    cells = LeafSketch.fit(x, cell_of[leaves], B, sk.rank)
+    L, r, k = sk.num_leaves, sk.rank, sk.basis
+    coords = np.ascontiguousarray(sk._coords.T.reshape(L, r, k))  # leaf-major: one gather per query
+    M = max(24, 4 * beam)
+
+    def route(e, C):
+        qv = e[0]
+        cand = members[cells.top(e, C, lam)[0]].ravel()
+        base = sk.means[cand] @ qv
+        y = coords[cand] @ (qv @ sk._proj)
+        cheap = base + lam * np.sqrt((y * y).sum(1))
+        if M < len(cand):
+            keep = np.argpartition(-cheap, M - 1)[:M]
+            cand, base = cand[keep], base[keep]
+        z = sk.spread[cand].reshape(len(cand) * r, -1) @ qv
+        sc = base + lam * np.sqrt((z * z).reshape(len(cand), r).sum(1))
+        return cand[np.argsort(-sc, kind="stable")[:beam]][None]
+
+    need = -(-M // B)  # cells whose leaves can hold the candidates
+    return {f"two-level spread, {C} of {B} cells": (lambda e, C=C: route(e, C)) for C in sorted({need, 2 * need, 4 * need}) if C <= B}
 
 
 if __name__ == "__main__":

@@ -56,8 +56,8 @@ class EncoderConfig:
 
 
 # the leaf count from which an auto-height tree has two levels (TreeConfig.resolve_height):
-# a (128, 2) tree's training step costs 0.53x a flat tree's at 16,384 leaves, but a (64, 2)
-# one's 1.10x at 4,096 and a (32, 2) one's 2.1x at 1,024 (benchmarks/depth_cost.py)
+# a (128, 2) tree's training step costs 0.46-0.53x a flat tree's at 16,384 leaves, but a
+# (64, 2) one's 1.10-1.14x at 4,096 (two runs of benchmarks/depth_cost.py)
 AUTO_DEEP_LEAVES = 16384
 
 
