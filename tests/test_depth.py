@@ -69,14 +69,15 @@ def test_the_height_is_chosen_from_the_corpus_size_unless_given():
         Tree(8, TreeConfig())
 
 
-def test_train_says_which_height_it_chose_and_saves_it(tiny_beir, tmp_path, caplog):
+def test_train_says_which_height_it_chose_and_saves_it(tiny_beir, tmp_path, capsys):
     import json
-    import logging
 
     from ehi.cli import main
 
     out = tmp_path / "m"
-    with caplog.at_level(logging.INFO, logger="ehi"):
-        assert main(["train", "--data", str(tiny_beir), "--out", str(out), "-B", "6", "--epochs", "1", "--no-progress"]) == 0
-    assert "tree height 1 chosen for 60 documents" in caplog.text
+    assert main(["train", "--data", str(tiny_beir), "--out", str(out), "--epochs", "1"]) == 0
+    assert "tree height 1 chosen for 60 documents (32^1 = 32 leaves" in capsys.readouterr().err
     assert json.loads((out / "config.json").read_text())["tree"]["height"] == 1
+    assert main(["train", "--data", str(tiny_beir), "--out", str(tmp_path / "m2"), "-H", "2", "--epochs", "1"]) == 0
+    assert "chosen" not in capsys.readouterr().err  # a given height is not announced as chosen
+    assert json.loads((tmp_path / "m2" / "config.json").read_text())["tree"]["height"] == 2

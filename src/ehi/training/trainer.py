@@ -93,14 +93,16 @@ class Trainer(EpochLoop, Selection, Checkpoints):
             config.encoder.model_name = PRECOMPUTED
             config.encoder.scope = "adapter"
             config.encoder.dim = int(doc_embeddings.shape[1])
+        self.shape_note = ""  # what training says about a tree shape it chose
         if not (config.tree.branching and config.tree.height):  # auto: resolved from the corpus size, saved resolved
             n = len(dataset.corpus)
             auto_height = not config.tree.height
             config.tree.branching, config.tree.height = config.tree.resolved(n)
             config.validate()
             if auto_height:
-                log.info("tree height %d chosen for %d documents (%d leaves; two levels from %d leaves: -H to choose)",
-                         config.tree.height, n, config.tree.num_leaves, AUTO_DEEP_LEAVES)
+                self.shape_note = (f"tree height {config.tree.height} chosen for {n} documents ({config.tree.branching}^{config.tree.height}"
+                                   f" = {config.tree.num_leaves} leaves; two levels from {AUTO_DEEP_LEAVES} leaves; -H to choose)")
+                log.info(self.shape_note)
         self.encoder = Encoder(config.encoder, device=self.device)
         self.timings: dict[str, float] = {}
         self.peak_rss: dict[str, float] = {}
@@ -206,6 +208,8 @@ class Trainer(EpochLoop, Selection, Checkpoints):
         indexes another corpus, e.g. streaming)."""
         self.encoder.progress = progress
         if self.state.stage == "select":
+            if progress and self.shape_note and self.state.epoch == 0:
+                phase(self.shape_note)
             if progress and self.epochs() < self.config.train.epochs:
                 tqdm.write(f"{len(self.train_set.pairs)} training pairs: {self.epochs()} epochs (max_pairs {self.config.train.max_pairs})")
             if progress:
