@@ -27,11 +27,15 @@ import argparse
 import statistics
 import time
 
+import faiss
 import numpy as np
 import torch
 from lib.common import write_json
+from lib.synthetic import Corpus1M, near
 
-from ehi.config import TreeConfig
+from ehi.config import IndexConfig, TreeConfig
+from ehi.model.kmeans import balanced_groups
+from ehi.model.leaf_sketch import LeafSketch
 from ehi.model.tree import Tree
 from ehi.training.losses import triplet_hinge
 
@@ -109,13 +113,6 @@ def main() -> None:
 def route_costs(args) -> list[dict]:
     """Per-query routing at 1 % of the leaves: the spread router against Faiss quantizers, and
     (an experiment, not shipped) a two-level spread router over cells of sqrt(L) leaves."""
-    import faiss
-    from lib.synthetic import Corpus1M, near
-
-    from ehi.config import IndexConfig
-    from ehi.model.kmeans import balanced_groups
-    from ehi.model.leaf_sketch import LeafSketch
-
     faiss.omp_set_num_threads(1)  # one query at a time, as a server sees them
     ic = IndexConfig()
     lam = ic.spread_lambda
@@ -141,7 +138,7 @@ def route_costs(args) -> list[dict]:
                    "Faiss HNSW quantizer": lambda e: hnsw.search(e, beam)[1]}
         B = round(L**0.5)
         if B * B == L and L >= 256:
-            routers.update(two_level_routers(x, leaves, sk, B, beam, lam, balanced_groups, LeafSketch))
+            routers.update(two_level_routers(x, leaves, sk, B, beam, lam))
         ref = sk.top(q, beam, lam)
         base_us = None
         for name, route in routers.items():
@@ -157,7 +154,7 @@ def route_costs(args) -> list[dict]:
     return out
 
 
-def two_level_routers(x, leaves, sk, B, beam, lam, balanced_groups, LeafSketch) -> dict:
+def two_level_routers(x, leaves, sk, B, beam, lam) -> dict:
     """The leaves grouped into B cells of B (balanced k-means over the leaf means, as a
     bottom-up tree's cells are); a query's best ``cells`` cells by their own spread sketch
     give the candidate leaves, scored like the flat router's candidates (the shared basis's

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -111,8 +112,6 @@ class TreeConfig:
     @staticmethod
     def auto_leaves(num_docs: int) -> float:
         """About 4·sqrt(N) leaves (Faiss's rule of thumb for nlist), at most one per 2 documents."""
-        import math
-
         return max(2.0, min(4 * math.sqrt(num_docs), num_docs / 2))
 
     def resolve_height(self, num_docs: int) -> int:
@@ -127,8 +126,6 @@ class TreeConfig:
         two, at least 2, and at most one leaf per 2 documents."""
         if self.branching:
             return self.branching
-        import math
-
         height = self.resolve_height(num_docs)
         b = 2 ** round(math.log2(self.auto_leaves(num_docs)) / height)
         while b > 2 and b**height > num_docs:

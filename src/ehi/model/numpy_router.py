@@ -97,14 +97,18 @@ class NumpyRouter:
         """A per-node tree ranked by leaf with every node above kept (how the spread router's
         documents are placed): each leaf scores the last level's features against its own
         column, so the levels above narrow nothing and one flat Faiss search over all B^H
-        columns gives the same leaves at a flat tree's cost (walking the cells cost 7-10x
-        more per document, 1e4x at H = 3: benchmarks/depth_cost.py)."""
-        if getattr(self, "_leaf_columns", None) is None:
+        columns gives the same leaves at 1.2-2x a flat tree's placement (walking the cells cost
+        6-11x, and ~140x at (16, 3): benchmarks/depth_cost.py)."""
+        if getattr(self, "_every", None) is None:
             import faiss
 
-            self._leaf_columns = faiss.IndexFlatIP(self.dim)
-            self._leaf_columns.add(np.ascontiguousarray(np.transpose(self.W[-1], (0, 2, 1)).reshape(self.num_leaves, self.dim)))
-        return self._leaf_columns.search(self._features(e, self.H - 1), min(beam, self.num_leaves))[1]
+            self._every = faiss.IndexFlatIP(self.dim)
+            self._every.add(self._leaf_columns())
+        return self._every.search(self._features(e, self.H - 1), min(beam, self.num_leaves))[1]
+
+    def _leaf_columns(self) -> np.ndarray:
+        """(B^H, d) the last level's classifier columns, leaf ``node·B + child`` in row order."""
+        return np.ascontiguousarray(np.transpose(self.W[-1], (0, 2, 1)).reshape(self.num_leaves, self.dim))
 
     def calibrate_upper(self, e: np.ndarray, widths, agreement: float) -> dict[int, int]:
         """For a per-node (B, 2) tree ranked by leaf: per leaf width, the fewest cells to expand
@@ -143,7 +147,7 @@ class NumpyRouter:
         if getattr(self, "_cells", None) is None:
             # the root is the IVF's quantizer too, though search hands it the cells already chosen
             cells = faiss.IndexIVFFlat(root, self.dim, B, faiss.METRIC_INNER_PRODUCT)
-            x = np.ascontiguousarray(np.transpose(self.W[1], (0, 2, 1)).reshape(L, self.dim))  # leaf j*B+k
+            x = self._leaf_columns()
             ids = np.arange(L, dtype=np.int64)
             lists = ids // B
             cells.add_core(L, faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
