@@ -184,6 +184,42 @@ def test_grouped_holdout_points_only_at_documents_no_training_query_touches(tmp_
         config(val_group="titles").validate()
 
 
+def _articles(tmp_path, n_articles, paras, queries_per_para, titled=True):
+    """A corpus of articles (paragraphs sharing a title) and train questions on each paragraph."""
+    from ehi.data import Corpus, Dataset
+
+    ids = [f"d{i}" for i in range(n_articles * paras)]
+    titles = [f"article {i // paras}" if titled else f"t{i}" for i in range(len(ids))]
+    corpus = Corpus(ids, titles, [f"text {i}" for i in range(len(ids))])
+    qrels = {f"q{d}-{j}": {d: 1} for d in ids for j in range(queries_per_para)}
+    return Dataset(tmp_path, corpus, {q: q for q in qrels}, {"train": qrels}), qrels, titles, ids
+
+
+def test_auto_holdout_adds_whole_articles_only_when_random_held_out_queries_are_all_touched(tmp_path):
+    """val_group='auto' (the default): where every article has many questions (SQuAD), a random
+    hold-out has almost no query on documents no training query touches, so the untouched guard
+    sees nothing; auto then holds out half at random (part of the random hold-out) and half as
+    whole articles. Where random already holds out enough untouched queries it is left alone."""
+    from ehi.evaluation.evaluate import untouched_queries
+
+    ds, qrels, titles, ids = _articles(tmp_path, 40, 3, 4)  # 480 questions, 12 per article
+    rnd_tr, rnd_val, _ = holdout(ds, "train", None, config(val_group="random").train)
+    tr, val, split = holdout(ds, "train", None, config().train)
+    assert config().train.val_group == "auto"
+    assert split == "train" and not set(tr) & set(val) and abs(len(val) - len(rnd_val)) <= 12
+    untouched = untouched_queries(val, qrels, {d for q in tr for d in qrels[q]})
+    assert len(untouched) >= len(val) // 2 - 1
+    random_part = set(val) - set(untouched)
+    assert random_part and random_part <= set(rnd_val)  # the touched half is part of the random hold-out
+    art = lambda q: {titles[ids.index(d)] for d in qrels[q]}
+    held = set().union(*(art(q) for q in untouched))
+    assert not any(art(q) & held for q in tr)  # no training query on a held-out article
+    assert holdout(ds, "train", None, config().train) == (tr, val, split)  # seeded
+    # one question per document, every document its own group: random leaves enough untouched
+    ds2, *_ = _articles(tmp_path, 60, 1, 1, titled=False)
+    assert holdout(ds2, "train", None, config().train) == holdout(ds2, "train", None, config(val_group="random").train)
+
+
 def test_grouped_holdout_trains_and_refits_on_every_query(tiny_beir):
     ds = load_beir(tiny_beir)
     trainer = Trainer(config(val_group="documents", epochs=2), ds)
@@ -214,3 +250,18 @@ def test_validation_also_scores_held_out_queries_on_documents_no_training_query_
     assert new and set(new) <= set(entry["R@100"])
     for b, value in new.items():  # the same queries here, so the same recall at each budget searched
         assert abs(value - entry["R@100"][b]) < 1e-6
+
+
+def test_train_says_what_it_holds_out_and_saves_how(tiny_beir, tmp_path, capsys):
+    import json
+    import re
+
+    from ehi.cli import main
+
+    out = tmp_path / "m"
+    assert main(["train", "--data", str(tiny_beir), "--out", str(out), "--epochs", "1"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"validating after each on 10 held-out queries of split 'train'", err), err
+    assert json.loads((out / "config.json").read_text())["train"]["val_group"] == "auto"
+    assert main(["train", "--data", str(tiny_beir), "--out", str(tmp_path / "m2"), "--epochs", "1", "--val-group", "random"]) == 0
+    assert json.loads((tmp_path / "m2" / "config.json").read_text())["train"]["val_group"] == "random"

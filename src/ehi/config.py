@@ -22,8 +22,10 @@ Codec = Literal["flat", "sq8", "pq"]
 Conditioning = Literal["per-node", "one-hot"]
 NodeInit = Literal["bottom-up", "top-down"]
 LeafRank = Literal["leaf", "path"]
+ValGroup = Literal["auto", "random", "documents"]
 SCOPES, INITS, NEGATIVES_FROM, CODECS = get_args(Scope), get_args(Init), get_args(NegativesFrom), get_args(Codec)
 CONDITIONINGS, NODE_INITS, LEAF_RANKS = get_args(Conditioning), get_args(NodeInit), get_args(LeafRank)
+VAL_GROUPS = get_args(ValGroup)
 
 
 # what runs the frozen transformer (ehi.encode.onnx): auto = ONNX Runtime where it can
@@ -227,10 +229,13 @@ class TrainConfig:
     val_fraction: float = 0.2
     val_split: str = ""
     # how the held-out queries are drawn: "random" (their documents keep other training
-    # queries) or "documents" (whole document groups — an article's paragraphs when titles
+    # queries), "documents" (whole document groups — an article's paragraphs when titles
     # repeat, else single documents — so the held-out queries point at documents no training
-    # query touches, which is what a user's new documents are; issue 20)
-    val_group: str = "random"
+    # query touches, which is what a user's new documents are; issue 20) or "auto": random,
+    # unless under a quarter of those are untouched (every training query's article has many
+    # questions, as in SQuAD), then half random and half whole groups, so that validation's
+    # untouched guard has queries enough to refuse an encoder that loses on new documents
+    val_group: ValGroup = "auto"
     # at most this many queries are held out (0 = no cap): 2,000 judge routing to within about
     # a point, and every extra one is a query the selection stage does not train on
     val_max_queries: int = 2000
@@ -247,8 +252,8 @@ class TrainConfig:
     val_recluster: bool = True
 
     def validate(self) -> None:
-        if self.val_group not in ("random", "documents"):
-            raise ValueError(f"val_group must be 'random' or 'documents', got {self.val_group!r}")
+        if self.val_group not in VAL_GROUPS:
+            raise ValueError(f"val_group must be one of {', '.join(VAL_GROUPS)}, got {self.val_group!r}")
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not self.val_budgets or not all(0 < b <= 1 for b in self.val_budgets):

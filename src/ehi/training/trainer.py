@@ -214,7 +214,7 @@ class Trainer(EpochLoop, Selection, Checkpoints):
                 tqdm.write(f"{len(self.train_set.pairs)} training pairs: {self.epochs()} epochs (max_pairs {self.config.train.max_pairs})")
             if progress:
                 phase(f"training: {self.epochs()} epochs over {len(self.train_set.pairs)} pairs of {len(self.train_set.query_ids)} queries"
-                      + (", validating on held-out queries after each" if self.validator is not None else ""))
+                      + (f", validating after each on {self.validator.describe()}" if self.validator is not None else ""))
             if self.validator is not None and self.state.epoch == 0 and not self.state.validation:
                 self._validate(0, progress)
             self._run(self.epochs(), out_dir, progress, on_epoch)
