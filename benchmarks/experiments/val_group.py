@@ -94,7 +94,7 @@ def main() -> None:
         model = Trainer(cfg, ds, "train", train_q).fit(progress=False)
         train_s = time.perf_counter() - t0
         v = model.validation or {}
-        print(f"[{name}] trained in {train_s:.0f} s; held out {v.get('held_out')}; {v.get('why')}", flush=True)
+        print(f"[{name}] trained in {train_s:.0f} s; validation on {v.get('held_out')}; {v.get('why')}", flush=True)
         res["variants"][name] = {"overrides": ov, "train_s": train_s, "validation": v}
         nlist = model.tree.num_leaves
         for label, (qids, qrels) in splits.items():
