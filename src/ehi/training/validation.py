@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 MIN_VAL_QUERIES = 10  # fewer held-out queries than this say nothing; validation is skipped
 # val_group "auto": a random hold-out with fewer untouched queries than this share of it gives the
-# untouched guard too few to see a loss (SQuAD: 11 of 2,000, noise beyond 10 points), so half of
+# untouched guard too few to see a loss (SQuAD: 11-22 of 2,000), so half of
 # the hold-out is then drawn as whole document groups. Random hold-outs of SciFact (46 %) and
 # Climate-FEVER (58 %) are well above it and stay as they are.
 MIN_UNTOUCHED_SHARE = 0.25
