@@ -99,7 +99,7 @@ class EpochLoop:
             self.state.pool = map_rows(lambda r: mine_pool(q_emb[r], d_emb, pos[r], tc.mining_pool), len(q_emb))
             return
         doc_leaves = self.router.place(d_emb, self.config.index.d2l)
-        q_leaves = self.router.place(q_emb, min(tc.mining_beam, self.tree.num_leaves))
+        q_leaves = self.router.place(q_emb, tc.mining_beam)  # at most every leaf (NumpyRouter.leaves)
         self.tree.train()
         self.state.pool = map_rows(
             lambda r: mine_pool(q_emb[r], d_emb, pos[r], tc.mining_pool, q_leaves[r], doc_leaves), len(q_emb)
